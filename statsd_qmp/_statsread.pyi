@@ -1,0 +1,27 @@
+# Type stub for the cffi extension built from cffi_build/statsread.{c,h}.
+from typing import Any
+
+class _FFI:
+    NULL: Any
+    def new(self, cdecl: str, init: Any = ...) -> Any: ...
+    def buffer(self, cdata: Any, size: int = ...) -> Any: ...
+    def from_buffer(self, cdecl: str, python_buffer: Any, require_writable: bool = ...) -> Any: ...
+    def cast(self, cdecl: str, value: Any) -> Any: ...
+
+class _Lib:
+    STATSREAD_ABI_VERSION: int
+    def statsread_bulk(
+        self,
+        count: int,
+        fds: Any,
+        offsets: Any,
+        lengths: Any,
+        dest_offsets: Any,
+        buf: Any,
+        buf_len: int,
+        results: Any,
+    ) -> int: ...
+    def statsread_abi_version(self) -> int: ...
+
+ffi: _FFI
+lib: _Lib

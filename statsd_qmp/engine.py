@@ -1,0 +1,49 @@
+"""Batched reads of many stats files in one native call.
+
+Owns: turning a list of parsed :class:`StatsFile` into one prepared :class:`BulkRead`, running
+it, and handing back per file either its data block as u64 words or the error that file gave.
+Must not import trio, structlog, the server or the registry. A failing file never spoils the
+others: each file's outcome stands alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._native import BulkRead
+from .errors import StatsFileError, StatsFormatError
+from .statsfile import StatsFile
+
+
+class BatchReader:
+    """Read the data blocks of a fixed set of files, many times, in one call each.
+
+    The returned word views share one buffer and stay valid until the next :meth:`read`.
+    """
+
+    __slots__ = ("_bulk", "_words", "files")
+
+    def __init__(self, files: Sequence[StatsFile]) -> None:
+        self.files = tuple(files)
+        self._bulk = BulkRead([f.region() for f in self.files])
+        view = self._bulk.view
+        self._words = tuple(
+            view[start : start + f.data_size].cast("Q")
+            for start, f in zip(self._bulk.starts, self.files, strict=True)
+        )
+
+    def read(self) -> list[memoryview | StatsFileError]:
+        """One bulk pread of every file; per file its u64 words or its error."""
+        outcomes = self._bulk.run()
+        result: list[memoryview | StatsFileError] = []
+        for stats_file, words, error in zip(self.files, self._words, outcomes, strict=True):
+            if error is None:
+                result.append(words)
+            elif error.errno is None:  # short read: say which descriptor lost its data
+                result.append(stats_file.explain_short_data(error))
+            else:
+                result.append(error)
+        return result
+
+
+__all__ = ["BatchReader", "StatsFormatError"]

@@ -1,0 +1,97 @@
+"""The project's exception tree; each error knows the QMP error class it maps to.
+
+Owns: every exception the package raises on purpose. Imports the stdlib only (no trio, no os,
+no structlog), so the pure modules (``schema``, ``protocol``) can use it.
+
+Tree::
+
+    StatsdQmpError                 base; ``qmp_class`` is "GenericError"
+    +-- StatsFileError             a stats fd is not a valid KVM binary-stats file, or reading it failed
+    |   +-- StatsFormatError       the bytes are there but do not follow the KVM layout
+    |   +-- StatsReadError         the read itself failed (errno), or came back short
+    +-- NativeUnavailableError     the compiled ``_statsread`` extension is not built
+    +-- KvmError                   an ioctl on /dev/kvm, a VM or a vCPU failed (owned VMs)
+    +-- QmpError                   an error that becomes a QMP ``error`` reply
+        +-- CommandNotFoundError   ``qmp_class`` is "CommandNotFound"
+"""
+
+from __future__ import annotations
+
+
+class StatsdQmpError(Exception):
+    """Base of every error raised on purpose by statsd-qmp."""
+
+    qmp_class = "GenericError"
+
+
+class StatsFileError(StatsdQmpError):
+    """A KVM stats fd could not be used.
+
+    Raised by ``statsfile`` and ``engine`` with the fd number and what was wrong, so a log line
+    or a QMP error names the file. ``fd`` is the descriptor the daemon used; ``origin`` says
+    where the fd came from (for example ``vm demo vcpu 1``) when the caller knows it.
+    """
+
+    def __init__(self, fd: int, problem: str, *, origin: str | None = None) -> None:
+        self.fd = fd
+        self.problem = problem
+        self.origin = origin
+        where = f"stats fd {fd}" + (f" ({origin})" if origin else "")
+        super().__init__(f"{where}: {problem}")
+
+
+class StatsFormatError(StatsFileError):
+    """The file's bytes break the KVM binary-stats layout (api.rst 4.133).
+
+    Raised by ``statsfile.StatsFile.parse`` for a bad header, descriptor, id string or offset.
+    """
+
+
+class StatsReadError(StatsFileError):
+    """Reading a stats fd failed with an errno, or returned fewer bytes than the layout promises.
+
+    Raised by ``_native`` (bulk reads) and ``statsfile`` (one-time parse). ``errno`` is set when
+    the kernel returned an error, ``None`` for a short read.
+    """
+
+    def __init__(
+        self, fd: int, problem: str, *, errno: int | None = None, origin: str | None = None
+    ) -> None:
+        self.errno = errno
+        super().__init__(fd, problem, origin=origin)
+
+
+class NativeUnavailableError(StatsdQmpError):
+    """The compiled reader ``statsd_qmp._statsread`` cannot be imported.
+
+    Raised by ``_native`` at first use, with the command that builds it.
+    """
+
+
+class KvmError(StatsdQmpError):
+    """An ioctl on ``/dev/kvm``, a VM fd or a vCPU fd failed.
+
+    Raised by ``sources.owned`` while creating or running the daemon's own VMs; ``errno`` is
+    the kernel's error number.
+    """
+
+    def __init__(self, what: str, errno: int | None = None) -> None:
+        self.errno = errno
+        super().__init__(what)
+
+
+class QmpError(StatsdQmpError):
+    """An error that is answered to a QMP client as ``{"error": {"class", "desc"}}``.
+
+    Raised by ``protocol`` and ``commands``; ``desc`` is the exact text QEMU would send.
+    """
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        super().__init__(desc)
+
+
+class CommandNotFoundError(QmpError):
+    """QMP class ``CommandNotFound``: unknown command, or any command before negotiation."""
+
+    qmp_class = "CommandNotFound"
