@@ -47,7 +47,7 @@ _loaded: tuple[Any, Any] | None = None
 
 def native() -> tuple[Any, Any]:
     """Return ``(ffi, lib)`` of the compiled reader, loading it on first use."""
-    global _loaded  # noqa: PLW0603 - one module-wide handle, loaded lazily for a clear error
+    global _loaded  # one module-wide handle, loaded lazily so a missing build gives a clear error
     if _loaded is None:
         _loaded = _load()
     return _loaded
@@ -119,6 +119,24 @@ class BulkRead:
         self._buf = ffi.new("uint8_t[]", max(self.total, 8))
         self.buffer = ffi.buffer(self._buf, max(self.total, 8))
         self.view = memoryview(self.buffer)
+
+    def run_all(self) -> bool:
+        """Read every region; True when all were read completely (then no list is built)."""
+        complete: int = self._lib.statsread_bulk(
+            self.count,
+            self._fds,
+            self._offsets,
+            self._lengths,
+            self._dests,
+            self._buf,
+            self.total,
+            self._results,
+        )
+        return complete == self.count
+
+    def outcomes(self) -> list[StatsReadError | None]:
+        """Per region of the last run: None when complete, else its error."""
+        return [self._outcome(i) for i in range(self.count)]
 
     def run(self) -> list[StatsReadError | None]:
         """Read every region; return ``None`` per complete region, else its error."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._native import BulkRead
-from .errors import StatsFileError, StatsFormatError
+from .errors import StatsFileError
 from .statsfile import StatsFile
 
 
@@ -32,9 +32,11 @@ class BatchReader:
             for start, f in zip(self._bulk.starts, self.files, strict=True)
         )
 
-    def read(self) -> list[memoryview | StatsFileError]:
+    def read(self) -> Sequence[memoryview | StatsFileError]:
         """One bulk pread of every file; per file its u64 words or its error."""
-        outcomes = self._bulk.run()
+        if self._bulk.run_all():
+            return self._words
+        outcomes = self._bulk.outcomes()
         result: list[memoryview | StatsFileError] = []
         for stats_file, words, error in zip(self.files, self._words, outcomes, strict=True):
             if error is None:
@@ -45,5 +47,11 @@ class BatchReader:
                 result.append(error)
         return result
 
-
-__all__ = ["BatchReader", "StatsFormatError"]
+    def read_all(self) -> Sequence[memoryview]:
+        """Like :meth:`read`, but raise the first file's error instead of returning it."""
+        if self._bulk.run_all():
+            return self._words
+        for outcome in self.read():
+            if isinstance(outcome, StatsFileError):
+                raise outcome
+        return self._words

@@ -6,7 +6,7 @@ no structlog), so the pure modules (``schema``, ``protocol``) can use it.
 Tree::
 
     StatsdQmpError                 base; ``qmp_class`` is "GenericError"
-    +-- StatsFileError             a stats fd is not a valid KVM binary-stats file, or reading it failed
+    +-- StatsFileError             a stats fd is not a valid KVM stats file, or reading failed
     |   +-- StatsFormatError       the bytes are there but do not follow the KVM layout
     |   +-- StatsReadError         the read itself failed (errno), or came back short
     +-- NativeUnavailableError     the compiled ``_statsread`` extension is not built

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -33,10 +34,8 @@ def fds() -> Iterator[list[int]]:
     opened: list[int] = []
     yield opened
     for fd in opened:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def open_built(built: BuiltFile, fds: list[int]) -> int:
@@ -236,9 +235,7 @@ def parse_bytes(data: bytes, fds: list[int]) -> StatsFile:
         (lambda d: patched(d, 16, "=I", 24), "overlap"),
     ],
 )
-def test_bad_files_get_specific_errors(
-    mutate: object, message: str, fds: list[int]
-) -> None:
+def test_bad_files_get_specific_errors(mutate: object, message: str, fds: list[int]) -> None:
     assert callable(mutate)
     data = mutate(good_file().data)
     with pytest.raises(StatsFormatError) as info:

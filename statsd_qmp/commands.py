@@ -1,0 +1,458 @@
+"""QMP commands: the command table, QAPI-style argument rules and the stats filters.
+
+Owns: which commands a socket serves, QEMU's argument validation order and exact error texts
+(qapi/qobject-input-visitor.c behaviour, ../shared/notes/qemu-qmp-stats.md 2.1), and the
+``query-stats`` / ``query-stats-schemas`` semantics (notes 2.2-2.4): empty lists mean nothing,
+unknown names and paths are ignored, results without stats are left out, duplicate provider
+requests are duplicated, every list comes out in QEMU's (prepended, i.e. reversed) order.
+Must not import trio, os or the server; the registry reaches it only through
+:class:`CommandContext`.
+
+Two kinds of socket use this table:
+
+* a per-VM socket (``Scope(host=False, vm=...)``) answers like that VM's QEMU monitor; its
+  vCPUs are ``/kvm/vcpu[N]`` with N the KVM vCPU id;
+* the host socket (``Scope(host=True)``) serves every VM: ``query-vms``, and an optional
+  ``vm`` argument on ``query-stats``, ``query-stats-schemas``, ``query-cpus-fast`` and
+  ``human-monitor-command``. With ``vm`` the answer equals that VM's own socket; without it
+  ``query-stats`` covers every VM and names each result ``/vm/NAME`` or ``/vm/NAME/vcpu[N]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from . import QEMU_VERSION, hmp, introspection
+from .errors import CommandNotFoundError, QmpError, StatsFileError
+from .schema import PROVIDER, HistogramOrder
+from .vm import VmStats
+
+TARGETS: Final = ("vm", "vcpu")
+PROVIDERS: Final = (PROVIDER,)
+CPU_TARGET: Final = "x86_64"
+
+Args = dict[str, Any]
+
+
+class CommandContext(Protocol):
+    """What the commands need from the daemon (implemented by the registry/server)."""
+
+    histogram_order: HistogramOrder
+    package: str
+
+    def all_vms(self) -> Sequence[VmStats]:
+        """Every served VM, sorted by name."""
+        ...
+
+    def find_vm(self, name: str) -> VmStats | None: ...
+
+    def read_failed(self, vm: VmStats, error: StatsFileError) -> None:
+        """A VM's stats fd failed mid-query: the registry drops or rescans it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which socket a request came in on."""
+
+    host: bool
+    vm: VmStats | None = None
+
+
+# --- QAPI-style argument checks -------------------------------------------------------------
+
+
+def _type_error(path: str, expected: str) -> QmpError:
+    return QmpError(f"Invalid parameter type for '{path}', expected: {expected}")
+
+
+def _missing(path: str) -> QmpError:
+    return QmpError(f"Parameter '{path}' is missing")
+
+
+def _unexpected(path: str) -> QmpError:
+    return QmpError(f"Parameter '{path}' is unexpected")
+
+
+def _bad_enum(member: str, value: str) -> QmpError:
+    # QEMU names the bare member for enum errors (and 'null' for list elements).
+    return QmpError(f"Parameter '{member}' does not accept value '{value}'")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_leftovers(remaining: Args, prefix: str = "") -> None:
+    for key in remaining:
+        raise _unexpected(_join(prefix, key))
+
+
+def _enum(
+    args: Args, key: str, values: Sequence[str], *, required: bool, prefix: str = ""
+) -> str | None:
+    if key not in args:
+        if required:
+            raise _missing(_join(prefix, key))
+        return None
+    value = args.pop(key)
+    if not isinstance(value, str):
+        raise _type_error(_join(prefix, key), "string")
+    if value not in values:
+        raise _bad_enum(key, value)
+    return value
+
+
+def _string(args: Args, key: str, *, required: bool, prefix: str = "") -> str | None:
+    if key not in args:
+        if required:
+            raise _missing(_join(prefix, key))
+        return None
+    value = args.pop(key)
+    if not isinstance(value, str):
+        raise _type_error(_join(prefix, key), "string")
+    return value
+
+
+def _integer(args: Args, key: str, *, prefix: str = "") -> int | None:
+    if key not in args:
+        return None
+    value = args.pop(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(_join(prefix, key), "integer")
+    return value
+
+
+def _string_list(args: Args, key: str, *, prefix: str = "") -> list[str] | None:
+    if key not in args:
+        return None
+    path = _join(prefix, key)
+    value = args.pop(key)
+    if not isinstance(value, list):
+        raise _type_error(path, "array")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _type_error(f"{path}[{index}]", "string")
+    return list(value)
+
+
+def _no_arguments(args: Args) -> None:
+    _check_leftovers(dict(args))
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    provider: str
+    names: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsFilter:
+    target: str
+    providers: tuple[StatsRequest, ...] | None
+    vcpus: frozenset[str] | None
+    vm: str | None
+
+
+def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
+    """Validate ``query-stats`` arguments in QEMU's visiting order (target, providers, vcpus)."""
+    args = dict(arguments)
+    target = _enum(args, "target", TARGETS, required=True)
+    assert target is not None
+    providers: list[StatsRequest] | None = None
+    if "providers" in args:
+        raw = args.pop("providers")
+        if not isinstance(raw, list):
+            raise _type_error("providers", "array")
+        providers = []
+        for index, item in enumerate(raw):
+            path = f"providers[{index}]"
+            if not isinstance(item, dict):
+                raise _type_error(path, "object")
+            request = dict(item)
+            provider = _enum(request, "provider", PROVIDERS, required=True, prefix=path)
+            assert provider is not None
+            names = _string_list(request, "names", prefix=path)
+            _check_leftovers(request, path)
+            providers.append(
+                StatsRequest(provider, frozenset(names) if names is not None else None)
+            )
+    vcpus = _string_list(args, "vcpus") if target == "vcpu" else None
+    vm = _string(args, "vm", required=False) if host else None
+    _check_leftovers(args)
+    return StatsFilter(
+        target,
+        tuple(providers) if providers is not None else None,
+        frozenset(vcpus) if vcpus is not None else None,
+        vm,
+    )
+
+
+# --- building replies ----------------------------------------------------------------------
+
+
+def vcpu_path(vm: VmStats, vcpu_id: int, *, host: bool) -> str:
+    return f"/vm/{vm.name}/vcpu[{vcpu_id}]" if host else f"/kvm/vcpu[{vcpu_id}]"
+
+
+def vm_path(vm: VmStats) -> str:
+    return f"/vm/{vm.name}"
+
+
+class Commands:
+    """The command table bound to one daemon context."""
+
+    def __init__(self, context: CommandContext) -> None:
+        self.context = context
+        # Registration order; query-commands lists them reversed, as QEMU does.
+        self._table: dict[str, Callable[[Scope, Args], Any]] = {
+            "qmp_capabilities": self._qmp_capabilities,
+            "query-version": self._query_version,
+            "query-commands": self._query_commands,
+            "query-qmp-schema": self._query_qmp_schema,
+            "query-cpus-fast": self._query_cpus_fast,
+            "query-stats": self._query_stats,
+            "query-stats-schemas": self._query_stats_schemas,
+            "human-monitor-command": self._human_monitor_command,
+            "query-vms": self._query_vms,
+        }
+        self._host_only = frozenset({"query-vms"})
+
+    def names(self, scope: Scope) -> list[str]:
+        return [n for n in self._table if scope.host or n not in self._host_only]
+
+    def version(self) -> dict[str, Any]:
+        return {"qemu": dict(QEMU_VERSION), "package": self.context.package}
+
+    def needs_rescan(self, scope: Scope, command: str, arguments: Args) -> bool:
+        """Whether the registry should rescan before answering (query-vms, an unknown vm)."""
+        if not scope.host:
+            return False
+        if command == "query-vms":
+            return True
+        name = arguments.get("vm")
+        return isinstance(name, str) and self.context.find_vm(name) is None
+
+    def execute(self, scope: Scope, command: str, arguments: Args, *, oob: bool) -> Any:
+        """Run a command; raises :class:`QmpError` with QEMU's class and text on failure."""
+        handler = self._table.get(command)
+        if handler is None or (command in self._host_only and not scope.host):
+            raise CommandNotFoundError(f"The command {command} has not been found")
+        if oob:
+            # No command served here is marked allow-oob (QEMU allows only a few).
+            raise QmpError(f"The command {command} does not support OOB")
+        return handler(scope, arguments)
+
+    # --- generic commands ----------------------------------------------------------------
+
+    def _qmp_capabilities(self, scope: Scope, args: Args) -> Any:
+        # Negotiation itself is the protocol core's; reaching here means it is complete.
+        raise CommandNotFoundError("Capabilities negotiation is already complete, command ignored")
+
+    def _query_version(self, scope: Scope, args: Args) -> Any:
+        _no_arguments(args)
+        return self.version()
+
+    def _query_commands(self, scope: Scope, args: Args) -> Any:
+        _no_arguments(args)
+        return [{"name": n} for n in reversed(self.names(scope))]
+
+    def _query_qmp_schema(self, scope: Scope, args: Args) -> Any:
+        _no_arguments(args)
+        return introspection.schema(host=scope.host, commands=self.names(scope))
+
+    def _scoped_vm(self, scope: Scope, args: Args) -> tuple[VmStats | None, bool]:
+        """The VM a request addresses and whether results use host-socket paths."""
+        if not scope.host:
+            return scope.vm, False
+        name = _string(args, "vm", required=False)
+        if name is None:
+            return None, True
+        vm = self.context.find_vm(name)
+        if vm is None:
+            raise QmpError(f"VM '{name}' not found (query-vms lists the VMs served)")
+        return vm, False
+
+    def _vms_for(self, scope: Scope, vm: VmStats | None) -> Sequence[VmStats]:
+        if vm is not None:
+            return [vm]
+        return self.context.all_vms() if scope.host else []
+
+    def _query_cpus_fast(self, scope: Scope, args: Args) -> Any:
+        args = dict(args)
+        vm, host_paths = self._scoped_vm(scope, args)
+        _check_leftovers(args)
+        return [
+            {
+                "thread-id": vcpu.thread_id,
+                "qom-path": vcpu_path(each, vcpu.vcpu_id, host=host_paths),
+                "cpu-index": index,
+                "target": CPU_TARGET,
+            }
+            for each in self._vms_for(scope, vm)
+            for index, vcpu in enumerate(each.vcpus)
+        ]
+
+    def _query_vms(self, scope: Scope, args: Args) -> Any:
+        _no_arguments(args)
+        return [
+            {
+                "name": vm.name,
+                "pid": vm.pid,
+                "vcpus": len(vm.vcpus),
+                "vm-stats": vm.has_vm_stats,
+                "origin": vm.origin,
+                "socket": vm.socket_path,
+            }
+            for vm in self.context.all_vms()
+        ]
+
+    # --- stats ---------------------------------------------------------------------------
+
+    def _query_stats(self, scope: Scope, args: Args) -> Any:
+        stats_filter = parse_stats_filter(args, host=scope.host)
+        vm: VmStats | None
+        if scope.host:
+            vm, host_paths = self._scoped_vm(
+                scope, {"vm": stats_filter.vm} if stats_filter.vm else {}
+            )
+        else:
+            vm, host_paths = scope.vm, False
+        return self.query_stats(scope, self._vms_for(scope, vm), stats_filter, host_paths)
+
+    def query_stats(
+        self,
+        scope: Scope,
+        vms: Sequence[VmStats],
+        stats_filter: StatsFilter,
+        host_paths: bool,
+    ) -> list[dict[str, Any]]:
+        """QEMU's query-stats over ``vms``: one pass per provider request, later ones first."""
+        requests = stats_filter.providers
+        if requests is None:
+            requests = (StatsRequest(PROVIDER, None),)
+        order = self.context.histogram_order
+        results: list[dict[str, Any]] = []
+        per_vm_words: dict[int, Any] = {}
+        for request in reversed(requests):
+            if request.names is not None and not request.names:
+                continue  # names: [] asks for nothing
+            for vm in vms:
+                try:
+                    self._append_results(
+                        results, vm, request, stats_filter, host_paths, order, per_vm_words
+                    )
+                except StatsFileError as error:
+                    self.context.read_failed(vm, error)
+                    if not scope.host or stats_filter.vm is not None:
+                        raise QmpError(f"KVM stats: {error}") from error
+                    # Host-wide query: the vanished VM is dropped, the others still answer.
+        return results
+
+    def _append_results(
+        self,
+        results: list[dict[str, Any]],
+        vm: VmStats,
+        request: StatsRequest,
+        stats_filter: StatsFilter,
+        host_paths: bool,
+        order: HistogramOrder,
+        cache: dict[int, Any],
+    ) -> None:
+        names = request.names
+        if stats_filter.target == "vm":
+            if vm.vm_file is None:
+                return
+            key = id(vm) * 2
+            if key not in cache:
+                cache[key] = vm.read_vm()
+            stats = vm.vm_file.stats(cache[key], order, names)
+            if stats:
+                result: dict[str, Any] = {"provider": PROVIDER, "stats": stats}
+                if host_paths:
+                    result["qom-path"] = vm_path(vm)
+                results.append(result)
+            return
+        wanted = stats_filter.vcpus
+        chosen = [
+            (index, vcpu)
+            for index, vcpu in enumerate(vm.vcpus)
+            if wanted is None or vcpu_path(vm, vcpu.vcpu_id, host=host_paths) in wanted
+        ]
+        if not chosen:
+            return
+        key = id(vm) * 2 + 1
+        if key not in cache:
+            cache[key] = vm.read_vcpus()
+        blocks = cache[key]
+        for index, vcpu in reversed(chosen):
+            stats = vcpu.file.stats(blocks[index], order, names)
+            if stats:
+                results.append(
+                    {
+                        "provider": PROVIDER,
+                        "stats": stats,
+                        "qom-path": vcpu_path(vm, vcpu.vcpu_id, host=host_paths),
+                    }
+                )
+
+    def _query_stats_schemas(self, scope: Scope, args: Args) -> Any:
+        args = dict(args)
+        _enum(args, "provider", PROVIDERS, required=False)
+        vm, _ = self._scoped_vm(scope, args)
+        _check_leftovers(args)
+        return self.stats_schemas(self._vms_for(scope, vm))
+
+    @staticmethod
+    def stats_schemas(vms: Sequence[VmStats]) -> list[dict[str, Any]]:
+        """``[{kvm, vcpu}, {kvm, vm}]`` as QEMU orders them; an entry only if some VM has it.
+
+        Schemas depend on the kernel only, so across VMs the first VM having each is used.
+        """
+        vcpu_schema = next((vm.vcpu_schema for vm in vms if vm.vcpus), None)
+        vm_schema = next((vm.vm_schema for vm in vms if vm.vm_file is not None), None)
+        out: list[dict[str, Any]] = []
+        if vcpu_schema is not None:
+            out.append({"provider": PROVIDER, "stats": vcpu_schema, "target": "vcpu"})
+        if vm_schema is not None:
+            out.append({"provider": PROVIDER, "stats": vm_schema, "target": "vm"})
+        return out
+
+    # --- HMP -----------------------------------------------------------------------------
+
+    def _human_monitor_command(self, scope: Scope, args: Args) -> Any:
+        args = dict(args)
+        command_line = _string(args, "command-line", required=True)
+        assert command_line is not None
+        cpu_index = _integer(args, "cpu-index")
+        vm, _ = self._scoped_vm(scope, args)
+        _check_leftovers(args)
+        current_path: str | None = None
+        if vm is not None and vm.vcpus:
+            index = 0 if cpu_index is None else cpu_index
+            if not 0 <= index < len(vm.vcpus):
+                raise QmpError("Parameter 'cpu-index' expects a CPU number")
+            current_path = vcpu_path(vm, vm.vcpus[index].vcpu_id, host=False)
+        elif cpu_index is not None:
+            raise QmpError("Parameter 'cpu-index' expects a CPU number")
+        vms: Sequence[VmStats] = [vm] if vm is not None else []
+
+        def query_stats(arguments: Args) -> list[dict[str, Any]]:
+            return self.query_stats(
+                Scope(host=False, vm=vm), vms, parse_stats_filter(arguments, host=False), False
+            )
+
+        def query_schemas(provider: str | None) -> list[dict[str, Any]]:
+            return self.stats_schemas(vms)
+
+        return hmp.run_command_line(
+            command_line,
+            query_stats=query_stats,
+            query_schemas=query_schemas,
+            current_cpu_path=current_path,
+            # QEMU prints "MAJOR.MINOR.MICRO" and the package string with nothing between.
+            version_text=f"{QEMU_VERSION['major']}.{QEMU_VERSION['minor']}."
+            f"{QEMU_VERSION['micro']}{self.context.package}",
+        )

@@ -1,0 +1,134 @@
+"""The live set of served VMs: names, sockets, adding and dropping, rescans.
+
+Owns: the mapping name -> :class:`VmStats`, the per-VM socket path, the naming rules, the
+owned VMs' lifetime, and telling subscribers (the server) when a VM comes or goes. Implements
+``commands.CommandContext``. May import sources, statsfile, vm and trio; must not import the
+server or the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from .errors import StatsFileError
+from .schema import HistogramOrder
+from .sources.owned import OwnedVM
+from .statsfile import StatsFile
+from .vm import VcpuStats, VmStats, parse_vcpu_id
+
+log = structlog.get_logger(__name__)
+
+DEMO_NAME = "demo"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+Listener = Callable[[VmStats], None]
+Scanner = Callable[[], Awaitable[None]]
+
+
+def sanitize_name(raw: str) -> str:
+    """Characters outside ``[A-Za-z0-9._-]`` become ``_`` (the name is a file name)."""
+    return _UNSAFE.sub("_", raw)
+
+
+class Registry:
+    """Every VM the daemon serves. Lives in the trio thread; no locking needed."""
+
+    def __init__(self, *, run_dir: Path, histogram_order: HistogramOrder, package: str) -> None:
+        self.run_dir = run_dir
+        self.histogram_order: HistogramOrder = histogram_order
+        self.package = package
+        self._vms: dict[str, VmStats] = {}
+        self._owned: dict[str, OwnedVM] = {}
+        self._on_added: list[Listener] = []
+        self._on_removed: list[Listener] = []
+        self._scanners: list[Scanner] = []
+
+    # --- CommandContext ------------------------------------------------------------------
+
+    def all_vms(self) -> Sequence[VmStats]:
+        return [self._vms[name] for name in sorted(self._vms)]
+
+    def find_vm(self, name: str) -> VmStats | None:
+        return self._vms.get(name)
+
+    def read_failed(self, vm: VmStats, error: StatsFileError) -> None:
+        log.warning("stats read failed", vm=vm.name, error=str(error))
+        if vm.origin == "borrowed" and self._vms.get(vm.name) is vm:
+            # A borrowed fd that fails to read means the VMM went away or replaced the fd:
+            # drop the VM now; the next scan adds it back if it still exists.
+            self.remove(vm.name, reason=f"read failed: {error}")
+
+    # --- subscribers and scans -----------------------------------------------------------
+
+    def subscribe(self, *, added: Listener, removed: Listener) -> None:
+        self._on_added.append(added)
+        self._on_removed.append(removed)
+        for vm in self.all_vms():
+            added(vm)
+
+    def add_scanner(self, scanner: Scanner) -> None:
+        self._scanners.append(scanner)
+
+    async def rescan(self) -> None:
+        """Run every discovery source now (a no-op when only owned VMs are served)."""
+        for scanner in self._scanners:
+            await scanner()
+
+    # --- membership ----------------------------------------------------------------------
+
+    def socket_path(self, name: str) -> Path:
+        return self.run_dir / "vm" / f"{name}.sock"
+
+    def add(self, vm: VmStats) -> VmStats:
+        if vm.name in self._vms:
+            raise ValueError(f"VM name {vm.name!r} is already served")
+        vm.socket_path = str(self.socket_path(vm.name))
+        self._vms[vm.name] = vm
+        log.info(
+            "vm added",
+            vm=vm.name,
+            pid=vm.pid,
+            origin=vm.origin,
+            vcpus=len(vm.vcpus),
+            vm_stats=vm.has_vm_stats,
+        )
+        for listener in self._on_added:
+            listener(vm)
+        return vm
+
+    def remove(self, name: str, *, reason: str) -> VmStats | None:
+        vm = self._vms.pop(name, None)
+        if vm is None:
+            return None
+        for listener in self._on_removed:
+            listener(vm)
+        owned = self._owned.pop(name, None)
+        if owned is not None:
+            owned.close()
+        log.info("vm removed", vm=name, pid=vm.pid, reason=reason)
+        return vm
+
+    def add_owned(self, owned: OwnedVM, name: str = DEMO_NAME) -> VmStats:
+        """Serve a VM the daemon created itself; the registry closes it on removal."""
+        vm = vm_stats_from_owned(owned, name)
+        self._owned[name] = owned
+        return self.add(vm)
+
+    def close(self) -> None:
+        for name in list(self._vms):
+            self.remove(name, reason="daemon stopping")
+
+
+def vm_stats_from_owned(owned: OwnedVM, name: str) -> VmStats:
+    vm_file = StatsFile.parse(owned.vm_stats_fd, origin=f"vm {name}")
+    vcpus: list[VcpuStats] = []
+    for index, fd in enumerate(owned.vcpu_stats_fds):
+        stats_file = StatsFile.parse(fd, origin=f"vm {name} vcpu {index}")
+        ident = parse_vcpu_id(stats_file.id)
+        thread_id, vcpu_id = ident if ident else (owned.vcpu_thread_ids[index], index)
+        vcpus.append(VcpuStats(vcpu_id, thread_id, stats_file))
+    return VmStats(name, owned.pid, "owned", vm_file, tuple(vcpus))

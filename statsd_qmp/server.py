@@ -1,0 +1,372 @@
+"""trio QMP server: the host socket, one socket per VM, one task per connection, limits.
+
+Owns: binding and cleaning the unix sockets (``DIR/qmp.sock``, ``DIR/vm/NAME.sock``), the
+one-daemon-per-run-dir lock, accepting clients with ``trio.serve_listeners``, feeding bytes to
+the sans-IO :mod:`protocol` core, dispatching requests to :mod:`commands`, the per-request log
+line, and the limits QEMU lacks (connections, negotiation time, buffered output). May import
+protocol, commands, registry and trio; must not import app or cli.
+
+Each connection runs a reader (bytes -> events -> replies) and a writer draining an outbox, so
+a client that stops reading only fills its own bounded outbox; it never stalls other clients
+and never makes the daemon grow without bound.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from . import protocol
+from .commands import Commands, Scope
+from .errors import QmpError, StatsdQmpError
+from .registry import Registry
+from .vm import VmStats
+
+log = structlog.get_logger(__name__)
+
+HOST_SOCKET = "qmp.sock"
+LOCK_FILE = "statsd-qmp.lock"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits QEMU does not have; each ends only the offending connection, with a reason."""
+
+    max_request_bytes: int = 1 << 20
+    max_connections: int = 1000
+    negotiation_timeout: float = 30.0
+    max_output_bytes: int = 16 << 20
+
+
+class RunDirBusyError(StatsdQmpError):
+    """Another daemon holds the run directory's lock. Raised by :func:`lock_run_dir`."""
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold ``DIR/statsd-qmp.lock`` (flock) for the daemon's life: one daemon per run dir."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirBusyError(
+                f"another statsd-qmp (pid {holder}) already serves {run_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def unlink_socket(path: Path) -> bool:
+    """Remove ``path`` if it is a socket file; never anything else. True when removed."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_stale_sockets(run_dir: Path) -> list[Path]:
+    """Unlink socket files a killed daemon left behind (only sockets, only ours)."""
+    candidates = [run_dir / HOST_SOCKET]
+    vm_dir = run_dir / "vm"
+    if vm_dir.is_dir():
+        candidates.extend(vm_dir.glob("*.sock"))
+    return [path for path in candidates if unlink_socket(path)]
+
+
+async def bind_unix(path: Path, mode: int = 0o660) -> trio.SocketListener:
+    """A listening unix socket at ``path`` (an old file there must be gone already)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(os.fspath(path))
+        os.chmod(path, mode)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+class Outbox:
+    """Bytes waiting for a slow client, bounded by ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._chunks: deque[bytes] = deque()
+        self._wakeup = trio.Event()
+        self.closing = False
+
+    def put(self, data: bytes) -> bool:
+        """Queue ``data``; False when that would pass the limit (nothing queued then)."""
+        if self.size + len(data) > self.limit:
+            return False
+        self._chunks.append(data)
+        self.size += len(data)
+        self._wakeup.set()
+        return True
+
+    def put_final(self, data: bytes) -> None:
+        """Queue a last line even past the limit (it is small), then close after it."""
+        self._chunks.append(data)
+        self.size += len(data)
+        self.closing = True
+        self._wakeup.set()
+
+    async def drain_to(self, stream: trio.abc.SendStream) -> None:
+        while True:
+            while not self._chunks:
+                if self.closing:
+                    return
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            await stream.send_all(data)
+            self.size -= len(data)
+
+
+class Server:
+    """Serves the registry's VMs; run with ``await nursery.start(server.run)``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        commands: Commands,
+        *,
+        limits: Limits | None = None,
+        socket_mode: int = 0o660,
+    ) -> None:
+        self.registry = registry
+        self.commands = commands
+        self.limits = limits or Limits()
+        self.socket_mode = socket_mode
+        self.connections = 0
+        self._ids = itertools.count(1)
+        self._vm_scopes: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def host_socket(self) -> Path:
+        return self.registry.run_dir / HOST_SOCKET
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        run_dir = self.registry.run_dir
+        for path in remove_stale_sockets(run_dir):
+            log.info("removed stale socket", path=str(path))
+        host_listener = await bind_unix(self.host_socket, self.socket_mode)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(
+                    trio.serve_listeners,
+                    self._handler(lambda: Scope(host=True), vm_name=None),
+                    [host_listener],
+                )
+                self.registry.subscribe(added=self._vm_added, removed=self._vm_removed)
+                log.info("listening", socket=str(self.host_socket))
+                task_status.started(self)
+        finally:
+            self._nursery = None
+            unlink_socket(self.host_socket)
+            for name in list(self._vm_scopes):
+                self._vm_scopes.pop(name).cancel()
+                unlink_socket(self.registry.socket_path(name))
+
+    # --- per-VM sockets ----------------------------------------------------------------
+
+    def _vm_added(self, vm: VmStats) -> None:
+        if self._nursery is None:
+            return
+        scope = trio.CancelScope()
+        self._vm_scopes[vm.name] = scope
+        self._nursery.start_soon(self._serve_vm, vm, scope)
+
+    def _vm_removed(self, vm: VmStats) -> None:
+        scope = self._vm_scopes.pop(vm.name, None)
+        if scope is not None:
+            # Closing the VM's connections too: its fds are about to be closed, and a stale
+            # fd number could be reused by an unrelated file.
+            scope.cancel()
+        unlink_socket(Path(vm.socket_path))
+
+    async def _serve_vm(self, vm: VmStats, scope: trio.CancelScope) -> None:
+        path = Path(vm.socket_path)
+        with scope:
+            unlink_socket(path)
+            listener = await bind_unix(path, self.socket_mode)
+            try:
+                await trio.serve_listeners(
+                    self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name),
+                    [listener],
+                )
+            finally:
+                if self.registry.find_vm(vm.name) is not vm:
+                    unlink_socket(path)
+
+    # --- connections ---------------------------------------------------------------------
+
+    def _handler(
+        self, scope_factory: Callable[[], Scope], *, vm_name: str | None
+    ) -> Callable[[trio.SocketStream], Any]:
+        async def handle(stream: trio.SocketStream) -> None:
+            conn_id = next(self._ids)
+            with structlog.contextvars.bound_contextvars(conn_id=conn_id, vm=vm_name):
+                try:
+                    await self._connection(stream, scope_factory())
+                except trio.BrokenResourceError as exc:
+                    log.info("client went away mid-reply", error=str(exc))
+                except trio.ClosedResourceError:
+                    pass
+                finally:
+                    await trio.aclose_forcefully(stream)
+
+        return handle
+
+    async def _connection(self, stream: trio.SocketStream, scope: Scope) -> None:
+        peer = _peer_credentials(stream)
+        self.connections += 1
+        try:
+            log.info("client connected", **peer, clients=self.connections)
+            if self.connections > self.limits.max_connections:
+                line = _error_line(
+                    f"Too many connections (limit {self.limits.max_connections}), closing"
+                )
+                with trio.move_on_after(1):
+                    await stream.send_all(line)
+                log.warning("connection refused", reason="connection limit")
+                return
+            await self._converse(stream, scope)
+        finally:
+            self.connections -= 1
+            log.info("client disconnected", clients=self.connections)
+
+    async def _converse(self, stream: trio.SocketStream, scope: Scope) -> None:
+        conn = protocol.QmpConnection(max_request_bytes=self.limits.max_request_bytes)
+        outbox = Outbox(self.limits.max_output_bytes)
+        outbox.put(conn.greeting(self.commands.version(), ["oob"]))
+
+        async with trio.open_nursery() as nursery:
+
+            async def writer() -> None:
+                await outbox.drain_to(stream)
+                nursery.cancel_scope.cancel()
+
+            async def negotiation_deadline() -> None:
+                await trio.sleep(self.limits.negotiation_timeout)
+                if not conn.negotiated:
+                    log.warning("closing", reason="no negotiation in time")
+                    outbox.put_final(
+                        _error_line(
+                            "No capabilities negotiation within "
+                            f"{self.limits.negotiation_timeout:g} s, closing"
+                        )
+                    )
+
+            nursery.start_soon(writer)
+            nursery.start_soon(negotiation_deadline)
+            await self._reader(stream, scope, conn, outbox)
+            if not outbox.closing:
+                outbox.put_final(b"")
+
+    async def _reader(
+        self,
+        stream: trio.SocketStream,
+        scope: Scope,
+        conn: protocol.QmpConnection,
+        outbox: Outbox,
+    ) -> None:
+        while not outbox.closing:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, protocol.Close):
+                    log.warning("closing", reason=event.reason)
+                    outbox.put_final(event.data)
+                    return
+                if isinstance(event, protocol.SendBytes):
+                    reply = event.data
+                else:
+                    reply = await self._execute(scope, conn, event)
+                if not outbox.put(reply):
+                    log.warning("closing", reason="client does not read", unsent=outbox.size)
+                    outbox.put_final(
+                        _error_line(
+                            f"More than {self.limits.max_output_bytes} bytes of replies are "
+                            "waiting for this client to read them, closing"
+                        )
+                    )
+                    return
+
+    async def _execute(
+        self, scope: Scope, conn: protocol.QmpConnection, request: protocol.Request
+    ) -> bytes:
+        started = time.perf_counter()
+        arguments = request.arguments
+        if self.commands.needs_rescan(scope, request.command, arguments):
+            await self.registry.rescan()
+        vm = scope.vm.name if scope.vm else arguments.get("vm")
+        try:
+            value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
+            reply = protocol.reply_return(request, value)
+            outcome = "ok"
+        except QmpError as exc:
+            reply = protocol.reply_error(request, exc.qmp_class, exc.desc)
+            outcome = exc.qmp_class
+        except StatsdQmpError as exc:  # a source failed in a way the command did not map
+            reply = protocol.reply_error(request, exc.qmp_class, str(exc))
+            outcome = exc.qmp_class
+        log.info(
+            "request",
+            command=request.command,
+            target_vm=vm if isinstance(vm, str) else None,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            outcome=outcome,
+            reply_bytes=len(reply),
+        )
+        return reply
+
+
+def _error_line(desc: str) -> bytes:
+    """A GenericError without id: what the daemon says before it ends a connection."""
+    return protocol.reply_error(None, "GenericError", desc)
+
+
+def _peer_credentials(stream: trio.SocketStream) -> dict[str, int]:
+    """uid/gid/pid of a unix-socket peer (SO_PEERCRED), for the connect log line."""
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL):
+            return {}
+        raise
+    pid, uid, gid = (
+        int.from_bytes(raw[0:4], "little"),
+        int.from_bytes(raw[4:8], "little"),
+        int.from_bytes(raw[8:12], "little"),
+    )
+    return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}

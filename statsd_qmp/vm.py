@@ -1,0 +1,85 @@
+"""One served VM: its parsed stats files, cached schemas and batched reads.
+
+Owns: the per-VM view the commands work on (name, pid, origin, the VM stats file if the VMM
+holds one, the vCPU stats files ordered by KVM vCPU id) and the two prepared batch reads (VM
+block, all vCPU blocks). Must not import trio, the server or the registry; whoever builds a
+:class:`VmStats` (the registry) owns the fds and closes them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .engine import BatchReader
+from .schema import schema_entries
+from .statsfile import StatsFile
+
+Origin = Literal["owned", "borrowed"]
+
+_VCPU_ID = re.compile(r"^kvm-(\d+)/vcpu-(\d+)$")
+_VM_ID = re.compile(r"^kvm-(\d+)$")
+
+
+def parse_vcpu_id(ident: str) -> tuple[int, int] | None:
+    """``kvm-TID/vcpu-N`` -> (TID of the creating thread, KVM vcpu_id), else None."""
+    match = _VCPU_ID.match(ident)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def parse_vm_id(ident: str) -> int | None:
+    """``kvm-PID`` -> PID of the VM's creator, else None."""
+    match = _VM_ID.match(ident)
+    return int(match[1]) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuStats:
+    vcpu_id: int  # KVM vcpu_id (the APIC ID on x86), from the stats id string
+    thread_id: int  # TID of the thread that created the vCPU (QEMU: the vCPU thread)
+    file: StatsFile
+
+
+@dataclass(eq=False)
+class VmStats:
+    """A VM as the commands see it. ``vcpus`` is sorted by vcpu_id (QEMU's cpu-index order)."""
+
+    name: str
+    pid: int
+    origin: Origin
+    vm_file: StatsFile | None
+    vcpus: tuple[VcpuStats, ...]
+    socket_path: str = ""
+    vm_schema: list[dict[str, object]] = field(init=False)
+    vcpu_schema: list[dict[str, object]] = field(init=False)
+    _vm_reader: BatchReader | None = field(init=False, repr=False)
+    _vcpu_reader: BatchReader = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.vcpus = tuple(sorted(self.vcpus, key=lambda v: v.vcpu_id))
+        # Descriptors never change for an fd's lifetime, so schemas are built once. Like QEMU,
+        # the first vCPU's descriptors stand for all vCPUs.
+        self.vm_schema = schema_entries(self.vm_file.descriptors) if self.vm_file else []
+        self.vcpu_schema = schema_entries(self.vcpus[0].file.descriptors) if self.vcpus else []
+        self._vm_reader = BatchReader([self.vm_file]) if self.vm_file else None
+        self._vcpu_reader = BatchReader([v.file for v in self.vcpus])
+
+    @property
+    def has_vm_stats(self) -> bool:
+        return self.vm_file is not None
+
+    def read_vm(self) -> memoryview | None:
+        """The VM data block as u64 words (None when the VMM holds no VM stats fd)."""
+        if self._vm_reader is None:
+            return None
+        return self._vm_reader.read_all()[0]
+
+    def read_vcpus(self) -> Sequence[memoryview]:
+        """Every vCPU's data block in one bulk read; raises the first failing file's error."""
+        return self._vcpu_reader.read_all()
+
+    def fds(self) -> list[int]:
+        files = ([self.vm_file] if self.vm_file else []) + [v.file for v in self.vcpus]
+        return [f.fd for f in files]
