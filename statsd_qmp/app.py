@@ -7,6 +7,9 @@ every fd). May import everything below it; nothing imports it but the CLI and te
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,8 @@ import trio
 
 from . import __version__
 from .commands import Commands
+from .discovery import Discovery
+from .errors import KvmError
 from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
 from .server import Limits, Server, lock_run_dir
@@ -33,6 +38,8 @@ class Settings:
     demo_vcpus: int = 2
     histogram_order: HistogramOrder = "kernel"
     socket_mode: int = 0o660
+    scan_interval: float = 1.0
+    discover: bool = True
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -42,6 +49,8 @@ class Settings:
 
 async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until cancelled or until SIGTERM/SIGINT."""
+    check_kernel()
+    raise_fd_limit()
     with lock_run_dir(settings.run_dir):
         registry = Registry(
             run_dir=settings.run_dir,
@@ -63,6 +72,10 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
+                if settings.discover:
+                    await nursery.start(
+                        Discovery(registry, scan_interval=settings.scan_interval).run
+                    )
                 nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
                 log.info(
                     "ready",
@@ -74,6 +87,37 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
         finally:
             registry.close()
             log.info("stopped")
+
+
+def check_kernel() -> None:
+    """Refuse kernels without KVM binary stats (KVM_CAP_BINARY_STATS_FD, Linux 5.14)."""
+    from .sources.owned import kvm_supports_binary_stats
+
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        if not kvm_supports_binary_stats():
+            raise KvmError(
+                "this kernel's KVM lacks KVM_CAP_BINARY_STATS_FD (binary stats need Linux "
+                ">= 5.14): nothing to serve"
+            )
+        return
+    # Without access to /dev/kvm (an unprivileged daemon) the kernel version has to do.
+    release = platform.release()
+    try:
+        major, minor = (int(part) for part in release.split(".")[:2])
+    except ValueError:
+        return
+    if (major, minor) < (5, 14):
+        raise KvmError(
+            f"kernel {release} predates KVM binary stats (KVM_CAP_BINARY_STATS_FD, Linux 5.14)"
+        )
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every served vCPU costs one fd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("raised the open-file limit", soft_before=soft, soft=hard)
 
 
 async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:

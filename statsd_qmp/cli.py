@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0o660,
         help="permission bits of the sockets, octal (default 0660)",
     )
+    run.add_argument("--scan-interval", type=float, default=1.0, metavar="SECONDS",
+                     help="how often to look for VMs in /proc (default %(default)s)")
+    run.add_argument("--no-discovery", action="store_true",
+                     help="serve only the daemon's own VMs (the demo), not the host's")
     run.add_argument("--max-connections", type=_positive_int, default=Limits.max_connections)
     run.add_argument("--max-request-bytes", type=_positive_int, default=Limits.max_request_bytes)
     run.add_argument("--max-output-bytes", type=_positive_int, default=Limits.max_output_bytes)
@@ -100,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON object, for example \'{"target": "vm"}\'',
     )
 
+    hold = sub.add_parser(
+        "exec",
+        help="exec a VMM in place with the hold library preloaded",
+        description="Replace this process (same PID) with CMD, with the hold library "
+        "prepended to LD_PRELOAD so the VMM opens and keeps KVM stats fds for its VM and "
+        "vCPUs. Usable as libvirt's <emulator>.",
+    )
+    hold.add_argument("vmm", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS...")
+
     demo = sub.add_parser("demo-stats", help="create a demo VM and print its live stats")
     demo.add_argument("--vcpus", type=_positive_int, default=2)
     demo.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
@@ -120,6 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
         demo_vcpus=args.demo_vcpus,
         histogram_order=args.histogram_order,
         socket_mode=args.socket_mode,
+        scan_interval=args.scan_interval,
+        discover=not args.no_discovery,
         limits=Limits(
             max_request_bytes=args.max_request_bytes,
             max_connections=args.max_connections,
@@ -165,11 +180,25 @@ def _demo_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exec(args: argparse.Namespace) -> int:
+    from .holdlib import exec_vmm
+
+    vmm = list(args.vmm)
+    if vmm and vmm[0] == "--":
+        vmm = vmm[1:]
+    if not vmm:
+        print("statsd-qmp exec: missing the command to run", file=sys.stderr)
+        return 2
+    exec_vmm(vmm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "exec":
+            return _exec(args)
         if args.command == "query":
             return _query(args)
         return _demo_stats(args)

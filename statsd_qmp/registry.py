@@ -26,6 +26,7 @@ DEMO_NAME = "demo"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 Listener = Callable[[VmStats], None]
+Closer = Callable[[], None]
 Scanner = Callable[[], Awaitable[None]]
 
 
@@ -42,7 +43,7 @@ class Registry:
         self.histogram_order: HistogramOrder = histogram_order
         self.package = package
         self._vms: dict[str, VmStats] = {}
-        self._owned: dict[str, OwnedVM] = {}
+        self._closers: dict[str, Closer] = {}
         self._on_added: list[Listener] = []
         self._on_removed: list[Listener] = []
         self._scanners: list[Scanner] = []
@@ -83,11 +84,17 @@ class Registry:
     def socket_path(self, name: str) -> Path:
         return self.run_dir / "vm" / f"{name}.sock"
 
-    def add(self, vm: VmStats) -> VmStats:
+    def names_in_use(self) -> set[str]:
+        return set(self._vms)
+
+    def add(self, vm: VmStats, closer: Closer | None = None) -> VmStats:
+        """Serve ``vm``; ``closer`` releases its fds when it is removed."""
         if vm.name in self._vms:
             raise ValueError(f"VM name {vm.name!r} is already served")
         vm.socket_path = str(self.socket_path(vm.name))
         self._vms[vm.name] = vm
+        if closer is not None:
+            self._closers[vm.name] = closer
         log.info(
             "vm added",
             vm=vm.name,
@@ -100,23 +107,34 @@ class Registry:
             listener(vm)
         return vm
 
+    def replace(self, vm: VmStats) -> None:
+        """Swap in a new view of a served VM (its vCPU set changed); name and socket stay."""
+        old = self._vms[vm.name]
+        vm.socket_path = old.socket_path
+        self._vms[vm.name] = vm
+        log.info(
+            "vm changed",
+            vm=vm.name,
+            vcpus=len(vm.vcpus),
+            vm_stats=vm.has_vm_stats,
+            before_vcpus=len(old.vcpus),
+        )
+
     def remove(self, name: str, *, reason: str) -> VmStats | None:
         vm = self._vms.pop(name, None)
         if vm is None:
             return None
         for listener in self._on_removed:
             listener(vm)
-        owned = self._owned.pop(name, None)
-        if owned is not None:
-            owned.close()
+        closer = self._closers.pop(name, None)
+        if closer is not None:
+            closer()
         log.info("vm removed", vm=name, pid=vm.pid, reason=reason)
         return vm
 
     def add_owned(self, owned: OwnedVM, name: str = DEMO_NAME) -> VmStats:
         """Serve a VM the daemon created itself; the registry closes it on removal."""
-        vm = vm_stats_from_owned(owned, name)
-        self._owned[name] = owned
-        return self.add(vm)
+        return self.add(vm_stats_from_owned(owned, name), owned.close)
 
     def close(self) -> None:
         for name in list(self._vms):

@@ -331,6 +331,14 @@ class Server:
             await self.registry.rescan()
         vm = scope.vm.name if scope.vm else arguments.get("vm")
         try:
+            if scope.vm is not None:
+                # Look the VM up again: the registry may have swapped in a new view of it
+                # (vCPUs came or went), or dropped it; a stale view must never be read, its
+                # fd numbers may already belong to other files.
+                current = self.registry.find_vm(scope.vm.name)
+                if current is None:
+                    raise QmpError(f"VM '{scope.vm.name}' is no longer served")
+                scope = Scope(host=False, vm=current)
             value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
             reply = protocol.reply_return(request, value)
             outcome = "ok"

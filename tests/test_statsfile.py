@@ -16,6 +16,7 @@ from statsd_qmp import schema
 from statsd_qmp.engine import BatchReader
 from statsd_qmp.errors import StatsFormatError, StatsReadError
 from statsd_qmp.sources.synthetic import (
+    BlockName,
     BuiltFile,
     Layout,
     SyntheticStat,
@@ -77,7 +78,8 @@ def stat_lists(draw: st.DrawFn) -> tuple[list[SyntheticStat], int]:
 
 @st.composite
 def layouts(draw: st.DrawFn, count: int) -> Layout:
-    order = tuple(draw(st.permutations(["id", "desc", "data"])))
+    blocks: list[BlockName] = ["id", "desc", "data"]
+    order = tuple(draw(st.permutations(blocks)))
     gaps = tuple(draw(st.integers(min_value=0, max_value=4)) * 8 for _ in range(3))
     data_order = tuple(draw(st.permutations(list(range(count)))))
     return Layout(order=order, gaps=(gaps[0], gaps[1], gaps[2]), data_order=data_order)
@@ -201,7 +203,7 @@ def good_file() -> BuiltFile:
     return build("kvm-7", [SyntheticStat("a", 0, (1,)), SyntheticStat("b", 0, (2,))])
 
 
-def patched(data: bytes, offset: int, fmt: str, *values: int) -> bytes:
+def patched(data: bytes, offset: int, fmt: str, *values: int | bytes) -> bytes:
     out = bytearray(data)
     struct.pack_into(fmt, out, offset, *values)
     return bytes(out)

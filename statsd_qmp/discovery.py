@@ -1,0 +1,271 @@
+"""Serving the VMs that run beside the daemon: periodic scans, borrowing, exit watches.
+
+Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new VMM is
+borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
+dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
+then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
+alive), VM naming, and permission messages once per VM. May import registry, sources, vm,
+statsfile and trio; must not import the server, app or cli.
+
+One VM per VMM process is the supported case. A process holding several ``kvm-vm-stats`` fds
+of different VMs gets its lowest-numbered VM stats fd and all its vCPU stats fds served, and a
+warning in the log (the kernel's vCPU id strings name the creating thread, not the VM, so
+vCPUs cannot be told apart by VM).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from .errors import StatsFileError
+from .registry import DEMO_NAME, Registry, sanitize_name
+from .sources import borrowed
+from .statsfile import StatsFile
+from .vm import VcpuStats, VmStats, parse_vcpu_id
+
+log = structlog.get_logger(__name__)
+
+# sun_path is 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+@dataclass(eq=False)
+class BorrowedVm:
+    """The fds borrowed from one VMM process; closing it releases the kernel's VM."""
+
+    pid: int
+    pidfd: int
+    name: str
+    signature: Any = None
+    fds: dict[int, int] = field(default_factory=dict)  # the VMM's fd number -> our copy
+    files: dict[int, StatsFile] = field(default_factory=dict)  # our fd -> parsed file
+    watch: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.watch.cancel()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.files.clear()
+        trio.lowlevel.notify_closing(self.pidfd)
+        os.close(self.pidfd)
+
+
+def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -> str:
+    """The VM's name: QEMU's -name or ``pid-PID``, made safe, unique and short enough."""
+    name = sanitize_name(wanted) if wanted else f"pid-{pid}"
+    if name in in_use or name == DEMO_NAME:
+        name = f"{name}-{pid}"
+    room = UNIX_PATH_MAX - len(str(run_dir / "vm" / ".sock"))
+    if len(name) > room:
+        suffix = f"-{pid}"
+        name = name[: max(room - len(suffix), 1)] + suffix
+    while name in in_use:  # only possible after shortening: keep it unique all the same
+        name = f"{name[: max(room - 2, 1)]}-x"
+    return name
+
+
+class Discovery:
+    """Keeps the registry in step with the VMMs on the host."""
+
+    def __init__(self, registry: Registry, *, scan_interval: float = 1.0) -> None:
+        self.registry = registry
+        self.scan_interval = scan_interval
+        self.scanner = borrowed.ProcScanner()
+        self.vmms: dict[int, BorrowedVm] = {}
+        self.last_scan_seconds = 0.0
+        self.scans = 0
+        self._lock = trio.Lock()
+        self._reported: dict[int, str] = {}  # pid -> last problem logged for it
+        self._nursery: trio.Nursery | None = None
+        self._warned_multi: set[int] = set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Scan now, report started, then rescan every ``scan_interval`` until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.registry.add_scanner(self.scan_once)
+                await self.scan_once()
+                task_status.started()
+                while True:
+                    await trio.sleep(self.scan_interval)
+                    await self.scan_once()
+        finally:
+            self._nursery = None
+            for pid in list(self.vmms):
+                self._drop(pid, "daemon stopping")
+
+    async def scan_once(self) -> None:
+        async with self._lock:
+            started = trio.current_time()
+            # The /proc walk blocks for milliseconds on a busy host: keep it off the event loop.
+            result = await trio.to_thread.run_sync(self.scanner.scan, started)
+            self._apply(result)
+            self.last_scan_seconds = trio.current_time() - started
+            self.scans += 1
+
+    # --- applying a scan -----------------------------------------------------------------
+
+    def _apply(self, result: borrowed.ScanResult) -> None:
+        for pid in list(self.vmms):
+            if pid not in result.vmms:
+                self._drop(pid, "the process holds no KVM stats fds any more")
+        for pid, found in result.vmms.items():
+            known = self.vmms.get(pid)
+            if known is not None and known.closed:
+                # The registry dropped it (a read failed): borrow afresh.
+                del self.vmms[pid]
+                known = None
+            if known is None:
+                self._adopt(found)
+            elif known.signature != found.signature():
+                self._refresh(known, found)
+        for pid, reason in result.denied.items():
+            self._report(pid, reason)
+        for pid in list(self._reported):
+            if pid not in result.vmms and pid not in result.denied:
+                del self._reported[pid]
+
+    def _report(self, pid: int, problem: str) -> None:
+        """Log a VM we cannot read, once per VM (not once per scan)."""
+        if self._reported.get(pid) == problem:
+            return
+        self._reported[pid] = problem
+        name = borrowed.qemu_name(borrowed.read_cmdline(pid)) or f"pid-{pid}"
+        log.warning("cannot read vm", pid=pid, vm=name, reason=problem)
+
+    def _adopt(self, found: borrowed.ProcessStatsFds) -> None:
+        pid = found.pid
+        try:
+            pidfd = borrowed.pidfd_open(pid)
+        except ProcessLookupError:
+            return  # gone already
+        except OSError as exc:
+            self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}")
+            return
+        name = unique_name(
+            borrowed.qemu_name(borrowed.read_cmdline(pid)),
+            pid,
+            self.registry.names_in_use(),
+            self.registry.run_dir,
+        )
+        vmm = BorrowedVm(pid, pidfd, name)
+        vm = self._build(vmm, found)
+        if vm is None:
+            vmm.close()
+            return
+        self.vmms[pid] = vmm
+        self.registry.add(vm, vmm.close)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._watch_exit, vmm)
+
+    def _refresh(self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds) -> None:
+        vm = self._build(vmm, found)
+        if vm is None:
+            self._drop(vmm.pid, "its stats fds could not be read any more")
+            return
+        self.registry.replace(vm)
+
+    def _borrow(self, vmm: BorrowedVm, target_fd: int, origin: str) -> StatsFile | None:
+        ours = vmm.fds.get(target_fd)
+        if ours is None:
+            try:
+                ours = borrowed.pidfd_getfd(vmm.pidfd, target_fd)
+            except OSError as exc:
+                code = exc.errno or 0
+                if code == errno.EMFILE or code == errno.ENFILE:
+                    log.warning(
+                        "file descriptors ran short",
+                        vm=vmm.name,
+                        error=borrowed.describe_errno(code),
+                        hint="raise LimitNOFILE / RLIMIT_NOFILE",
+                    )
+                elif code == errno.EPERM:
+                    self._report(
+                        vmm.pid,
+                        "pidfd_getfd: EPERM: needs CAP_SYS_PTRACE (or the same uid and a "
+                        "dumpable VMM), and Yama ptrace_scope < 2 and no LSM denial",
+                    )
+                elif code not in (errno.EBADF, errno.ESRCH):
+                    self._report(vmm.pid, f"pidfd_getfd: {borrowed.describe_errno(code)}")
+                return None
+            vmm.fds[target_fd] = ours
+        stats_file = vmm.files.get(ours)
+        if stats_file is None:
+            try:
+                stats_file = StatsFile.parse(ours, origin=origin)
+            except StatsFileError as exc:
+                log.warning("borrowed fd is not usable", vm=vmm.name, error=str(exc))
+                os.close(vmm.fds.pop(target_fd))
+                return None
+            vmm.files[ours] = stats_file
+        return stats_file
+
+    def _build(self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds) -> VmStats | None:
+        wanted: set[int] = set()
+        vm_file: StatsFile | None = None
+        if found.vm_stats:
+            first = min(found.vm_stats)
+            vm_file = self._borrow(vmm, first, f"vm {vmm.name}")
+            if vm_file is not None:
+                wanted.add(first)
+            if len(found.vm_stats) > 1 and vmm.pid not in self._warned_multi:
+                self._warned_multi.add(vmm.pid)
+                log.warning(
+                    "process holds several VM stats fds; serving the VM of the lowest fd",
+                    vm=vmm.name,
+                    pid=vmm.pid,
+                    fds=sorted(found.vm_stats),
+                    served_fd=first,
+                )
+        vcpus: list[VcpuStats] = []
+        for vcpu_id, target_fds in sorted(found.vcpu_stats.items()):
+            # Several fds for one vCPU (QEMU >= 8.1 and the hold library both keep one) read
+            # the same counters: one is enough.
+            target = min(target_fds)
+            stats_file = self._borrow(vmm, target, f"vm {vmm.name} vcpu {vcpu_id}")
+            if stats_file is None:
+                continue
+            ident = parse_vcpu_id(stats_file.id)
+            thread_id = ident[0] if ident else 0
+            vcpus.append(VcpuStats(vcpu_id, thread_id, stats_file))
+            wanted.add(target)
+        for target in list(vmm.fds):
+            if target not in wanted:
+                ours = vmm.fds.pop(target)
+                vmm.files.pop(ours, None)
+                os.close(ours)
+        if vm_file is None and not vcpus:
+            return None
+        vmm.signature = found.signature()
+        return VmStats(vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus))
+
+    def _drop(self, pid: int, reason: str) -> None:
+        vmm = self.vmms.pop(pid, None)
+        if vmm is None:
+            return
+        if self.registry.find_vm(vmm.name) is not None:
+            self.registry.remove(vmm.name, reason=reason)  # runs vmm.close
+        vmm.close()
+        self._warned_multi.discard(pid)
+
+    async def _watch_exit(self, vmm: BorrowedVm) -> None:
+        with vmm.watch:
+            try:
+                await trio.lowlevel.wait_readable(vmm.pidfd)
+            except trio.ClosedResourceError:
+                return  # dropped for another reason while we waited
+            # Exited: close its fds now, not at the next scan (they pin the kernel's VM).
+            self._drop(vmm.pid, "the process exited")

@@ -1,0 +1,273 @@
+"""Stats fds held by other processes: find them in /proc, copy them with pidfd_getfd.
+
+Owns: the /proc scan (which processes hold ``anon_inode:kvm-vm-stats`` and
+``anon_inode:kvm-vcpu-stats:N`` fds), keeping that scan cheap on hosts with thousands of
+processes, ``pidfd_open`` + ``pidfd_getfd`` (the latter has no wrapper in Python 3.11's os
+module, so it is called through libc's ``syscall``), VM names from QEMU's ``-name`` option,
+and telling apart "not a VMM" from "cannot look" (permissions). Must not import trio, the
+server or the registry; everything here is synchronous and fast.
+
+Why borrowing: KVM refuses VM and vCPU ioctls from any process but the VM's creator (EIO),
+so the daemon can never call KVM_GET_STATS_FD on another process's VM; it can only read stats
+fds the VMM itself opened (QEMU >= 8.1 keeps one per vCPU; any VMM started through
+``statsd-qmp exec`` keeps all of them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+VM_STATS_LINK = "anon_inode:kvm-vm-stats"
+VCPU_STATS_PREFIX = "anon_inode:kvm-vcpu-stats:"
+KVM_LINK_PREFIX = "anon_inode:kvm-"
+
+SYS_PIDFD_GETFD = 438  # same number on every architecture (unified syscall table, Linux 5.6)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd for ``pid``; readable once the process exits (close-on-exec)."""
+    return os.pidfd_open(pid)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """Copy fd ``target_fd`` of the pidfd's process into this process (FD_CLOEXEC set).
+
+    The copy shares the open file description (and file position) with the VMM: read it with
+    pread only. Raises OSError with the kernel's errno (EPERM: ptrace check or LSM; EBADF: no
+    such fd any more; ESRCH: process gone; EMFILE: our fd table is full).
+    """
+    fd = _syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"pidfd_getfd(fd {target_fd}): {os.strerror(code)}")
+    return int(fd)
+
+
+# --- names ---------------------------------------------------------------------------------
+
+
+def _split_qemu_option(value: str) -> list[str]:
+    """Split a QEMU option string at single commas; ``,,`` stands for a literal comma."""
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(value):
+        char = value[i]
+        if char == ",":
+            if value.startswith(",,", i):
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def qemu_name(argv: Iterable[str]) -> str | None:
+    """The guest name from QEMU's ``-name`` option: its first bare value or ``guest=``.
+
+    The last ``-name`` wins, as QEMU's option parsing does; other keys (``process=``,
+    ``debug-threads=``) are ignored; an empty name counts as none.
+    """
+    args = list(argv)
+    name: str | None = None
+    for index, arg in enumerate(args):
+        if arg in ("-name", "--name") and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(("-name=", "--name=")):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        found: str | None = None
+        for position, part in enumerate(_split_qemu_option(value)):
+            key, sep, rest = part.partition("=")
+            if sep and key == "guest":
+                found = rest
+            elif not sep and position == 0:
+                found = part  # QEMU's implied first key of -name is "guest"
+        name = found
+    return name or None
+
+
+def read_cmdline(pid: int) -> list[str]:
+    """``/proc/PID/cmdline`` as a list (empty for kernel threads or a vanished process)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
+
+
+def read_comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+_LOOKS_LIKE_VMM = re.compile(r"qemu|kvm|firecracker|cloud-hypervisor|crosvm", re.IGNORECASE)
+
+
+def looks_like_vmm(pid: int) -> bool:
+    """A guess for processes we may not inspect: is this probably a VMM?
+
+    Only used to word the permission message; the real test is the fd scan.
+    """
+    cmdline = " ".join(read_cmdline(pid)[:1])
+    return bool(_LOOKS_LIKE_VMM.search(cmdline) or _LOOKS_LIKE_VMM.search(read_comm(pid)))
+
+
+# --- the /proc scan ------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessStatsFds:
+    """The KVM stats fds one process holds (fd numbers in *its* table)."""
+
+    pid: int
+    vm_stats: list[int] = field(default_factory=list)
+    vcpu_stats: dict[int, list[int]] = field(default_factory=dict)  # vcpu_id -> fds
+
+    def signature(self) -> tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]:
+        return (
+            tuple(sorted(self.vm_stats)),
+            tuple(sorted((k, tuple(sorted(v))) for k, v in self.vcpu_stats.items())),
+        )
+
+
+@dataclass
+class _Known:
+    fd_count: int
+    next_full_scan: float
+    holds_kvm: bool
+
+
+@dataclass
+class ScanResult:
+    vmms: dict[int, ProcessStatsFds]
+    denied: dict[int, str]  # pid -> why its fds could not be listed (only likely VMMs)
+    processes: int
+    full_scans: int
+
+
+def list_stats_fds(pid: int) -> tuple[ProcessStatsFds, bool]:
+    """Read ``/proc/PID/fd``: the process's stats fds, and whether it holds any KVM fd.
+
+    Raises OSError when the directory cannot be listed (EACCES without the right to see
+    another user's fds, ENOENT when the process has gone).
+    """
+    base = f"/proc/{pid}/fd"
+    found = ProcessStatsFds(pid)
+    holds_kvm = False
+    for name in os.listdir(base):
+        try:
+            link = os.readlink(f"{base}/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if not link.startswith(KVM_LINK_PREFIX):
+            continue
+        holds_kvm = True
+        if link == VM_STATS_LINK:
+            found.vm_stats.append(int(name))
+        elif link.startswith(VCPU_STATS_PREFIX):
+            suffix = link[len(VCPU_STATS_PREFIX) :]
+            if suffix.isdigit():
+                found.vcpu_stats.setdefault(int(suffix), []).append(int(name))
+    return found, holds_kvm
+
+
+class ProcScanner:
+    """Finds processes holding KVM stats fds, cheaply enough to run every second.
+
+    Reading every fd link of every process costs ~7 us per fd in Python, which on a host
+    with thousands of processes is far too much for a 1 s cadence. So a process already seen
+    is re-read only when its fd count changes (``stat("/proc/PID/fd").st_size`` is the number
+    of open fds since Linux 6.2; older kernels report 0 and get a full read every time), when
+    it holds KVM fds (VMMs are re-read every scan: vCPUs come and go), or every
+    ``full_rescan_interval`` seconds as a safety net for an fd replaced in place.
+    """
+
+    def __init__(self, *, self_pid: int | None = None, full_rescan_interval: float = 10.0) -> None:
+        self.self_pid = os.getpid() if self_pid is None else self_pid
+        self.full_rescan_interval = full_rescan_interval
+        self._known: dict[int, _Known] = {}
+        self._denied: dict[int, str] = {}
+        # This process always has fds open, so a 0 here means the kernel predates fd counts.
+        self.fd_counts_supported = os.stat(f"/proc/{os.getpid()}/fd").st_size > 0
+
+    def scan(self, now: float) -> ScanResult:
+        vmms: dict[int, ProcessStatsFds] = {}
+        denied: dict[int, str] = {}
+        seen: set[int] = set()
+        full_scans = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            if pid == self.self_pid:
+                continue  # the daemon's own VMs are served directly
+            seen.add(pid)
+            try:
+                fd_count = os.stat(f"/proc/{pid}/fd").st_size
+            except FileNotFoundError:
+                continue
+            except PermissionError as exc:
+                reason = self._denied.get(pid)
+                if reason is None:
+                    reason = (
+                        f"cannot list /proc/{pid}/fd: {exc.strerror}"
+                        if looks_like_vmm(pid)
+                        else ""
+                    )
+                    self._denied[pid] = reason
+                if reason:
+                    denied[pid] = reason
+                continue
+            known = self._known.get(pid)
+            if (
+                known is not None
+                and not known.holds_kvm
+                and self.fd_counts_supported
+                and fd_count == known.fd_count
+                and now < known.next_full_scan
+            ):
+                continue
+            full_scans += 1
+            try:
+                found, holds_kvm = list_stats_fds(pid)
+            except FileNotFoundError:
+                continue
+            except PermissionError as exc:
+                if looks_like_vmm(pid):
+                    denied[pid] = f"cannot list /proc/{pid}/fd: {exc.strerror}"
+                continue
+            self._known[pid] = _Known(fd_count, now + self.full_rescan_interval, holds_kvm)
+            if found.vm_stats or found.vcpu_stats:
+                vmms[pid] = found
+        for pid in list(self._known):
+            if pid not in seen:
+                del self._known[pid]
+        for pid in list(self._denied):
+            if pid not in seen:
+                del self._denied[pid]
+        return ScanResult(vmms, denied, len(seen), full_scans)
+
+
+def describe_errno(code: int) -> str:
+    return f"{errno_mod.errorcode.get(code, str(code))} ({os.strerror(code)})"
