@@ -96,18 +96,22 @@ def remove_stale_sockets(run_dir: Path) -> list[Path]:
     return [path for path in candidates if unlink_socket(path)]
 
 
-async def bind_unix(path: Path, mode: int = 0o660) -> trio.SocketListener:
-    """A listening unix socket at ``path`` (an old file there must be gone already)."""
+def bind_unix(path: Path, mode: int = 0o660) -> trio.SocketListener:
+    """A listening unix socket at ``path``, bound at once (an old file there must be gone).
+
+    Binding is synchronous on purpose: a VM is listed by query-vms as soon as it is added, so
+    its socket must exist by then.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(os.fspath(path))
+        sock.bind(os.fspath(path))
         os.chmod(path, mode)
         sock.listen(128)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 class Outbox:
@@ -177,7 +181,7 @@ class Server:
         run_dir = self.registry.run_dir
         for path in remove_stale_sockets(run_dir):
             log.info("removed stale socket", path=str(path))
-        host_listener = await bind_unix(self.host_socket, self.socket_mode)
+        host_listener = bind_unix(self.host_socket, self.socket_mode)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -201,9 +205,16 @@ class Server:
     def _vm_added(self, vm: VmStats) -> None:
         if self._nursery is None:
             return
+        path = Path(vm.socket_path)
+        unlink_socket(path)
+        try:
+            listener = bind_unix(path, self.socket_mode)
+        except OSError as exc:
+            log.error("cannot create the VM's socket", vm=vm.name, path=str(path), error=str(exc))
+            return
         scope = trio.CancelScope()
         self._vm_scopes[vm.name] = scope
-        self._nursery.start_soon(self._serve_vm, vm, scope)
+        self._nursery.start_soon(self._serve_vm, vm, listener, scope)
 
     def _vm_removed(self, vm: VmStats) -> None:
         scope = self._vm_scopes.pop(vm.name, None)
@@ -213,19 +224,14 @@ class Server:
             scope.cancel()
         unlink_socket(Path(vm.socket_path))
 
-    async def _serve_vm(self, vm: VmStats, scope: trio.CancelScope) -> None:
-        path = Path(vm.socket_path)
+    async def _serve_vm(
+        self, vm: VmStats, listener: trio.SocketListener, scope: trio.CancelScope
+    ) -> None:
         with scope:
-            unlink_socket(path)
-            listener = await bind_unix(path, self.socket_mode)
-            try:
-                await trio.serve_listeners(
-                    self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name),
-                    [listener],
-                )
-            finally:
-                if self.registry.find_vm(vm.name) is not vm:
-                    unlink_socket(path)
+            await trio.serve_listeners(
+                self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name),
+                [listener],
+            )
 
     # --- connections ---------------------------------------------------------------------
 

@@ -1,0 +1,309 @@
+"""Discovery of real VMMs: borrowing their stats fds, names, hot-plug, exit, fd hygiene."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from statsd_qmp.app import Settings, serve
+from statsd_qmp.discovery import UNIX_PATH_MAX, unique_name
+from statsd_qmp.server import Server
+from statsd_qmp.sources.borrowed import ProcScanner, qemu_name
+
+from .trio_qmp import TrioQmp
+
+MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
+
+
+# --- names (pure) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["qemu", "-name", "guest=parity,debug-threads=on"], "parity"),
+        (["qemu", "-name", "web1"], "web1"),
+        (["qemu", "-name", "a,,b,process=p"], "a,b"),
+        (["qemu", "-name", "process=p,guest=g,,h"], "g,h"),
+        (["qemu", "-name", ""], None),
+        (["qemu", "-name", "guest="], None),
+        (["qemu", "-name", "first", "-name", "second"], "second"),
+        (["qemu", "-m", "128"], None),
+        (["qemu", "-name"], None),
+    ],
+)
+def test_qemu_name(argv: list[str], name: str | None) -> None:
+    assert qemu_name(argv) == name
+
+
+def test_unique_name_rules(tmp_path: Path) -> None:
+    assert unique_name("my vm/1", 42, set(), tmp_path) == "my_vm_1"
+    assert unique_name(None, 42, set(), tmp_path) == "pid-42"
+    assert unique_name("web", 43, {"web"}, tmp_path) == "web-43"
+    assert unique_name("demo", 44, set(), tmp_path) == "demo-44"  # reserved for the demo VM
+    long_name = unique_name("x" * 300, 45, set(), tmp_path)
+    assert long_name.endswith("-45")
+    assert len(str(tmp_path / "vm" / f"{long_name}.sock")) <= UNIX_PATH_MAX
+    other = unique_name("x" * 300, 45, {long_name}, tmp_path)
+    assert other != long_name
+    assert len(str(tmp_path / "vm" / f"{other}.sock")) <= UNIX_PATH_MAX
+
+
+# --- real VMMs -----------------------------------------------------------------------------
+
+
+class MiniVmm:
+    """tests/mini_vmm.py in a subprocess, driven over its stdin."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = b""
+
+    @classmethod
+    async def start(cls, *args: str) -> MiniVmm:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, str(MINI_VMM), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        vmm = cls(process)
+        assert await vmm.line() == "ready"
+        return vmm
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(4096)
+            if not chunk:
+                raise EOFError("mini_vmm exited")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    async def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(command.encode() + b"\n")
+        assert await self.line() == "ok"
+
+    async def kill(self) -> None:
+        self.process.kill()
+        await self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                await pipe.aclose()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def pidfds() -> int:
+    return sum(1 for link in fd_links() if link == "anon_inode:[pidfd]")
+
+
+def fd_links() -> list[str]:
+    links = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{name}"))
+        except OSError:
+            continue
+    return links
+
+
+def kvm_fds() -> list[str]:
+    links = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("anon_inode:kvm"):
+            links.append(link)
+    return links
+
+
+@asynccontextmanager
+async def daemon(run_dir: Path, **settings: Any) -> AsyncIterator[Server]:
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            serve, Settings(run_dir=run_dir, scan_interval=0.2, **settings)
+        )
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def wait_for_vms(client: TrioQmp, predicate: Any, timeout: float = 2.0) -> list[Any]:
+    """Poll query-vms (which rescans at once) until ``predicate(vms)`` holds."""
+    with trio.fail_after(timeout):
+        while True:
+            vms: list[Any] = await client.command("query-vms")
+            if predicate(vms):
+                return vms
+            await trio.sleep(0.02)
+
+
+def by_pid(vms: Sequence[Any], pid: int) -> Any:
+    return next((vm for vm in vms if vm["pid"] == pid), None)
+
+
+@pytest.mark.kvm
+async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        baseline = fd_count()
+        client = await TrioQmp.connect(server.host_socket)
+        pidfds_before = pidfds()
+        vmm = await MiniVmm.start("--vcpus", "3", "-name", "guest=web one,,x,debug-threads=on")
+        try:
+            with trio.fail_after(2):  # the periodic scan alone must find it within 2 s
+                while server.registry.find_vm("web_one_x") is None:
+                    await trio.sleep(0.05)
+            vms = await client.command("query-vms")
+            entry = by_pid(vms, vmm.pid)
+            assert entry == {
+                "name": "web_one_x",
+                "pid": vmm.pid,
+                "vcpus": 3,
+                "vm-stats": True,
+                "origin": "borrowed",
+                "socket": str(tmp_path / "vm" / "web_one_x.sock"),
+            }
+            # 4 borrowed stats fds + 1 pidfd (trio holds another one for its child process),
+            # and no kvm-vm or kvm-vcpu fd ever.
+            assert pidfds() == pidfds_before + 2
+            assert sorted(kvm_fds()) == sorted(
+                ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(3)]
+            )
+            per_vm = await TrioQmp.connect(entry["socket"])
+            (result,) = await per_vm.command("query-stats", {"target": "vm"})
+            assert {s["name"] for s in result["stats"]} >= {"pages_4k", "remote_tlb_flush"}
+            cpus = await per_vm.command("query-cpus-fast")
+            assert [c["qom-path"] for c in cpus] == [f"/kvm/vcpu[{i}]" for i in range(3)]
+            await per_vm.aclose()
+        finally:
+            await vmm.kill()
+        with trio.fail_after(1):  # the pidfd watch closes everything at once
+            while server.registry.find_vm("web_one_x") is not None or kvm_fds():
+                await trio.sleep(0.01)
+        assert not (tmp_path / "vm" / "web_one_x.sock").exists()
+        assert pidfds() == pidfds_before
+        await client.aclose()
+        with trio.fail_after(1):  # the server side of the connection closes too
+            while fd_count() != baseline:
+                await trio.sleep(0.01)
+
+
+@pytest.mark.kvm
+async def test_vmm_holding_only_vcpu_stats(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        client = await TrioQmp.connect(server.host_socket)
+        vmm = await MiniVmm.start("--vcpus", "2", "--no-vm-stats", "-name", "vcpuonly")
+        try:
+            vms = await wait_for_vms(client, lambda v: by_pid(v, vmm.pid) is not None)
+            entry = by_pid(vms, vmm.pid)
+            assert entry["vm-stats"] is False
+            assert entry["vcpus"] == 2
+            per_vm = await TrioQmp.connect(entry["socket"])
+            schemas = await per_vm.command("query-stats-schemas")
+            assert [s["target"] for s in schemas] == ["vcpu"]
+            assert await per_vm.command("query-stats", {"target": "vm"}) == []
+            results = await per_vm.command("query-stats", {"target": "vcpu"})
+            assert [r["qom-path"] for r in results] == ["/kvm/vcpu[1]", "/kvm/vcpu[0]"]
+            await per_vm.aclose()
+        finally:
+            await vmm.kill()
+        await client.aclose()
+
+
+@pytest.mark.kvm
+async def test_hotplugged_vcpu_is_served_and_a_dropped_one_goes(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        client = await TrioQmp.connect(server.host_socket)
+        vmm = await MiniVmm.start("--vcpus", "1", "-name", "hot")
+        try:
+            await wait_for_vms(client, lambda v: by_pid(v, vmm.pid) is not None)
+            per_vm = await TrioQmp.connect(tmp_path / "vm" / "hot.sock")
+            await vmm.send("add-vcpu")
+            with trio.fail_after(2):
+                while len(await per_vm.command("query-cpus-fast")) != 2:
+                    await trio.sleep(0.05)
+            await vmm.send("drop-vcpu 0")
+            with trio.fail_after(2):
+                while True:
+                    cpus = await per_vm.command("query-cpus-fast")
+                    if [c["qom-path"] for c in cpus] == ["/kvm/vcpu[1]"]:
+                        break
+                    await trio.sleep(0.05)
+            assert len(kvm_fds()) == 2  # VM stats + vcpu 1: vcpu 0's copy was closed
+            await per_vm.aclose()
+        finally:
+            await vmm.kill()
+        await client.aclose()
+
+
+@pytest.mark.kvm
+async def test_name_clash_appends_the_pid(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        client = await TrioQmp.connect(server.host_socket)
+        first = await MiniVmm.start("-name", "same")
+        second = None
+        try:
+            await wait_for_vms(client, lambda v: by_pid(v, first.pid) is not None)
+            second = await MiniVmm.start("-name", "same")
+            vms = await wait_for_vms(client, lambda v: by_pid(v, second.pid) is not None)
+            assert by_pid(vms, first.pid)["name"] == "same"
+            assert by_pid(vms, second.pid)["name"] == f"same-{second.pid}"
+        finally:
+            await first.kill()
+            if second is not None:
+                await second.kill()
+        await client.aclose()
+
+
+@pytest.mark.kvm
+async def test_fifty_vmm_lifetimes_leave_no_fds(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        client = await TrioQmp.connect(server.host_socket)
+        await client.command("query-vms")
+        baseline = fd_count()
+        for _ in range(50):
+            vmm = await MiniVmm.start("--vcpus", "2")
+            await wait_for_vms(client, lambda v, pid=vmm.pid: by_pid(v, pid) is not None)
+            await vmm.kill()
+            with trio.fail_after(1):
+                while server.registry.all_vms():
+                    await trio.sleep(0.01)
+        assert fd_count() == baseline
+        assert kvm_fds() == []
+        await client.aclose()
+
+
+@pytest.mark.kvm
+async def test_scan_skips_unchanged_processes(tmp_path: Path) -> None:
+    vmm = await MiniVmm.start("--vcpus", "1")
+    try:
+        scanner = ProcScanner()
+        first = await trio.to_thread.run_sync(scanner.scan, 0.0)
+        assert vmm.pid in first.vmms
+        second = await trio.to_thread.run_sync(scanner.scan, 1.0)
+        assert vmm.pid in second.vmms
+        if scanner.fd_counts_supported:
+            # Only processes holding KVM fds (and new ones) are read again.
+            assert second.full_scans < first.full_scans
+            assert second.full_scans <= len(second.vmms) + 5
+    finally:
+        await vmm.kill()
