@@ -144,7 +144,15 @@ class Discovery:
             return
         self._reported[pid] = problem
         name = borrowed.qemu_name(borrowed.read_cmdline(pid)) or f"pid-{pid}"
-        log.warning("cannot read vm", pid=pid, vm=name, reason=problem)
+        log.warning(
+            "cannot read vm",
+            pid=pid,
+            vm=name,
+            reason=problem,
+            hint="reading another user's VMM needs CAP_SYS_PTRACE (pidfd_getfd, fd links) and "
+            "CAP_DAC_READ_SEARCH (listing /proc/PID/fd); Yama ptrace_scope 2 or 3 or an LSM "
+            "can still refuse",
+        )
 
     def _adopt(self, found: borrowed.ProcessStatsFds) -> None:
         pid = found.pid

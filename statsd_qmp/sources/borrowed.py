@@ -129,8 +129,10 @@ def looks_like_vmm(pid: int) -> bool:
 
     Only used to word the permission message; the real test is the fd scan.
     """
-    cmdline = " ".join(read_cmdline(pid)[:1])
-    return bool(_LOOKS_LIKE_VMM.search(cmdline) or _LOOKS_LIKE_VMM.search(read_comm(pid)))
+    argv = read_cmdline(pid)
+    if not argv:
+        return False  # kernel threads (kvm-pit/..., kvm-nx-lpage-recovery) have no cmdline
+    return bool(_LOOKS_LIKE_VMM.search(argv[0]) or _LOOKS_LIKE_VMM.search(read_comm(pid)))
 
 
 # --- the /proc scan ------------------------------------------------------------------------
@@ -178,6 +180,10 @@ def list_stats_fds(pid: int) -> tuple[ProcessStatsFds, bool]:
     for name in os.listdir(base):
         try:
             link = os.readlink(f"{base}/{name}")
+        except PermissionError as exc:
+            # Listing is plain DAC, but reading a link is a ptrace check (READ_FSCREDS):
+            # without CAP_SYS_PTRACE another user's fds stay opaque.
+            raise PermissionError(exc.errno, f"cannot read the fd links: {exc.strerror}") from exc
         except OSError:
             continue  # closed meanwhile
         if not link.startswith(KVM_LINK_PREFIX):
@@ -231,9 +237,7 @@ class ProcScanner:
                 reason = self._denied.get(pid)
                 if reason is None:
                     reason = (
-                        f"cannot list /proc/{pid}/fd: {exc.strerror}"
-                        if looks_like_vmm(pid)
-                        else ""
+                        f"cannot list /proc/{pid}/fd: {exc.strerror}" if looks_like_vmm(pid) else ""
                     )
                     self._denied[pid] = reason
                 if reason:
@@ -254,8 +258,12 @@ class ProcScanner:
             except FileNotFoundError:
                 continue
             except PermissionError as exc:
-                if looks_like_vmm(pid):
-                    denied[pid] = f"cannot list /proc/{pid}/fd: {exc.strerror}"
+                reason = self._denied.get(pid)
+                if reason is None:
+                    reason = f"/proc/{pid}/fd: {exc.strerror}" if looks_like_vmm(pid) else ""
+                    self._denied[pid] = reason
+                if reason:
+                    denied[pid] = reason
                 continue
             self._known[pid] = _Known(fd_count, now + self.full_rescan_interval, holds_kvm)
             if found.vm_stats or found.vcpu_stats:
