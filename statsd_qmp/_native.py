@@ -90,6 +90,7 @@ class BulkRead:
         "_results",
         "buffer",
         "count",
+        "raw",
         "regions",
         "starts",
         "total",
@@ -117,6 +118,7 @@ class BulkRead:
         self._dests = ffi.new("uint64_t[]", list(self.starts) or [0])
         self._results = ffi.new("int64_t[]", n)
         self._buf = ffi.new("uint8_t[]", max(self.total, 8))
+        self.raw = self._buf  # the cdata, for other C helpers reading this buffer
         self.buffer = ffi.buffer(self._buf, max(self.total, 8))
         self.view = memoryview(self.buffer)
 

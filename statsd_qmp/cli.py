@@ -76,10 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0o660,
         help="permission bits of the sockets, octal (default 0660)",
     )
-    run.add_argument("--scan-interval", type=float, default=1.0, metavar="SECONDS",
-                     help="how often to look for VMs in /proc (default %(default)s)")
-    run.add_argument("--no-discovery", action="store_true",
-                     help="serve only the daemon's own VMs (the demo), not the host's")
+    run.add_argument(
+        "--scan-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often to look for VMs in /proc (default %(default)s)",
+    )
+    run.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="serve only the daemon's own VMs (the demo), not the host's",
+    )
     run.add_argument("--max-connections", type=_positive_int, default=Limits.max_connections)
     run.add_argument("--max-request-bytes", type=_positive_int, default=Limits.max_request_bytes)
     run.add_argument("--max-output-bytes", type=_positive_int, default=Limits.max_output_bytes)

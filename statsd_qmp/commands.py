@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from . import QEMU_VERSION, hmp, introspection
+from . import QEMU_VERSION, hmp, introspection, render
 from .errors import CommandNotFoundError, QmpError, StatsFileError
 from .schema import PROVIDER, HistogramOrder
 from .vm import VmStats
@@ -34,6 +34,13 @@ PROVIDERS: Final = (PROVIDER,)
 CPU_TARGET: Final = "x86_64"
 
 Args = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RawJson:
+    """A return value already serialised in QEMU's format (the C-rendered stats replies)."""
+
+    text: bytes
 
 
 class CommandContext(Protocol):
@@ -320,7 +327,56 @@ class Commands:
             )
         else:
             vm, host_paths = scope.vm, False
-        return self.query_stats(scope, self._vms_for(scope, vm), stats_filter, host_paths)
+        return RawJson(
+            self.query_stats_json(scope, self._vms_for(scope, vm), stats_filter, host_paths)
+        )
+
+    def query_stats_json(
+        self,
+        scope: Scope,
+        vms: Sequence[VmStats],
+        stats_filter: StatsFilter,
+        host_paths: bool,
+    ) -> bytes:
+        """:meth:`query_stats` as JSON text rendered in C; the same bytes, far faster."""
+        requests = stats_filter.providers
+        if requests is None:
+            requests = (StatsRequest(PROVIDER, None),)
+        target = stats_filter.target
+        fragments: list[bytes] = []
+        read: set[int] = set()
+        failed: set[int] = set()
+        for request in reversed(requests):
+            if request.names is not None and not request.names:
+                continue  # names: [] asks for nothing
+            shape = render.Shape(
+                target,
+                request.names,
+                stats_filter.vcpus,
+                host_paths,
+                self.context.histogram_order,
+            )
+            for vm in vms:
+                if id(vm) in failed:
+                    continue
+                program = render.program_for(vm, shape)
+                if program is None:
+                    continue
+                if id(vm) not in read:
+                    try:
+                        if target == "vm":
+                            vm.read_vm()
+                        else:
+                            vm.read_vcpus()
+                    except StatsFileError as error:
+                        self.context.read_failed(vm, error)
+                        if not scope.host or stats_filter.vm is not None:
+                            raise QmpError(f"KVM stats: {error}") from error
+                        failed.add(id(vm))
+                        continue
+                    read.add(id(vm))
+                fragments.append(program.render())
+        return b"[" + b", ".join(fragments) + b"]"
 
     def query_stats(
         self,

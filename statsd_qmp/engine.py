@@ -21,11 +21,15 @@ class BatchReader:
     The returned word views share one buffer and stay valid until the next :meth:`read`.
     """
 
-    __slots__ = ("_bulk", "_words", "files")
+    __slots__ = ("_bulk", "_words", "files", "raw_buffer", "starts", "total_bytes")
 
     def __init__(self, files: Sequence[StatsFile]) -> None:
         self.files = tuple(files)
         self._bulk = BulkRead([f.region() for f in self.files])
+        # For the C renderer: where each file's block starts in the one shared buffer.
+        self.starts = self._bulk.starts
+        self.raw_buffer = self._bulk.raw
+        self.total_bytes = self._bulk.total
         view = self._bulk.view
         self._words = tuple(
             view[start : start + f.data_size].cast("Q")

@@ -31,7 +31,7 @@ import structlog
 import trio
 
 from . import protocol
-from .commands import Commands, Scope
+from .commands import Commands, RawJson, Scope
 from .errors import QmpError, StatsdQmpError
 from .registry import Registry
 from .vm import VmStats
@@ -39,6 +39,7 @@ from .vm import VmStats
 log = structlog.get_logger(__name__)
 
 HOST_SOCKET = "qmp.sock"
+_RETURN_PREFIX = b'{"return": '
 LOCK_FILE = "statsd-qmp.lock"
 
 
@@ -346,7 +347,13 @@ class Server:
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
                 scope = Scope(host=False, vm=current)
             value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
-            reply = protocol.reply_return(request, value)
+            if isinstance(value, RawJson):
+                # Splice the pre-rendered text in place of a placeholder: the id is then
+                # written by the protocol core exactly as for any other reply.
+                template = protocol.reply_return(request, 0)
+                reply = b"".join((_RETURN_PREFIX, value.text, template[len(_RETURN_PREFIX) + 1 :]))
+            else:
+                reply = protocol.reply_return(request, value)
             outcome = "ok"
         except QmpError as exc:
             reply = protocol.reply_error(request, exc.qmp_class, exc.desc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .engine import BatchReader
 from .schema import schema_entries
@@ -54,8 +54,10 @@ class VmStats:
     socket_path: str = ""
     vm_schema: list[dict[str, object]] = field(init=False)
     vcpu_schema: list[dict[str, object]] = field(init=False)
-    _vm_reader: BatchReader | None = field(init=False, repr=False)
-    _vcpu_reader: BatchReader = field(init=False, repr=False)
+    vm_reader: BatchReader | None = field(init=False, repr=False)
+    vcpu_reader: BatchReader = field(init=False, repr=False)
+    # Compiled reply programs (statsd_qmp.render), keyed by reply shape.
+    render_cache: dict[Any, Any] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.vcpus = tuple(sorted(self.vcpus, key=lambda v: v.vcpu_id))
@@ -63,8 +65,8 @@ class VmStats:
         # the first vCPU's descriptors stand for all vCPUs.
         self.vm_schema = schema_entries(self.vm_file.descriptors) if self.vm_file else []
         self.vcpu_schema = schema_entries(self.vcpus[0].file.descriptors) if self.vcpus else []
-        self._vm_reader = BatchReader([self.vm_file]) if self.vm_file else None
-        self._vcpu_reader = BatchReader([v.file for v in self.vcpus])
+        self.vm_reader = BatchReader([self.vm_file]) if self.vm_file else None
+        self.vcpu_reader = BatchReader([v.file for v in self.vcpus])
 
     @property
     def has_vm_stats(self) -> bool:
@@ -72,13 +74,13 @@ class VmStats:
 
     def read_vm(self) -> memoryview | None:
         """The VM data block as u64 words (None when the VMM holds no VM stats fd)."""
-        if self._vm_reader is None:
+        if self.vm_reader is None:
             return None
-        return self._vm_reader.read_all()[0]
+        return self.vm_reader.read_all()[0]
 
     def read_vcpus(self) -> Sequence[memoryview]:
         """Every vCPU's data block in one bulk read; raises the first failing file's error."""
-        return self._vcpu_reader.read_all()
+        return self.vcpu_reader.read_all()
 
     def fds(self) -> list[int]:
         files = ([self.vm_file] if self.vm_file else []) + [v.file for v in self.vcpus]

@@ -147,9 +147,9 @@ async def daemon(run_dir: Path, **settings: Any) -> AsyncIterator[Server]:
             nursery.cancel_scope.cancel()
 
 
-async def wait_for_vms(client: TrioQmp, predicate: Any, timeout: float = 2.0) -> list[Any]:
+async def wait_for_vms(client: TrioQmp, predicate: Any, within: float = 2.0) -> list[Any]:
     """Poll query-vms (which rescans at once) until ``predicate(vms)`` holds."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while True:
             vms: list[Any] = await client.command("query-vms")
             if predicate(vms):

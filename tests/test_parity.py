@@ -91,9 +91,9 @@ async def test_qemu_parity(tmp_path: Path) -> None:
             assert sorted(our_path) == sorted(their_path)
             assert len(our_path) == 4
             our_results = await ours.command("query-stats", {"target": "vcpu"})
-            their_results = json.loads(
-                await qemu_call(theirs, "query-stats", {"target": "vcpu"})
-            )["return"]
+            their_results = json.loads(await qemu_call(theirs, "query-stats", {"target": "vcpu"}))[
+                "return"
+            ]
             assert len(our_results) == len(their_results) == 4
             unreverse_histograms(their_results, schema_types)
             ours_by_path = {r["qom-path"]: r["stats"] for r in our_results}

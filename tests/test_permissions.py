@@ -68,26 +68,50 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
     try:
         root_vmm = subprocess.Popen(
             [sys.executable, str(MINI_VMM), "--comm", "kvm-rootvmm", "-name", "rootvm"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         processes.append(root_vmm)
         wait_line(root_vmm, "ready")
         # A VMM of nobody's own: root opens /dev/kvm and hands it over, as libvirt does.
         kvm_fd = os.open("/dev/kvm", os.O_RDWR)
         nobody_vmm = subprocess.Popen(
-            [*drop_to_nobody(keep_dac_read_search=False), SYSTEM_PYTHON, str(MINI_VMM),
-             "--kvm-fd", str(kvm_fd), "-name", "nobodyvm"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, pass_fds=[kvm_fd],
+            [
+                *drop_to_nobody(keep_dac_read_search=False),
+                SYSTEM_PYTHON,
+                str(MINI_VMM),
+                "--kvm-fd",
+                str(kvm_fd),
+                "-name",
+                "nobodyvm",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=[kvm_fd],
         )
         os.close(kvm_fd)
         processes.append(nobody_vmm)
         wait_line(nobody_vmm, "ready")
         with open(log_path, "w") as log:
             daemon = subprocess.Popen(
-                [*drop_to_nobody(keep_dac_read_search=True), sys.executable, "-m",
-                 "statsd_qmp.cli", "serve", "--run-dir", str(run_dir), "--log-format", "json",
-                 "--scan-interval", "0.2"],
-                stdout=log, stderr=log, text=True,
+                [
+                    *drop_to_nobody(keep_dac_read_search=True),
+                    sys.executable,
+                    "-m",
+                    "statsd_qmp.cli",
+                    "serve",
+                    "--run-dir",
+                    str(run_dir),
+                    "--log-format",
+                    "json",
+                    "--scan-interval",
+                    "0.2",
+                ],
+                stdout=log,
+                stderr=log,
+                text=True,
             )
         processes.append(daemon)
         host = run_dir / "qmp.sock"
@@ -118,8 +142,9 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
         assert refusal["vm"] == "rootvm"
         assert "Permission denied" in refusal["reason"]
         assert "CAP_SYS_PTRACE" in refusal["hint"]
-        assert not any(r.get("pid") == nobody_vmm.pid and r.get("event") == "cannot read vm"
-                       for r in records)
+        assert not any(
+            r.get("pid") == nobody_vmm.pid and r.get("event") == "cannot read vm" for r in records
+        )
     finally:
         for process in reversed(processes):
             process.terminate()

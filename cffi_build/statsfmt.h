@@ -1,0 +1,38 @@
+/*
+ * statsfmt: render the JSON text of a QMP stats reply straight from KVM data blocks.
+ *
+ * A caller-built program of ops interleaves literal text (QEMU-formatted keys, names and
+ * punctuation, prepared once per reply shape) with u64 values taken from the bulk-read
+ * buffer.  The declarations between the cdef markers are read by build_statsread.py.
+ */
+#ifndef STATSD_QMP_STATSFMT_H
+#define STATSD_QMP_STATSFMT_H
+
+#include <stdint.h>
+
+/* cdef-begin */
+#define STATSFMT_LITERAL 0      /* arg: offset into literals, count: length in bytes */
+#define STATSFMT_U64 1          /* arg: word index; decimal number */
+#define STATSFMT_BOOL 2         /* arg: word index; true when the word is not 0 */
+#define STATSFMT_LIST 3         /* arg: first word index, count: words; [a, b, ...] */
+#define STATSFMT_LIST_REVERSED 4 /* the same words, last first (QEMU's histogram order) */
+
+struct statsfmt_op {
+    uint32_t kind;
+    uint32_t count;
+    uint64_t arg;
+};
+
+/*
+ * Run `n_ops` ops against `words` (n_words u64) and `literals`, writing into `out`.
+ * Returns the bytes written, or -(bytes needed) when `out_cap` is too small (nothing useful is
+ * in `out` then), or -1 for an op that points outside `words` or `literals` (never read out of
+ * bounds).  Never allocates.
+ */
+int64_t statsfmt_render(const uint64_t *words, uint64_t n_words,
+                        const uint8_t *literals, uint64_t literals_len,
+                        const struct statsfmt_op *ops, uint32_t n_ops,
+                        uint8_t *out, uint64_t out_cap);
+/* cdef-end */
+
+#endif

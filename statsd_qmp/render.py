@@ -1,0 +1,198 @@
+"""Fast path: the JSON text of a ``query-stats`` result list, rendered in C from data blocks.
+
+Owns: compiling a reply *shape* (one VM, target, provider request, vCPU filter, path style,
+histogram order) into a program for ``statsfmt_render`` (cffi_build/statsfmt.c): literal
+QEMU-formatted text prepared once, interleaved with references to u64 words of the VM's bulk
+read buffer. A query is then one bulk pread plus one C call, with no Python object per value.
+Programs are cached on the :class:`VmStats` (descriptors never change for an fd's lifetime;
+a VM whose vCPU set changes is a new VmStats). Must not import trio, the server or the
+registry.
+
+The text is byte for byte what ``protocol.encode`` writes for the same values built as Python
+objects by ``commands``: tests compare the two paths on synthetic and real files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._native import native
+from .jsonstream import dumps
+from .schema import PROVIDER, HistogramOrder, ServedStat
+from .vm import VmStats
+
+LITERAL, U64, BOOL, LIST, LIST_REVERSED = range(5)
+MAX_PROGRAMS_PER_VM = 64  # distinct filters cached per VM; beyond, the cache starts afresh
+
+
+def _json(value: str) -> bytes:
+    return dumps(value).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    target: str
+    names: frozenset[str] | None
+    vcpus: frozenset[str] | None
+    host_paths: bool
+    order: HistogramOrder
+
+
+class _ProgramBuilder:
+    def __init__(self) -> None:
+        self.literals = bytearray()
+        self.ops: list[tuple[int, int, int]] = []  # kind, count, arg
+        self._pending = bytearray()
+
+    def text(self, data: bytes) -> None:
+        self._pending += data
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.ops.append((LITERAL, len(self._pending), len(self.literals)))
+            self.literals += self._pending
+            self._pending.clear()
+
+    def value(self, kind: int, word: int, count: int = 0) -> None:
+        self._flush()
+        self.ops.append((kind, count, word))
+
+    def finish(self) -> None:
+        self._flush()
+
+
+class Program:
+    """A compiled shape for one VM: ``render()`` gives the results' JSON text."""
+
+    __slots__ = (
+        "_buffer_words",
+        "_lib",
+        "_literals",
+        "_n_literals",
+        "_n_ops",
+        "_ops",
+        "_out",
+        "_out_cap",
+        "_words",
+        "empty",
+        "ffi",
+    )
+
+    def __init__(self, builder: _ProgramBuilder, words: Any, n_words: int) -> None:
+        ffi, lib = native()
+        self.ffi = ffi
+        self._lib = lib
+        self._words = words
+        self._buffer_words = n_words
+        self.empty = not builder.ops
+        self._literals = ffi.new("uint8_t[]", bytes(builder.literals) or b"\0")
+        self._n_literals = len(builder.literals)
+        self._n_ops = len(builder.ops)
+        self._ops = ffi.new("struct statsfmt_op[]", max(self._n_ops, 1))
+        for index, (kind, count, arg) in enumerate(builder.ops):
+            op = self._ops[index]
+            op.kind = kind
+            op.count = count
+            op.arg = arg
+        self._out_cap = 4096
+        self._out = ffi.new("uint8_t[]", self._out_cap)
+
+    def render(self) -> bytes:
+        """Render from the current contents of the VM's read buffer (read it first)."""
+        while True:
+            written = self._lib.statsfmt_render(
+                self._words,
+                self._buffer_words,
+                self._literals,
+                self._n_literals,
+                self._ops,
+                self._n_ops,
+                self._out,
+                self._out_cap,
+            )
+            if written >= 0:
+                return bytes(self.ffi.buffer(self._out, written))
+            if written == -1:
+                raise RuntimeError("render program out of bounds (a bug)")
+            self._out_cap = -written
+            self._out = self.ffi.new("uint8_t[]", self._out_cap)
+
+
+def _vcpu_path(vm: VmStats, vcpu_id: int, host_paths: bool) -> str:
+    return f"/vm/{vm.name}/vcpu[{vcpu_id}]" if host_paths else f"/kvm/vcpu[{vcpu_id}]"
+
+
+def _matching(served: Sequence[ServedStat], names: frozenset[str] | None) -> list[ServedStat]:
+    return [stat for stat in served if names is None or stat.desc.name in names]
+
+
+def _stats_ops(
+    builder: _ProgramBuilder, stats: Sequence[ServedStat], base_word: int, order: HistogramOrder
+) -> None:
+    """Emit ``[{"name": ..., "value": ...}, ...]`` for the given stats of one file."""
+    for position, stat in enumerate(stats):
+        desc = stat.desc
+        builder.text((b"[" if position == 0 else b", ") + b'{"name": ' + _json(desc.name))
+        builder.text(b', "value": ')
+        word = base_word + stat.word_index
+        if desc.is_boolean:
+            if desc.size == 0:
+                builder.text(b"false")
+            else:
+                builder.value(BOOL, word)
+        elif desc.size == 1:
+            builder.value(U64, word)
+        else:
+            builder.value(LIST_REVERSED if order == "qemu" else LIST, word, desc.size)
+        builder.text(b"}")
+    builder.text(b"]")
+
+
+def compile_shape(vm: VmStats, shape: Shape) -> Program | None:
+    """The program for ``shape`` on ``vm``, or None when the VM has nothing for it."""
+    builder = _ProgramBuilder()
+    head = b'{"provider": ' + _json(PROVIDER) + b', "stats": '
+    if shape.target == "vm":
+        if vm.vm_file is None or vm.vm_reader is None:
+            return None
+        reader = vm.vm_reader
+        stats = _matching(vm.vm_file.served, shape.names)
+        if not stats:
+            return None
+        builder.text(head)
+        _stats_ops(builder, stats, reader.starts[0] // 8, shape.order)
+        if shape.host_paths:
+            builder.text(b', "qom-path": ' + _json(f"/vm/{vm.name}"))
+        builder.text(b"}")
+    else:
+        reader = vm.vcpu_reader
+        results = 0
+        for index in reversed(range(len(vm.vcpus))):
+            vcpu = vm.vcpus[index]
+            path = _vcpu_path(vm, vcpu.vcpu_id, shape.host_paths)
+            if shape.vcpus is not None and path not in shape.vcpus:
+                continue
+            stats = _matching(vcpu.file.served, shape.names)
+            if not stats:
+                continue
+            builder.text((b", " if results else b"") + head)
+            _stats_ops(builder, stats, reader.starts[index] // 8, shape.order)
+            builder.text(b', "qom-path": ' + _json(path) + b"}")
+            results += 1
+        if not results:
+            return None
+    builder.finish()
+    words = native()[0].cast("uint64_t *", reader.raw_buffer)
+    return Program(builder, words, reader.total_bytes // 8)
+
+
+def program_for(vm: VmStats, shape: Shape) -> Program | None:
+    cache: dict[Shape, Program | None] = vm.render_cache
+    if shape in cache:
+        return cache[shape]
+    if len(cache) >= MAX_PROGRAMS_PER_VM:
+        cache.clear()
+    program = cache[shape] = compile_shape(vm, shape)
+    return program

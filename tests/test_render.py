@@ -1,0 +1,156 @@
+"""The C-rendered stats replies equal, byte for byte, the plain Python path's JSON."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from statsd_qmp import protocol
+from statsd_qmp.commands import Commands, RawJson, Scope, parse_stats_filter
+from statsd_qmp.errors import StatsFileError
+from statsd_qmp.schema import HistogramOrder
+from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
+from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.vm import VcpuStats, VmStats
+
+
+@dataclass
+class Context:
+    """The daemon context the commands need, holding real VmStats over memfd files."""
+
+    vms: list[VmStats]
+    histogram_order: HistogramOrder = "kernel"
+    package: str = "statsd-qmp test"
+    failures: list[str] = field(default_factory=list)
+
+    def all_vms(self) -> Sequence[VmStats]:
+        return sorted(self.vms, key=lambda vm: vm.name)
+
+    def find_vm(self, name: str) -> VmStats | None:
+        return next((vm for vm in self.vms if vm.name == name), None)
+
+    def read_failed(self, vm: VmStats, error: StatsFileError) -> None:
+        self.failures.append(vm.name)
+
+
+U64 = st.integers(min_value=0, max_value=2**64 - 1)
+NAMES = ["exits", "halt_wait_hist", "guest_mode", "pages_4k", "odd\u00e9", "lin", "blocking"]
+
+
+@st.composite
+def stat_sets(draw: st.DrawFn) -> list[SyntheticStat]:
+    chosen = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=len(NAMES), unique=True))
+    stats = []
+    for name in chosen:
+        type_code = draw(st.integers(0, 5))
+        unit_code = draw(st.integers(0, 5))
+        size = draw(st.integers(1, 6))
+        values = tuple(draw(st.lists(U64, min_size=size, max_size=size)))
+        stats.append(
+            SyntheticStat(
+                name,
+                make_flags(type_code, unit_code, draw(st.integers(0, 2))),
+                values,
+                exponent=draw(st.integers(-9, 9)),
+            )
+        )
+    return stats
+
+
+@pytest.fixture
+def opened() -> Iterator[list[int]]:
+    fds: list[int] = []
+    yield fds
+    for fd in fds:
+        os.close(fd)
+
+
+def make_vm(
+    name: str,
+    vm_stats: list[SyntheticStat] | None,
+    vcpu_stats: list[list[SyntheticStat]],
+    fds: list[int],
+) -> VmStats:
+    def parsed(ident: str, stats: list[SyntheticStat]) -> StatsFile:
+        fd = memfd_with(build(ident, stats).data)
+        fds.append(fd)
+        return StatsFile.parse(fd)
+
+    vm_file = parsed("kvm-100", vm_stats) if vm_stats is not None else None
+    vcpus = tuple(
+        VcpuStats(vcpu_id * 2, 200 + vcpu_id, parsed(f"kvm-{200 + vcpu_id}/vcpu-{vcpu_id * 2}", s))
+        for vcpu_id, s in enumerate(vcpu_stats)
+    )
+    return VmStats(name, 100, "borrowed", vm_file, vcpus)
+
+
+filters = st.fixed_dictionaries(
+    {"target": st.sampled_from(["vm", "vcpu"])},
+    optional={
+        "providers": st.lists(
+            st.fixed_dictionaries(
+                {"provider": st.just("kvm")},
+                optional={"names": st.lists(st.sampled_from([*NAMES, "nosuch"]), max_size=4)},
+            ),
+            max_size=3,
+        ),
+        "vcpus": st.lists(
+            st.sampled_from(
+                [
+                    "/kvm/vcpu[0]",
+                    "/kvm/vcpu[2]",
+                    "/kvm/vcpu[4]",
+                    "/vm/a/vcpu[2]",
+                    "/vm/b/vcpu[0]",
+                    "/nosuch",
+                ]
+            ),
+            max_size=3,
+        ),
+    },
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    vm_stats=st.none() | stat_sets(),
+    vcpu_stats=st.lists(stat_sets(), max_size=3),
+    other=stat_sets(),
+    arguments=filters,
+    order=st.sampled_from(["kernel", "qemu"]),
+    host=st.booleans(),
+)
+def test_c_rendering_equals_the_python_path(
+    vm_stats: list[SyntheticStat] | None,
+    vcpu_stats: list[list[SyntheticStat]],
+    other: list[SyntheticStat],
+    arguments: dict[str, object],
+    order: HistogramOrder,
+    host: bool,
+    opened: list[int],
+) -> None:
+    if arguments["target"] == "vm":
+        arguments.pop("vcpus", None)
+    vms = [make_vm("a", vm_stats, vcpu_stats, opened), make_vm("b", other, [other], opened)]
+    commands = Commands(Context(vms, histogram_order=order))
+    stats_filter = parse_stats_filter(arguments, host=host)
+    scope = Scope(host=True) if host else Scope(host=False, vm=vms[0])
+    targets = vms if host else vms[:1]
+    python_text = protocol.encode(commands.query_stats(scope, targets, stats_filter, host))
+    c_text = commands.query_stats_json(scope, targets, stats_filter, host) + b"\r\n"
+    assert c_text == python_text
+
+
+def test_execute_returns_raw_json_that_splices_into_qemus_reply(opened: list[int]) -> None:
+    vm = make_vm("a", [SyntheticStat("x", 0, (7,))], [], opened)
+    commands = Commands(Context([vm]))
+    value = commands.execute(Scope(host=False, vm=vm), "query-stats", {"target": "vm"}, oob=False)
+    assert isinstance(value, RawJson)
+    assert value.text == b'[{"provider": "kvm", "stats": [{"name": "x", "value": 7}]}]'
+    template = protocol.reply_return(protocol.Request("query-stats", {}, "i", True, False), 0)
+    assert template.startswith(b'{"return": 0')
