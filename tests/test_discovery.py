@@ -285,7 +285,7 @@ async def test_fifty_vmm_lifetimes_leave_no_fds(tmp_path: Path) -> None:
             await wait_for_vms(client, lambda v, pid=vmm.pid: by_pid(v, pid) is not None)
             await vmm.kill()
             with trio.fail_after(1):
-                while server.registry.all_vms():
+                while any(vm.pid == vmm.pid for vm in server.registry.all_vms()):
                     await trio.sleep(0.01)
         assert fd_count() == baseline
         assert kvm_fds() == []
