@@ -40,6 +40,7 @@ class Settings:
     socket_mode: int = 0o660
     scan_interval: float = 1.0
     discover: bool = True
+    measure_loop: bool = False
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -51,6 +52,12 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
     """Run the daemon until cancelled or until SIGTERM/SIGINT."""
     check_kernel()
     raise_fd_limit()
+    instrument = None
+    if settings.measure_loop:
+        from .loopstats import LoopLagInstrument
+
+        instrument = LoopLagInstrument()
+        trio.lowlevel.add_instrument(instrument)
     with lock_run_dir(settings.run_dir):
         registry = Registry(
             run_dir=settings.run_dir,
@@ -86,6 +93,9 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 task_status.started(server)
         finally:
             registry.close()
+            if instrument is not None:
+                trio.lowlevel.remove_instrument(instrument)
+                log.info("loop stats", **instrument.summary())
             log.info("stopped")
 
 

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve only the daemon's own VMs (the demo), not the host's",
     )
+    run.add_argument(
+        "--measure-loop",
+        action="store_true",
+        help="measure event-loop blocking; logged as 'loop stats' at exit",
+    )
     run.add_argument("--max-connections", type=_positive_int, default=Limits.max_connections)
     run.add_argument("--max-request-bytes", type=_positive_int, default=Limits.max_request_bytes)
     run.add_argument("--max-output-bytes", type=_positive_int, default=Limits.max_output_bytes)
@@ -143,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         socket_mode=args.socket_mode,
         scan_interval=args.scan_interval,
         discover=not args.no_discovery,
+        measure_loop=args.measure_loop,
         limits=Limits(
             max_request_bytes=args.max_request_bytes,
             max_connections=args.max_connections,
