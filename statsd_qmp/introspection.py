@@ -146,4 +146,23 @@ def schema(*, host: bool, commands: list[str]) -> list[Entry]:
         _builtin("bool", "boolean"),
     ]
     served = set(commands)
-    return [e for e in entries if e["meta-type"] != "command" or e["name"] in served]
+    by_name = {e["name"]: e for e in entries if e["meta-type"] != "command"}
+    commands_kept = [e for e in entries if e["meta-type"] == "command" and e["name"] in served]
+    # Like QEMU, list only the types the served commands reach.
+    reachable: set[str] = set()
+    pending = [t for e in commands_kept for t in (e["arg-type"], e["ret-type"])]
+    while pending:
+        name = pending.pop()
+        if name in reachable or name not in by_name:
+            continue
+        reachable.add(name)
+        entry = by_name[name]
+        pending.extend(m["type"] for m in entry.get("members", []) if "type" in m)
+        pending.extend(v["type"] for v in entry.get("variants", []))
+        if "element-type" in entry:
+            pending.append(entry["element-type"])
+    return [
+        e
+        for e in entries
+        if (e["meta-type"] == "command" and e["name"] in served) or e["name"] in reachable
+    ]

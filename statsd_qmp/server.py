@@ -22,7 +22,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,12 @@ class Limits:
     max_connections: int = 1000
     negotiation_timeout: float = 30.0
     max_output_bytes: int = 16 << 20
+    # How long replies may stay above max_output_bytes before the client counts as not
+    # reading, and how long a closing connection may take to flush its last line.
+    output_stall_timeout: float = 2.0
+    close_grace: float = 2.0
+    # How long a removed VM's connections have to receive their last replies.
+    vm_gone_grace: float = 1.0
 
 
 class RunDirBusyError(StatsdQmpError):
@@ -116,30 +122,31 @@ def bind_unix(path: Path, mode: int = 0o660) -> trio.SocketListener:
 
 
 class Outbox:
-    """Bytes waiting for a slow client, bounded by ``limit``."""
+    """Replies waiting to be written to one client, and the writer's side of it."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self) -> None:
         self.size = 0
+        self.closing = False
         self._chunks: deque[bytes] = deque()
         self._wakeup = trio.Event()
-        self.closing = False
+        self._drained = trio.Event()
 
-    def put(self, data: bytes) -> bool:
-        """Queue ``data``; False when that would pass the limit (nothing queued then)."""
-        if self.size + len(data) > self.limit:
-            return False
+    def put(self, data: bytes) -> None:
         self._chunks.append(data)
         self.size += len(data)
         self._wakeup.set()
-        return True
 
-    def put_final(self, data: bytes) -> None:
-        """Queue a last line even past the limit (it is small), then close after it."""
-        self._chunks.append(data)
-        self.size += len(data)
+    def finish(self, data: bytes = b"") -> None:
+        """Queue a last line; the writer ends once everything is written."""
+        if data:
+            self.put(data)
         self.closing = True
         self._wakeup.set()
+
+    async def wait_below(self, limit: int) -> None:
+        while self.size > limit:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
     async def drain_to(self, stream: trio.abc.SendStream) -> None:
         while True:
@@ -152,6 +159,7 @@ class Outbox:
             self._chunks.clear()
             await stream.send_all(data)
             self.size -= len(data)
+            self._drained.set()
 
 
 class Server:
@@ -218,12 +226,21 @@ class Server:
         self._nursery.start_soon(self._serve_vm, vm, listener, scope)
 
     def _vm_removed(self, vm: VmStats) -> None:
-        scope = self._vm_scopes.pop(vm.name, None)
-        if scope is not None:
-            # Closing the VM's connections too: its fds are about to be closed, and a stale
-            # fd number could be reused by an unrelated file.
-            scope.cancel()
         unlink_socket(Path(vm.socket_path))
+        scope = self._vm_scopes.pop(vm.name, None)
+        if scope is None:
+            return
+        # Its connections never read the VM again (each request looks the VM up anew), so
+        # they get a moment to send what they owe (the error for a query that found the VM
+        # gone) before the listener and every idle connection are closed.
+        if self._nursery is None:
+            scope.cancel()
+        else:
+            self._nursery.start_soon(self._retire, scope)
+
+    async def _retire(self, scope: trio.CancelScope) -> None:
+        await trio.sleep(self.limits.vm_gone_grace)
+        scope.cancel()
 
     async def _serve_vm(
         self, vm: VmStats, listener: trio.SocketListener, scope: trio.CancelScope
@@ -244,10 +261,9 @@ class Server:
             with structlog.contextvars.bound_contextvars(conn_id=conn_id, vm=vm_name):
                 try:
                     await self._connection(stream, scope_factory())
-                except trio.BrokenResourceError as exc:
-                    log.info("client went away mid-reply", error=str(exc))
-                except trio.ClosedResourceError:
-                    pass
+                except Exception:
+                    # Whatever one client did, the daemon and every other client go on.
+                    log.exception("connection failed")
                 finally:
                     await trio.aclose_forcefully(stream)
 
@@ -262,7 +278,7 @@ class Server:
                 line = _error_line(
                     f"Too many connections (limit {self.limits.max_connections}), closing"
                 )
-                with trio.move_on_after(1):
+                with trio.move_on_after(1), suppress(trio.BrokenResourceError):
                     await stream.send_all(line)
                 log.warning("connection refused", reason="connection limit")
                 return
@@ -273,31 +289,52 @@ class Server:
 
     async def _converse(self, stream: trio.SocketStream, scope: Scope) -> None:
         conn = protocol.QmpConnection(max_request_bytes=self.limits.max_request_bytes)
-        outbox = Outbox(self.limits.max_output_bytes)
+        outbox = Outbox()
         outbox.put(conn.greeting(self.commands.version(), ["oob"]))
+        limits = self.limits
 
         async with trio.open_nursery() as nursery:
 
             async def writer() -> None:
-                await outbox.drain_to(stream)
+                try:
+                    await outbox.drain_to(stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("client went away before reading its replies", error=str(exc))
                 nursery.cancel_scope.cancel()
 
+            async def force_close() -> None:
+                await trio.sleep(limits.close_grace)
+                log.info("closing without flushing", unsent=outbox.size)
+                nursery.cancel_scope.cancel()
+
+            def close(line: bytes, reason: str | None) -> None:
+                if outbox.closing:
+                    return
+                if reason:
+                    log.warning("closing", reason=reason)
+                outbox.finish(line)
+                nursery.start_soon(force_close)
+
             async def negotiation_deadline() -> None:
-                await trio.sleep(self.limits.negotiation_timeout)
+                await trio.sleep(limits.negotiation_timeout)
                 if not conn.negotiated:
-                    log.warning("closing", reason="no negotiation in time")
-                    outbox.put_final(
+                    close(
                         _error_line(
                             "No capabilities negotiation within "
-                            f"{self.limits.negotiation_timeout:g} s, closing"
-                        )
+                            f"{limits.negotiation_timeout:g} s, closing"
+                        ),
+                        "no negotiation in time",
                     )
 
             nursery.start_soon(writer)
             nursery.start_soon(negotiation_deadline)
-            await self._reader(stream, scope, conn, outbox)
-            if not outbox.closing:
-                outbox.put_final(b"")
+            try:
+                await self._reader(stream, scope, conn, outbox, close)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("client went away", error=str(exc))
+                nursery.cancel_scope.cancel()
+                return
+            close(b"", None)
 
     async def _reader(
         self,
@@ -305,45 +342,56 @@ class Server:
         scope: Scope,
         conn: protocol.QmpConnection,
         outbox: Outbox,
+        close: Callable[[bytes, str | None], None],
     ) -> None:
+        limit = self.limits.max_output_bytes
         while not outbox.closing:
             data = await stream.receive_some(65536)
             if not data:
                 return
             for event in conn.receive_data(data):
                 if isinstance(event, protocol.Close):
-                    log.warning("closing", reason=event.reason)
-                    outbox.put_final(event.data)
+                    close(event.data, event.reason)
                     return
                 if isinstance(event, protocol.SendBytes):
-                    reply = event.data
+                    outbox.put(event.data)
                 else:
-                    reply = await self._execute(scope, conn, event)
-                if not outbox.put(reply):
-                    log.warning("closing", reason="client does not read", unsent=outbox.size)
-                    outbox.put_final(
-                        _error_line(
-                            f"More than {self.limits.max_output_bytes} bytes of replies are "
-                            "waiting for this client to read them, closing"
+                    reply, vm_gone = await self._execute(scope, event)
+                    outbox.put(reply)
+                    if vm_gone:
+                        close(b"", "the VM of this socket is gone")
+                        return
+                # Let the writer (and every other client) run between requests.
+                await trio.lowlevel.checkpoint()
+                if outbox.size > limit:
+                    with trio.move_on_after(self.limits.output_stall_timeout):
+                        await outbox.wait_below(limit)
+                    if outbox.size > limit:
+                        close(
+                            _error_line(
+                                f"More than {limit} bytes of replies are waiting for this "
+                                "client to read them, closing"
+                            ),
+                            "client does not read",
                         )
-                    )
-                    return
+                        return
 
-    async def _execute(
-        self, scope: Scope, conn: protocol.QmpConnection, request: protocol.Request
-    ) -> bytes:
+    async def _execute(self, scope: Scope, request: protocol.Request) -> tuple[bytes, bool]:
+        """Run one request: its reply, and whether this per-VM socket's VM is gone."""
         started = time.perf_counter()
         arguments = request.arguments
         if self.commands.needs_rescan(scope, request.command, arguments):
             await self.registry.rescan()
         vm = scope.vm.name if scope.vm else arguments.get("vm")
+        vm_gone = False
         try:
             if scope.vm is not None:
                 # Look the VM up again: the registry may have swapped in a new view of it
                 # (vCPUs came or went), or dropped it; a stale view must never be read, its
                 # fd numbers may already belong to other files.
                 current = self.registry.find_vm(scope.vm.name)
-                if current is None:
+                if current is None or current.pid != scope.vm.pid:
+                    vm_gone = True
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
                 scope = Scope(host=False, vm=current)
             value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
@@ -361,6 +409,8 @@ class Server:
         except StatsdQmpError as exc:  # a source failed in a way the command did not map
             reply = protocol.reply_error(request, exc.qmp_class, str(exc))
             outcome = exc.qmp_class
+        if scope.vm is not None and self.registry.find_vm(scope.vm.name) is not scope.vm:
+            vm_gone = True  # this very request found the VM's fds dead and dropped it
         log.info(
             "request",
             command=request.command,
@@ -369,7 +419,7 @@ class Server:
             outcome=outcome,
             reply_bytes=len(reply),
         )
-        return reply
+        return reply, vm_gone
 
 
 def _error_line(desc: str) -> bytes:

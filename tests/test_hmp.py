@@ -1,6 +1,6 @@
 """HMP text (``statsd_qmp.hmp``) against QEMU 7.2's exact output.
 
-The data below is taken from ../shared/reference/qemu-7.2/transcript.jsonl (a real QEMU 7.2.22
+The data below is taken from tests/golden/qemu-7.2/transcript.jsonl (a real QEMU 7.2.22
 with KVM, -smp 4): the ``query-stats-schemas`` reply, the ``query-stats`` reply for target vm,
 and the two ``human-monitor-command`` replies. ``test_embedded_data_matches_transcript`` checks
 the copies against that file when it is present. Every other expected string was checked
@@ -18,7 +18,7 @@ import pytest
 from statsd_qmp import hmp
 from statsd_qmp.errors import QmpError
 
-TRANSCRIPT = Path(__file__).resolve().parents[2] / "shared/reference/qemu-7.2/transcript.jsonl"
+TRANSCRIPT = Path(__file__).resolve().parent / "golden/qemu-7.2/transcript.jsonl"
 
 CPU0 = "/machine/unattached/device[0]"
 VERSION = "7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3"

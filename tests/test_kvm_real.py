@@ -16,7 +16,7 @@ from statsd_qmp.vm import VmStats
 
 from .qemu_helpers import QemuVm
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qemu-7.2"
+REFERENCE = Path(__file__).resolve().parent / "golden" / "qemu-7.2"
 
 
 def reference_schemas() -> list[dict[str, Any]]:

@@ -1,0 +1,337 @@
+"""The daemon's TOML configuration file (``serve --config FILE``), read with stdlib ``tomllib``.
+
+Owns: the file's keys, their types and ranges, and the one error a bad file gives. Imports the
+stdlib plus ``errors``, ``schema`` (the histogram orders) and ``logconfig`` (the log level and
+format names); never ``app``, ``server`` or ``cli``, which build on it. Reading is pure apart
+from opening the file: nothing is resolved against the running system except by
+:func:`resolve_group`, which the caller invokes when it applies ``socket_group``.
+
+Every key is optional; a key not in the file is ``None`` in :class:`FileConfig`, so the caller
+can layer defaults < file < command-line flags. The file::
+
+    run_dir = "/run/statsd-qmp"        # absolute path
+    socket_mode = "0660"               # octal string, or a TOML octal integer 0o660
+    socket_group = "statsd-qmp"        # group name, or a numeric gid
+    scan_interval = 1.0                # seconds, > 0
+    histogram_order = "kernel"         # "kernel" | "qemu"
+    log_level = "info"                 # debug | info | warning | error
+    log_format = "auto"                # auto | json | console
+    demo = false
+    demo_vcpus = 2                     # >= 1
+
+    [limits]
+    max_request_bytes = 1048576        # integers > 0
+    max_connections = 1000
+    negotiation_timeout = 30.0         # seconds, > 0
+    max_output_bytes = 16777216
+
+A bad file raises :class:`ConfigError` with one message naming the file, the dotted key and
+what is wrong (``.../statsd-qmp.toml, line 7: limits.max_connections: expected a positive
+integer, got -3``); a key nobody knows is an error too, with a suggestion when one is close;
+a TOML syntax error carries tomllib's own text, which gives line and column. The line of a
+value error is a best-effort hint found by scanning the text (tomllib reports positions only
+for syntax errors).
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import StatsdQmpError
+from .logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat
+from .schema import HISTOGRAM_ORDERS, HistogramOrder
+
+__all__ = ["ConfigError", "FileConfig", "LimitsConfig", "load_config", "resolve_group"]
+
+
+class ConfigError(StatsdQmpError):
+    """The configuration file cannot be used.
+
+    Raised by :func:`load_config` (unreadable file, TOML syntax, unknown key, wrong type or
+    range) and :func:`resolve_group` (no such group). ``path`` is the file (None when the
+    value did not come from one), ``key`` the dotted key (None for whole-file problems such as
+    syntax), ``problem`` what is wrong, ``line`` a 1-based line number when known. ``str()``
+    is the one line to show: ``FILE[, line N]: KEY: PROBLEM``.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        key: str | None,
+        problem: str,
+        *,
+        line: int | None = None,
+        key_in_message: bool = True,
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        self.line = line
+        where = [str(path)] if path is not None else []
+        if line is not None:
+            where.append(f"line {line}")
+        parts = [", ".join(where)] if where else []
+        if key is not None and key_in_message:
+            parts.append(key)
+        parts.append(problem)
+        super().__init__(": ".join(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """The ``[limits]`` table; each ``None`` when the file does not set it."""
+
+    max_request_bytes: int | None = None
+    max_connections: int | None = None
+    negotiation_timeout: float | None = None
+    max_output_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """What a configuration file sets; ``None`` (or an all-``None`` ``limits``) = not set."""
+
+    run_dir: Path | None = None
+    socket_mode: int | None = None
+    socket_group: str | int | None = None
+    scan_interval: float | None = None
+    histogram_order: HistogramOrder | None = None
+    log_level: str | None = None
+    log_format: LogFormat | None = None
+    demo: bool | None = None
+    demo_vcpus: int | None = None
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+TOP_LEVEL_KEYS: Final = (
+    "run_dir",
+    "socket_mode",
+    "socket_group",
+    "scan_interval",
+    "histogram_order",
+    "log_level",
+    "log_format",
+    "demo",
+    "demo_vcpus",
+    "limits",
+)
+LIMIT_KEYS: Final = (
+    "max_request_bytes",
+    "max_connections",
+    "negotiation_timeout",
+    "max_output_bytes",
+)
+
+
+def load_config(path: str | Path) -> FileConfig:
+    """Read and check the TOML file at ``path``; :class:`ConfigError` if it is not usable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(path, None, "not UTF-8 text", line=line) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"at line (\d+)", str(exc))
+        raise ConfigError(
+            path,
+            None,
+            f"invalid TOML: {exc}",
+            line=int(found.group(1)) if found else None,
+        ) from None
+    return _Checker(path, text).check(document)
+
+
+def resolve_group(group: str | int, *, path: Path | None = None) -> int:
+    """The gid of ``socket_group`` (a name or a gid); :class:`ConfigError` if there is none.
+
+    A numeric gid is taken as it is (a gid need not have a name). ``path`` only goes into the
+    error message.
+    """
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(path, "socket_group", f"no group named {group!r}") from None
+
+
+class _Checker:
+    """Turns a parsed document into :class:`FileConfig`, failing on the first bad key."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+
+    def fail(self, key: str, problem: str, *, key_in_message: bool = True) -> ConfigError:
+        line = _find_key_line(self.text, key)
+        return ConfigError(self.path, key, problem, line=line, key_in_message=key_in_message)
+
+    def check(self, document: dict[str, Any]) -> FileConfig:
+        self.reject_unknown(document, TOP_LEVEL_KEYS, prefix="")
+        limits_table = document.get("limits", {})
+        if not isinstance(limits_table, dict):
+            raise self.fail("limits", f"expected a table ([limits]), got {_show(limits_table)}")
+        self.reject_unknown(limits_table, LIMIT_KEYS, prefix="limits.")
+        limits = LimitsConfig(
+            max_request_bytes=self.positive_int(limits_table, "max_request_bytes", "limits."),
+            max_connections=self.positive_int(limits_table, "max_connections", "limits."),
+            negotiation_timeout=self.positive_float(limits_table, "negotiation_timeout", "limits."),
+            max_output_bytes=self.positive_int(limits_table, "max_output_bytes", "limits."),
+        )
+        return FileConfig(
+            run_dir=self.run_dir(document),
+            socket_mode=self.socket_mode(document),
+            socket_group=self.socket_group(document),
+            scan_interval=self.positive_float(document, "scan_interval"),
+            histogram_order=self.choice(document, "histogram_order", HISTOGRAM_ORDERS),
+            log_level=self.choice(document, "log_level", LOG_LEVELS),
+            log_format=self.choice(document, "log_format", LOG_FORMATS),
+            demo=self.boolean(document, "demo"),
+            demo_vcpus=self.positive_int(document, "demo_vcpus"),
+            limits=limits,
+        )
+
+    def reject_unknown(self, table: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+                raise self.fail(
+                    f"{prefix}{key}", f"unknown key '{prefix}{key}'{hint}", key_in_message=False
+                )
+
+    def run_dir(self, table: dict[str, Any]) -> Path | None:
+        value = table.get("run_dir")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise self.fail("run_dir", f"expected an absolute path, got {_show(value)}")
+        return Path(value)
+
+    def socket_mode(self, table: dict[str, Any]) -> int | None:
+        value = table.get("socket_mode")
+        if value is None:
+            return None
+        expected = 'expected permission bits as an octal string such as "0660"'
+        if isinstance(value, str):
+            digits = value.removeprefix("0o")
+            if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
+                raise self.fail("socket_mode", f"{expected}, got {_show(value)}")
+            return int(digits, 8)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value <= 0o777:
+                raise self.fail(
+                    "socket_mode",
+                    f"{expected} (or a TOML octal integer such as 0o660), got {value}"
+                    f" (= 0o{value:o}; a decimal integer is not a mode)",
+                )
+            return value
+        raise self.fail("socket_mode", f"{expected}, got {_show(value)}")
+
+    def socket_group(self, table: dict[str, Any]) -> str | int | None:
+        value = table.get("socket_group")
+        if value is None:
+            return None
+        if isinstance(value, str) and value and ":" not in value and "\0" not in value:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+            return value
+        raise self.fail(
+            "socket_group", f"expected a group name or a numeric gid, got {_show(value)}"
+        )
+
+    def positive_int(self, table: dict[str, Any], key: str, prefix: str = "") -> int | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(prefix + key, f"expected a positive integer, got {_show(value)}")
+        return value
+
+    def positive_float(self, table: dict[str, Any], key: str, prefix: str = "") -> float | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise self.fail(
+                prefix + key, f"expected a positive number of seconds, got {_show(value)}"
+            )
+        return float(value)
+
+    def boolean(self, table: dict[str, Any], key: str) -> bool | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def choice(self, table: dict[str, Any], key: str, choices: tuple[Any, ...]) -> Any:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or value not in choices:
+            listed = ", ".join(f'"{choice}"' for choice in choices)
+            raise self.fail(key, f"expected one of {listed}, got {_show(value)}")
+        return value
+
+
+def _show(value: Any) -> str:
+    """A TOML-ish rendering of a bad value for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+_TABLE_HEADER = re.compile(r"\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+_KEY_LINE = re.compile(r"\s*([A-Za-z0-9_\-.\"' ]+?)\s*=")
+
+
+def _find_key_line(text: str, dotted: str) -> int | None:
+    """The 1-based line where ``dotted`` is assigned, if exactly one line plainly does so.
+
+    A hint only: it follows ``[table]`` headers and dotted keys, and gives up (None) on
+    anything ambiguous, such as a key set inside an inline table.
+    """
+    table = ""
+    found: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _TABLE_HEADER.match(line)
+        if header:
+            table = _normalise_key(header.group(1))
+            continue
+        assignment = _KEY_LINE.match(line)
+        if assignment:
+            key = _normalise_key(assignment.group(1))
+            if (f"{table}.{key}" if table else key) == dotted:
+                found.append(number)
+    return found[0] if len(found) == 1 else None
+
+
+def _normalise_key(key: str) -> str:
+    return ".".join(part.strip().strip("\"'") for part in key.split("."))

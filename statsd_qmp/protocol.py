@@ -1,0 +1,505 @@
+"""The QMP server side as a sans-IO state machine: bytes in -> events, replies -> bytes.
+
+Pure module: imports ``errors`` and ``jsonstream`` only (no trio, no os, no structlog, no
+sockets). Behaviour and texts follow QEMU 7.2 (``monitor/qmp.c``, ``qapi/qmp-dispatch.c``,
+``monitor/qmp-cmds-control.c``), checked byte for byte against a live QEMU.
+
+Theory of operation
+===================
+
+A :class:`QmpConnection` is one client connection, seen from the server. It does no I/O: the
+caller writes what :meth:`QmpConnection.greeting` returns, then feeds every chunk it reads to
+:meth:`QmpConnection.receive_data` and acts on the events it gets back, one by one, in order:
+
+* :class:`SendBytes` -- a reply the connection produced by itself (JSON parse errors, invalid
+  requests, everything about ``qmp_capabilities``). Write ``data`` as is.
+* :class:`Request` -- a well-formed command for the command layer. Answer it with
+  :func:`reply_return` or :func:`reply_error` (for example ``CommandNotFound`` ``The command X
+  has not been found``, or ``The command X does not support OOB`` for an ``exec-oob`` request
+  of a command that does not allow OOB) and write that.
+* :class:`Close` -- the client broke a limit QEMU does not have; write ``data`` (a final error
+  line), then close the connection. Input after this is ignored.
+
+Events come in input order, and each one is answered before the next is looked at, so replies
+leave in the order the requests arrived (QEMU without OOB does the same; with OOB QEMU would
+run an ``exec-oob`` request ahead of queued ones -- here the server may do so using
+:attr:`Request.oob`, but the connection never reorders). The connection keeps no per-request
+state: replies are built from the :class:`Request` alone.
+
+States: after the greeting the connection is in *capabilities negotiation* (only
+``qmp_capabilities`` works; any other command, known or not, gets ``CommandNotFound``
+``Expecting capabilities negotiation with 'qmp_capabilities'``; events must not be sent:
+check :attr:`QmpConnection.negotiated`). A successful ``qmp_capabilities`` (``{"return":
+{}}``) moves it to *command mode*, where every valid request becomes a :class:`Request`,
+``exec-oob`` is accepted if the client enabled ``oob`` (offered in the greeting), and a second
+``qmp_capabilities`` gets ``CommandNotFound`` ``Capabilities negotiation is already complete,
+command ignored``. Errors never change state; the connection stays usable after any error
+except the size limit.
+
+Input: a JSON stream, not lines (see :mod:`statsd_qmp.jsonstream`): back-to-back objects,
+whitespace anywhere, single-quoted strings; a message whose outermost ``{}`` balance is
+handled at once, a top-level scalar only once the next byte ends it. A request is validated in
+QEMU's order: not an object -> ``QMP input must be a JSON object`` (no ``id``); then its members
+in QEMU's QDict hash order, reporting the first offence (``execute`` / ``exec-oob`` not a
+string, both given, ``arguments`` not an object, an unexpected member -- ``exec-oob`` too when
+OOB is not enabled); then ``QMP input lacks member 'execute'``. Every reply to a request that
+parsed as an object carries its ``id`` (any JSON value, re-serialised the way QEMU does it,
+object keys in QDict order); parse errors never do.
+
+Output: every message is one line of QEMU-style JSON ending in ``\\r\\n`` (:func:`encode`).
+Members are written in the order of the dicts given, which callers build in QEMU's wire order;
+the helpers here do so for replies, events and the greeting.
+
+Divergences from QEMU (on purpose): one error reply per bad message instead of QEMU's
+cascades after lexical and limit errors (details in :mod:`statsd_qmp.jsonstream`); a limit on
+the bytes of one message (``max_request_bytes``, default 1 MiB; QEMU has none) that ends the
+connection with a GenericError ``QMP input exceeds the limit of N bytes per message``; replies
+strictly in input order (see above). Which member QEMU names in ``Parameter 'x' is unexpected``
+when several are unexpected comes from a GLib hash table; :func:`first_unexpected_member`
+reproduces GLib 2.74's table for that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from statsd_qmp.errors import QmpError
+from statsd_qmp.jsonstream import (
+    JsonError,
+    JsonStreamParser,
+    JsonTooLong,
+    JsonValue,
+    dumps,
+    qdict_key_order,
+    quote,
+)
+
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "Close",
+    "Event",
+    "QmpConnection",
+    "Request",
+    "SendBytes",
+    "encode",
+    "event",
+    "first_unexpected_member",
+    "reply_error",
+    "reply_exception",
+    "reply_return",
+]
+
+DEFAULT_MAX_REQUEST_BYTES: Final = 1 << 20
+KNOWN_CAPABILITIES: Final = ("oob",)  # QEMU 7.2's QMPCapability enum
+
+_GENERIC: Final = "GenericError"
+_PLAIN_MEMBERS: Final = frozenset(("execute", "arguments", "id"))
+_NOT_FOUND: Final = "CommandNotFound"
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A valid command after negotiation (never ``qmp_capabilities``).
+
+    ``arguments`` is the request's ``arguments`` object (``{}`` when absent), keys in the order
+    the client sent them. ``id`` is the client's ``id`` as parsed (any JSON value) and
+    ``has_id`` says whether there was one (``"id": null`` is an id). ``oob`` is true for an
+    ``exec-oob`` request (only possible once the client enabled OOB).
+    """
+
+    command: str
+    arguments: dict[str, Any]
+    id: Any = None
+    has_id: bool = False
+    oob: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendBytes:
+    """Bytes to write to the client: a reply the connection produced itself."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Write ``data`` (a final error reply), then close the connection; ``reason`` is for logs."""
+
+    data: bytes
+    reason: str
+
+
+Event = Request | SendBytes | Close
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def encode(obj: Any) -> bytes:
+    """Return ``obj`` as QEMU writes a QMP message: one line of JSON plus ``\\r\\n``.
+
+    Dict members are written in the dict's order; see :func:`statsd_qmp.jsonstream.dumps`
+    for everything else (escapes, ``%.17g`` floats).
+    """
+    return dumps(obj).encode("ascii") + b"\r\n"
+
+
+def _id_json(value: Any) -> str:
+    # A client's id is re-serialised from QEMU's QObject: object keys in QDict order.
+    kind = type(value)
+    if kind is str:
+        return quote(value)
+    if kind is int:
+        return repr(value)
+    return dumps(value, qdict_order=kind is dict or kind is list)
+
+
+def _error_line(has_id: bool, request_id: Any, qmp_class: str, desc: str) -> bytes:
+    error = '"error": {"class": ' + quote(qmp_class) + ', "desc": ' + quote(desc) + "}}\r\n"
+    if has_id:
+        return ('{"id": ' + _id_json(request_id) + ", " + error).encode("ascii")
+    return ("{" + error).encode("ascii")
+
+
+def _return_line(has_id: bool, request_id: Any, value: Any) -> bytes:
+    if has_id:
+        text = '{"return": ' + dumps(value) + ', "id": ' + _id_json(request_id) + "}\r\n"
+    else:
+        text = '{"return": ' + dumps(value) + "}\r\n"
+    return text.encode("ascii")
+
+
+def reply_return(request: Request, value: Any) -> bytes:
+    """``{"return": value, "id": id}`` (``id`` only if the request had one)."""
+    return _return_line(request.has_id, request.id, value)
+
+
+def reply_error(request: Request | None, qmp_class: str, desc: str) -> bytes:
+    """``{"id": id, "error": {"class": qmp_class, "desc": desc}}`` (``id`` only if given).
+
+    ``request`` None gives the id-less form QEMU uses for input that is not a request.
+    """
+    if request is None:
+        return _error_line(False, None, qmp_class, desc)
+    return _error_line(request.has_id, request.id, qmp_class, desc)
+
+
+def reply_exception(request: Request | None, error: QmpError) -> bytes:
+    """:func:`reply_error` for a :class:`~statsd_qmp.errors.QmpError` (its class and desc)."""
+    return reply_error(request, error.qmp_class, error.desc)
+
+
+def event(name: str, data: dict[str, Any] | None, seconds: int, microseconds: int) -> bytes:
+    """An asynchronous event: ``{"timestamp": {...}, "event": name, "data": data}``.
+
+    ``data`` is omitted when None (QEMU's ``STOP``, ``RESUME``). Send events only once
+    :attr:`QmpConnection.negotiated` is true.
+    """
+    head = f'{{"timestamp": {{"seconds": {int(seconds)}, "microseconds": {int(microseconds)}}}'
+    if data is None:
+        return (head + ', "event": ' + quote(name) + "}\r\n").encode("ascii")
+    return (head + ', "event": ' + quote(name) + ', "data": ' + dumps(data) + "}\r\n").encode(
+        "ascii"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# GLib hash table order (QAPI's "Parameter 'x' is unexpected")
+
+_GLIB_PRIME_MOD: Final = (
+    1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521,
+    131071, 262139, 524287, 1048573, 2097143, 4194301, 8388593, 16777213, 33554393,
+    67108859, 134217689, 268435399, 536870909, 1073741789, 2147483647,
+)  # fmt: skip
+
+
+def _g_str_hash(key: str) -> int:
+    value = 5381
+    for byte in key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80"):
+        # GLib hashes signed chars.
+        value = (value * 33 + (byte - 256 if byte >= 0x80 else byte)) & 0xFFFFFFFF
+    return value if value >= 2 else 2
+
+
+class _GHashTableModel:
+    """Slot layout of a GLib 2.74 ``GHashTable`` (open addressing), enough to iterate it."""
+
+    def __init__(self) -> None:
+        self._set_shift(3)
+        self.hashes = [0] * self.size
+        self.keys: list[str | None] = [None] * self.size
+        self.nnodes = 0
+        self.noccupied = 0
+
+    def _set_shift(self, shift: int) -> None:
+        self.size = 1 << shift
+        self.mod = _GLIB_PRIME_MOD[shift]
+        self.mask = self.size - 1
+
+    def _index(self, key_hash: int) -> int:
+        return ((key_hash * 11) & 0xFFFFFFFF) % self.mod
+
+    def _lookup(self, key: str, key_hash: int) -> int:
+        index = self._index(key_hash)
+        step = 0
+        tombstone = -1
+        while self.hashes[index] != 0:
+            if self.hashes[index] == key_hash and self.keys[index] == key:
+                return index
+            if self.hashes[index] == 1 and tombstone < 0:
+                tombstone = index
+            step += 1
+            index = (index + step) & self.mask
+        return tombstone if tombstone >= 0 else index
+
+    def insert(self, key: str) -> None:
+        key_hash = _g_str_hash(key)
+        index = self._lookup(key, key_hash)
+        old = self.hashes[index]
+        if old >= 2:
+            return
+        self.hashes[index] = key_hash
+        self.keys[index] = key
+        self.nnodes += 1
+        if old == 0:
+            self.noccupied += 1
+            self._maybe_resize()
+
+    def remove(self, key: str) -> None:
+        index = self._lookup(key, _g_str_hash(key))
+        if self.hashes[index] < 2:
+            return
+        self.hashes[index] = 1
+        self.keys[index] = None
+        self.nnodes -= 1
+        self._maybe_resize()
+
+    def _maybe_resize(self) -> None:
+        size, occupied = self.size, self.noccupied
+        if (size > self.nnodes * 4 and size > 8) or size <= occupied + occupied // 16:
+            self._resize()
+
+    def _resize(self) -> None:
+        old_size = self.size
+        self._set_shift(max(int(self.nnodes * 1.333).bit_length(), 3))
+        if self.size > old_size:
+            self.hashes += [0] * (self.size - old_size)
+            self.keys += [None] * (self.size - old_size)
+        moved = [False] * max(self.size, old_size)
+        for i in range(old_size):
+            node_hash = self.hashes[i]
+            if node_hash < 2:
+                self.hashes[i] = 0
+                continue
+            if moved[i]:
+                continue
+            self.hashes[i] = 0
+            key, self.keys[i] = self.keys[i], None
+            while True:
+                index = self._index(node_hash)
+                step = 0
+                while moved[index]:
+                    step += 1
+                    index = (index + step) & self.mask
+                moved[index] = True
+                replaced = self.hashes[index]
+                self.hashes[index] = node_hash
+                if replaced < 2:
+                    self.keys[index] = key
+                    break
+                node_hash = replaced
+                key, self.keys[index] = self.keys[index], key
+        del self.hashes[self.size :]
+        del self.keys[self.size :]
+        self.noccupied = self.nnodes
+
+    def first(self) -> str | None:
+        for key_hash, key in zip(self.hashes, self.keys, strict=True):
+            if key_hash >= 2:
+                return key
+        return None
+
+
+def first_unexpected_member(members: Sequence[str], consumed: Collection[str]) -> str | None:
+    """Return the member QEMU names in ``Parameter '%s' is unexpected``, or None.
+
+    ``members`` are an object's keys in the order the client sent them; ``consumed`` the
+    ones the QAPI visitor took (present members of the struct). QEMU puts all keys into a
+    GLib hash table (in QDict order), removes each member it visits and reports the first key
+    left in table order -- which this reproduces for GLib 2.74. Callers prefix their path
+    (``providers[0].``) themselves.
+    """
+    leftover = [key for key in members if key not in consumed]
+    if len(leftover) <= 1:
+        return leftover[0] if leftover else None
+    table = _GHashTableModel()
+    for key in qdict_key_order(list(members)):
+        table.insert(key)
+    for key in members:
+        if key in consumed:
+            table.remove(key)
+    return table.first()
+
+
+# --------------------------------------------------------------------------------------------
+# The connection
+
+
+def _check_capabilities(arguments: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """QAPI validation of ``qmp_capabilities``' ``{"*enable": ["QMPCapability"]}``."""
+    enable: list[str] = []
+    if "enable" in arguments:
+        value = arguments["enable"]
+        if type(value) is not list:
+            return "Invalid parameter type for 'enable', expected: array", enable
+        for index, item in enumerate(value):
+            if type(item) is not str:
+                return f"Invalid parameter type for 'enable[{index}]', expected: string", enable
+            if item not in KNOWN_CAPABILITIES:
+                # QEMU's enum visitor names list elements "null".
+                return f"Parameter 'null' does not accept value '{item}'", enable
+            enable.append(item)
+    unexpected = first_unexpected_member(list(arguments), ("enable",))
+    if unexpected is not None:
+        return f"Parameter '{unexpected}' is unexpected", enable
+    return None, enable
+
+
+class QmpConnection:
+    """One QMP client connection, server side; see the module docstring.
+
+    ``max_request_bytes`` bounds one message (None: unbounded, like QEMU); a longer message
+    ends the connection with :class:`Close`. ``cascade_errors=True`` answers bad input exactly
+    like QEMU, cascades included (for comparisons with a real QEMU; see
+    :class:`~statsd_qmp.jsonstream.JsonStreamParser`).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+        cascade_errors: bool = False,
+    ) -> None:
+        self._max_request_bytes = max_request_bytes
+        self._parser = JsonStreamParser(
+            max_message_bytes=max_request_bytes, cascade_errors=cascade_errors
+        )
+        self._offered: frozenset[str] = frozenset()
+        self._negotiated = False
+        self._oob = False
+        self._closed = False
+
+    @property
+    def negotiated(self) -> bool:
+        """True in command mode (after a successful ``qmp_capabilities``)."""
+        return self._negotiated
+
+    @property
+    def oob_enabled(self) -> bool:
+        """True if the client enabled the ``oob`` capability (``exec-oob`` allowed)."""
+        return self._oob
+
+    @property
+    def closed(self) -> bool:
+        """True once :class:`Close` was returned; later input is ignored."""
+        return self._closed
+
+    @property
+    def idle(self) -> bool:
+        """True when no message is partly received (for example, to time out slow clients)."""
+        return self._parser.idle
+
+    def greeting(self, version: dict[str, Any], capabilities: Sequence[str]) -> bytes:
+        """Return the greeting ``{"QMP": {"version": version, "capabilities": [...]}}``.
+
+        ``version`` is written as given (QEMU's order: ``{"qemu": {"micro", "minor",
+        "major"}, "package"}``). ``capabilities`` are what negotiation may enable afterwards.
+        """
+        self._offered = frozenset(capabilities)
+        return encode({"QMP": {"version": version, "capabilities": list(capabilities)}})
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes read from the client; return the resulting events in input order."""
+        if self._closed:
+            return []
+        events: list[Event] = []
+        for item in self._parser.feed(data):
+            if type(item) is JsonValue:
+                events.append(self._handle(item.value))
+            elif type(item) is JsonError:
+                events.append(SendBytes(_error_line(False, None, _GENERIC, item.desc)))
+            else:
+                assert type(item) is JsonTooLong
+                desc = f"QMP input exceeds the limit of {item.limit} bytes per message"
+                events.append(Close(_error_line(False, None, _GENERIC, desc), desc))
+                self._closed = True
+        return events
+
+    def _handle(self, message: Any) -> Event:
+        if type(message) is not dict:
+            return SendBytes(_error_line(False, None, _GENERIC, "QMP input must be a JSON object"))
+        has_id = "id" in message
+        request_id = message.get("id")
+        command = message.get("execute")
+        oob = False
+        if not (
+            type(command) is str
+            and message.keys() <= _PLAIN_MEMBERS
+            and type(message.get("arguments", message)) is dict  # absent counts as a dict
+        ):
+            problem, command, oob = self._check_members(message)
+            if problem is not None:
+                return SendBytes(_error_line(has_id, request_id, _GENERIC, problem))
+        assert isinstance(command, str)
+        arguments: dict[str, Any] = message.get("arguments", {})
+        if not self._negotiated:
+            if command != "qmp_capabilities":
+                desc = "Expecting capabilities negotiation with 'qmp_capabilities'"
+                return SendBytes(_error_line(has_id, request_id, _NOT_FOUND, desc))
+            problem, enable = _check_capabilities(arguments)
+            if problem is None:
+                unavailable = [name for name in enable if name not in self._offered]
+                if unavailable:
+                    problem = f"Capability {', '.join(unavailable)} not available"
+            if problem is not None:
+                return SendBytes(_error_line(has_id, request_id, _GENERIC, problem))
+            self._negotiated = True
+            self._oob = "oob" in enable
+            return SendBytes(_return_line(has_id, request_id, {}))
+        if command == "qmp_capabilities":
+            if oob:
+                desc = "The command qmp_capabilities does not support OOB"
+                return SendBytes(_error_line(has_id, request_id, _GENERIC, desc))
+            problem, _ = _check_capabilities(arguments)
+            if problem is not None:
+                return SendBytes(_error_line(has_id, request_id, _GENERIC, problem))
+            desc = "Capabilities negotiation is already complete, command ignored"
+            return SendBytes(_error_line(has_id, request_id, _NOT_FOUND, desc))
+        return Request(command, arguments, request_id, has_id, oob)
+
+    def _check_members(self, message: dict[str, Any]) -> tuple[str | None, str, bool]:
+        """QEMU's ``qmp_dispatch_check_obj``: members in QDict order, first offence wins."""
+        exec_key: str | None = None
+        for key in qdict_key_order(list(message)):
+            value = message[key]
+            if key == "execute" or (key == "exec-oob" and self._oob):
+                if type(value) is not str:
+                    return f"QMP input member '{key}' must be a string", "", False
+                if exec_key is not None:
+                    return f"QMP input member '{key}' clashes with '{exec_key}'", "", False
+                exec_key = key
+            elif key == "arguments":
+                if type(value) is not dict:
+                    return "QMP input member 'arguments' must be an object", "", False
+            elif key != "id":
+                return f"QMP input member '{key}' is unexpected", "", False
+        if exec_key is None:
+            return "QMP input lacks member 'execute'", "", False
+        return None, message[exec_key], exec_key == "exec-oob"
