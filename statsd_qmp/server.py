@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import math
 import os
 import socket
 import stat
@@ -40,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 HOST_SOCKET = "qmp.sock"
 _RETURN_PREFIX = b'{"return": '
+SHUTDOWN_WRITE_GRACE = 1.0
 LOCK_FILE = "statsd-qmp.lock"
 
 
@@ -94,16 +96,19 @@ def unlink_socket(path: Path) -> bool:
     return True
 
 
-def remove_stale_sockets(run_dir: Path) -> list[Path]:
-    """Unlink socket files a killed daemon left behind (only sockets, only ours)."""
-    candidates = [run_dir / HOST_SOCKET]
+def remove_stale_sockets(run_dir: Path, *, keep_host: bool = False) -> list[Path]:
+    """Unlink socket files a killed daemon left behind (only sockets, only ours).
+
+    ``keep_host``: the host socket is systemd's (socket activation) and must stay.
+    """
+    candidates = [] if keep_host else [run_dir / HOST_SOCKET]
     vm_dir = run_dir / "vm"
     if vm_dir.is_dir():
         candidates.extend(vm_dir.glob("*.sock"))
     return [path for path in candidates if unlink_socket(path)]
 
 
-def bind_unix(path: Path, mode: int = 0o660) -> trio.SocketListener:
+def bind_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> trio.SocketListener:
     """A listening unix socket at ``path``, bound at once (an old file there must be gone).
 
     Binding is synchronous on purpose: a VM is listed by query-vms as soon as it is added, so
@@ -113,6 +118,8 @@ def bind_unix(path: Path, mode: int = 0o660) -> trio.SocketListener:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(os.fspath(path))
+        if gid is not None:
+            os.chown(path, -1, gid)
         os.chmod(path, mode)
         sock.listen(128)
     except BaseException:
@@ -130,6 +137,14 @@ class Outbox:
         self._chunks: deque[bytes] = deque()
         self._wakeup = trio.Event()
         self._drained = trio.Event()
+        self.shield: trio.CancelScope | None = None
+        self.stop_deadline = math.inf
+
+    def end_writes_by(self, deadline: float) -> None:
+        """Give the write in progress (and any later one) until ``deadline`` to finish."""
+        self.stop_deadline = min(self.stop_deadline, deadline)
+        if self.shield is not None:
+            self.shield.deadline = self.stop_deadline
 
     def put(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -157,7 +172,11 @@ class Outbox:
                 await self._wakeup.wait()
             data = b"".join(self._chunks)
             self._chunks.clear()
-            await stream.send_all(data)
+            # Finish a started write even when the daemon stops, so a client that reads never
+            # sees a partial line; the server puts a deadline on this shield when it stops.
+            with trio.CancelScope(shield=True, deadline=self.stop_deadline) as self.shield:
+                await stream.send_all(data)
+            self.shield = None
             self.size -= len(data)
             self._drained.set()
 
@@ -172,15 +191,21 @@ class Server:
         *,
         limits: Limits | None = None,
         socket_mode: int = 0o660,
+        socket_gid: int | None = None,
+        activated: socket.socket | None = None,
     ) -> None:
         self.registry = registry
         self.commands = commands
         self.limits = limits or Limits()
         self.socket_mode = socket_mode
+        self.socket_gid = socket_gid
+        # A host socket handed over by systemd (LISTEN_FDS): used as it is, never unlinked.
+        self.activated = activated
         self.connections = 0
         self._ids = itertools.count(1)
         self._vm_scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._outboxes: set[Outbox] = set()
 
     @property
     def host_socket(self) -> Path:
@@ -188,9 +213,12 @@ class Server:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         run_dir = self.registry.run_dir
-        for path in remove_stale_sockets(run_dir):
+        for path in remove_stale_sockets(run_dir, keep_host=self.activated is not None):
             log.info("removed stale socket", path=str(path))
-        host_listener = bind_unix(self.host_socket, self.socket_mode)
+        if self.activated is not None:
+            host_listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.activated))
+        else:
+            host_listener = bind_unix(self.host_socket, self.socket_mode, self.socket_gid)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -200,11 +228,13 @@ class Server:
                     [host_listener],
                 )
                 self.registry.subscribe(added=self._vm_added, removed=self._vm_removed)
+                nursery.start_soon(self._bound_writes_at_stop)
                 log.info("listening", socket=str(self.host_socket))
                 task_status.started(self)
         finally:
             self._nursery = None
-            unlink_socket(self.host_socket)
+            if self.activated is None:
+                unlink_socket(self.host_socket)
             for name in list(self._vm_scopes):
                 self._vm_scopes.pop(name).cancel()
                 unlink_socket(self.registry.socket_path(name))
@@ -217,7 +247,7 @@ class Server:
         path = Path(vm.socket_path)
         unlink_socket(path)
         try:
-            listener = bind_unix(path, self.socket_mode)
+            listener = bind_unix(path, self.socket_mode, self.socket_gid)
         except OSError as exc:
             log.error("cannot create the VM's socket", vm=vm.name, path=str(path), error=str(exc))
             return
@@ -252,6 +282,32 @@ class Server:
             )
 
     # --- connections ---------------------------------------------------------------------
+
+    async def _bound_writes_at_stop(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            # Stopping: writes in progress get a moment to finish their line, no more.
+            deadline = trio.current_time() + SHUTDOWN_WRITE_GRACE
+            for outbox in self._outboxes:
+                outbox.end_writes_by(deadline)
+
+    def apply_socket_settings(self, mode: int, gid: int | None) -> None:
+        """New mode and group for every socket file (on reload); new sockets get them too."""
+        self.socket_mode = mode
+        self.socket_gid = gid
+        paths = [Path(vm.socket_path) for vm in self.registry.all_vms()]
+        if self.activated is None:
+            paths.append(self.host_socket)
+        for path in paths:
+            try:
+                if gid is not None:
+                    os.chown(path, -1, gid)
+                os.chmod(path, mode)
+            except OSError as exc:
+                log.warning(
+                    "cannot change a socket's mode or group", path=str(path), error=str(exc)
+                )
 
     def _handler(
         self, scope_factory: Callable[[], Scope], *, vm_name: str | None
@@ -290,6 +346,19 @@ class Server:
     async def _converse(self, stream: trio.SocketStream, scope: Scope) -> None:
         conn = protocol.QmpConnection(max_request_bytes=self.limits.max_request_bytes)
         outbox = Outbox()
+        self._outboxes.add(outbox)
+        try:
+            await self._converse_with(stream, scope, conn, outbox)
+        finally:
+            self._outboxes.discard(outbox)
+
+    async def _converse_with(
+        self,
+        stream: trio.SocketStream,
+        scope: Scope,
+        conn: protocol.QmpConnection,
+        outbox: Outbox,
+    ) -> None:
         outbox.put(conn.greeting(self.commands.version(), ["oob"]))
         limits = self.limits
 
@@ -305,6 +374,7 @@ class Server:
             async def force_close() -> None:
                 await trio.sleep(limits.close_grace)
                 log.info("closing without flushing", unsent=outbox.size)
+                outbox.end_writes_by(trio.current_time())
                 nursery.cancel_scope.cancel()
 
             def close(line: bytes, reason: str | None) -> None:
