@@ -1,8 +1,10 @@
 """Composition root: builds the registry, commands and server and runs them in one nursery.
 
 Owns: the daemon's settings object, start-up order (lock the run dir, create the demo VM,
-bind sockets), signal handling, and orderly shutdown (close clients, remove sockets, close
-every fd). May import everything below it; nothing imports it but the CLI and tests.
+bind sockets or take systemd's, first scan, then READY=1), signal handling (SIGTERM/SIGINT
+stop, SIGHUP reloads), the systemd watchdog, and orderly shutdown (close clients, remove
+sockets, close every fd). May import everything below it; nothing imports it but the CLI and
+tests.
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ import os
 import platform
 import resource
 import signal
-from dataclasses import dataclass, field
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
-from . import __version__
+from . import __version__, logconfig, sd_daemon
 from .commands import Commands
 from .discovery import Discovery
-from .errors import KvmError
+from .errors import KvmError, StatsdQmpError
+from .logconfig import LogFormat
 from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
 from .server import Limits, Server, lock_run_dir
@@ -38,18 +43,125 @@ class Settings:
     demo_vcpus: int = 2
     histogram_order: HistogramOrder = "kernel"
     socket_mode: int = 0o660
+    socket_gid: int | None = None
     scan_interval: float = 1.0
     discover: bool = True
     measure_loop: bool = False
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
     limits: Limits = field(default_factory=Limits)
+    # Re-reads the configuration (file < flags) on SIGHUP; None: nothing to reload.
+    reload: Callable[[], Settings] | None = field(default=None, compare=False)
 
     @property
     def package(self) -> str:
         return f"statsd-qmp {__version__}"
 
 
+def activated_host_socket() -> socket.socket | None:
+    """The host socket systemd passed (LISTEN_FDS), preferring the one named ``host``."""
+    fds = sd_daemon.listen_fds()
+    if not fds:
+        return None
+    chosen = next((fd for fd, name in fds if name == "host"), fds[0][0])
+    for fd, name in fds:
+        if fd != chosen:
+            log.warning("ignoring an extra socket-activation fd", fd=fd, name=name)
+            os.close(fd)
+    return socket.socket(fileno=chosen)
+
+
+class Daemon:
+    """The running daemon's parts, for signals, reloads and the watchdog."""
+
+    def __init__(self, settings: Settings, registry: Registry, server: Server) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.server = server
+        self.discovery: Discovery | None = None
+
+    def status(self) -> str:
+        return (
+            f"STATUS=serving {len(self.registry.all_vms())} VMs to "
+            f"{self.server.connections} clients"
+        )
+
+    def scanner_alive(self, within: float) -> bool:
+        """True when the scanner finished a scan within ``within`` seconds (or is off)."""
+        if self.discovery is None:
+            return True
+        return trio.current_time() - self.discovery.last_scan_finished <= within
+
+    async def watchdog(self, interval: float) -> None:
+        """Ping systemd at half the watchdog interval while the loop and the scanner live.
+
+        That this task runs at all proves the event loop turns; a scanner stuck for a whole
+        interval stops the pings, and systemd restarts the daemon.
+        """
+        wedged = False
+        while True:
+            await trio.sleep(interval / 2)
+            if self.scanner_alive(interval):
+                sd_daemon.notify("WATCHDOG=1", self.status())
+                wedged = False
+            elif not wedged:
+                wedged = True
+                log.error("the scanner is stuck; no watchdog ping", interval=interval)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the configuration; a bad one keeps the running one."""
+        sd_daemon.notify("RELOADING=1", sd_daemon.monotonic_usec())
+        try:
+            if self.settings.reload is None:
+                log.info("reload: no configuration file, rescanning only")
+                new = self.settings
+            else:
+                new = self.settings.reload()
+        except StatsdQmpError as exc:
+            log.error("reload failed, keeping the running configuration", error=str(exc))
+            new = self.settings
+        self.apply(new)
+        await self.registry.rescan()
+        sd_daemon.notify("READY=1", self.status())
+
+    def apply(self, new: Settings) -> None:
+        old = self.settings
+        if new == old:
+            return
+        for name in ("run_dir", "demo", "demo_vcpus", "discover", "measure_loop"):
+            if getattr(new, name) != getattr(old, name):
+                log.warning("reload: this setting needs a restart", setting=name)
+        logconfig.configure(new.log_level, new.log_format)
+        self.registry.histogram_order = new.histogram_order
+        self.server.limits = new.limits
+        if (new.socket_mode, new.socket_gid) != (old.socket_mode, old.socket_gid):
+            self.server.apply_socket_settings(new.socket_mode, new.socket_gid)
+        if self.discovery is not None:
+            self.discovery.scan_interval = new.scan_interval
+        self.settings = replace(
+            new,
+            run_dir=old.run_dir,
+            demo=old.demo,
+            demo_vcpus=old.demo_vcpus,
+            discover=old.discover,
+            measure_loop=old.measure_loop,
+        )
+        log.info("configuration reloaded")
+
+    async def handle_signals(self, cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info("stopping", signal=signal.Signals(signum).name)
+                sd_daemon.notify("STOPPING=1")
+                cancel_scope.cancel()
+                return
+
+
 async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the daemon until cancelled or until SIGTERM/SIGINT."""
+    """Run the daemon until cancelled or until SIGTERM/SIGINT; SIGHUP reloads."""
     check_kernel()
     raise_fd_limit()
     instrument = None
@@ -58,6 +170,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
 
         instrument = LoopLagInstrument()
         trio.lowlevel.add_instrument(instrument)
+    activated = activated_host_socket()
     with lock_run_dir(settings.run_dir):
         registry = Registry(
             run_dir=settings.run_dir,
@@ -76,19 +189,28 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 Commands(registry),
                 limits=settings.limits,
                 socket_mode=settings.socket_mode,
+                socket_gid=settings.socket_gid,
+                activated=activated,
             )
+            daemon = Daemon(settings, registry, server)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
                 if settings.discover:
-                    await nursery.start(
-                        Discovery(registry, scan_interval=settings.scan_interval).run
-                    )
-                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                    daemon.discovery = Discovery(registry, scan_interval=settings.scan_interval)
+                    await nursery.start(daemon.discovery.run)
+                nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)
+                interval = sd_daemon.watchdog_interval()
+                if interval is not None:
+                    nursery.start_soon(daemon.watchdog, interval)
+                # Sockets listen and the first scan is done: only now are we ready.
+                sd_daemon.notify("READY=1", daemon.status())
                 log.info(
                     "ready",
                     run_dir=str(settings.run_dir),
                     vms=len(registry.all_vms()),
                     histogram_order=settings.histogram_order,
+                    socket_activated=activated is not None,
+                    watchdog_seconds=interval,
                 )
                 task_status.started(server)
         finally:
@@ -128,11 +250,3 @@ def raise_fd_limit() -> None:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         log.info("raised the open-file limit", soft_before=soft, soft=hard)
-
-
-async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("stopping", signal=signal.Signals(signum).name)
-            cancel_scope.cancel()
-            return

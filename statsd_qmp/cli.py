@@ -12,12 +12,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from . import __version__, logconfig
 from .app import DEFAULT_RUN_DIR, Settings, serve
 from .client import QmpClient, QmpClientError
+from .config import FileConfig, load_config, resolve_group
 from .errors import StatsdQmpError
 from .schema import HISTOGRAM_ORDERS
 from .server import Limits
@@ -45,43 +47,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"statsd-qmp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("serve", help="run the daemon")
+    run = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon. Every option can also be set in the --config file; "
+        "an option given here wins over the file.",
+    )
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML configuration file (re-read on SIGHUP)",
+    )
     run.add_argument(
         "--run-dir",
         type=Path,
-        default=DEFAULT_RUN_DIR,
-        help="directory of qmp.sock and vm/NAME.sock (default %(default)s)",
+        default=None,
+        help=f"directory of qmp.sock and vm/NAME.sock (default {DEFAULT_RUN_DIR})",
     )
     run.add_argument(
         "--demo",
         action="store_true",
+        default=None,
         help="also serve a VM of the daemon's own, named 'demo', running a tiny guest",
     )
     run.add_argument(
         "--demo-vcpus",
         type=_positive_int,
-        default=2,
+        default=None,
         metavar="N",
-        help="vCPUs of the demo VM (default %(default)s)",
+        help="vCPUs of the demo VM (default 2)",
     )
     run.add_argument(
         "--histogram-order",
         choices=HISTOGRAM_ORDERS,
-        default="kernel",
+        default=None,
         help="bucket order of histograms: the kernel's (default) or QEMU's reversed one",
     )
     run.add_argument(
         "--socket-mode",
         type=_mode,
-        default=0o660,
+        default=None,
         help="permission bits of the sockets, octal (default 0660)",
+    )
+    run.add_argument(
+        "--socket-group",
+        default=None,
+        metavar="GROUP",
+        help="group of the sockets (name or gid; default: the daemon's)",
     )
     run.add_argument(
         "--scan-interval",
         type=float,
-        default=1.0,
+        default=None,
         metavar="SECONDS",
-        help="how often to look for VMs in /proc (default %(default)s)",
+        help="how often to look for VMs in /proc (default 1)",
     )
     run.add_argument(
         "--no-discovery",
@@ -93,14 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure event-loop blocking; logged as 'loop stats' at exit",
     )
-    run.add_argument("--max-connections", type=_positive_int, default=Limits.max_connections)
-    run.add_argument("--max-request-bytes", type=_positive_int, default=Limits.max_request_bytes)
-    run.add_argument("--max-output-bytes", type=_positive_int, default=Limits.max_output_bytes)
-    run.add_argument(
-        "--negotiation-timeout", type=float, default=Limits.negotiation_timeout, metavar="SECONDS"
-    )
-    run.add_argument("--log-level", choices=logconfig.LOG_LEVELS, default="info")
-    run.add_argument("--log-format", choices=logconfig.LOG_FORMATS, default="auto")
+    run.add_argument("--max-connections", type=_positive_int, default=None)
+    run.add_argument("--max-request-bytes", type=_positive_int, default=None)
+    run.add_argument("--max-output-bytes", type=_positive_int, default=None)
+    run.add_argument("--negotiation-timeout", type=float, default=None, metavar="SECONDS")
+    run.add_argument("--log-level", choices=logconfig.LOG_LEVELS, default=None)
+    run.add_argument("--log-format", choices=logconfig.LOG_FORMATS, default=None)
 
     query = sub.add_parser("query", help="send one QMP command and print the reply")
     query.add_argument(
@@ -138,24 +157,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
-    logconfig.configure(args.log_level, args.log_format)
-    settings = Settings(
-        run_dir=args.run_dir,
-        demo=args.demo,
-        demo_vcpus=args.demo_vcpus,
-        histogram_order=args.histogram_order,
-        socket_mode=args.socket_mode,
-        scan_interval=args.scan_interval,
+def _first(*values: Any) -> Any:
+    """The first value that is set: a flag, then the file, then the default."""
+    return next(value for value in values if value is not None)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """Defaults < configuration file < command-line flags. Raises ConfigError."""
+    file = load_config(args.config) if args.config is not None else FileConfig()
+    defaults = Settings()
+    limit_defaults = Limits()
+    group = _first(args.socket_group, file.socket_group, "")
+    if isinstance(group, str) and group.isdigit():
+        group = int(group)
+    return Settings(
+        run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
+        demo=_first(args.demo, file.demo, defaults.demo),
+        demo_vcpus=_first(args.demo_vcpus, file.demo_vcpus, defaults.demo_vcpus),
+        histogram_order=_first(args.histogram_order, file.histogram_order, "kernel"),
+        socket_mode=_first(args.socket_mode, file.socket_mode, defaults.socket_mode),
+        socket_gid=resolve_group(group, path=args.config) if group != "" else None,
+        scan_interval=_first(args.scan_interval, file.scan_interval, defaults.scan_interval),
         discover=not args.no_discovery,
         measure_loop=args.measure_loop,
+        log_level=_first(args.log_level, file.log_level, defaults.log_level),
+        log_format=_first(args.log_format, file.log_format, defaults.log_format),
         limits=Limits(
-            max_request_bytes=args.max_request_bytes,
-            max_connections=args.max_connections,
-            negotiation_timeout=args.negotiation_timeout,
-            max_output_bytes=args.max_output_bytes,
+            max_request_bytes=_first(
+                args.max_request_bytes,
+                file.limits.max_request_bytes,
+                limit_defaults.max_request_bytes,
+            ),
+            max_connections=_first(
+                args.max_connections, file.limits.max_connections, limit_defaults.max_connections
+            ),
+            negotiation_timeout=_first(
+                args.negotiation_timeout,
+                file.limits.negotiation_timeout,
+                limit_defaults.negotiation_timeout,
+            ),
+            max_output_bytes=_first(
+                args.max_output_bytes,
+                file.limits.max_output_bytes,
+                limit_defaults.max_output_bytes,
+            ),
         ),
+        reload=(lambda: build_settings(args)) if args.config is not None else None,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    logconfig.configure(settings.log_level, settings.log_format)
     trio.run(serve, settings)
     return 0
 

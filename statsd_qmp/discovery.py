@@ -85,6 +85,7 @@ class Discovery:
         self.scanner = borrowed.ProcScanner()
         self.vmms: dict[int, BorrowedVm] = {}
         self.last_scan_seconds = 0.0
+        self.last_scan_finished = trio.current_time()
         self.scans = 0
         self._lock = trio.Lock()
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
@@ -111,9 +112,12 @@ class Discovery:
         async with self._lock:
             started = trio.current_time()
             # The /proc walk blocks for milliseconds on a busy host: keep it off the event loop.
-            result = await trio.to_thread.run_sync(self.scanner.scan, started)
+            result = await trio.to_thread.run_sync(
+                self.scanner.scan, started, abandon_on_cancel=True
+            )
             self._apply(result)
-            self.last_scan_seconds = trio.current_time() - started
+            self.last_scan_finished = trio.current_time()
+            self.last_scan_seconds = self.last_scan_finished - started
             self.scans += 1
 
     # --- applying a scan -----------------------------------------------------------------

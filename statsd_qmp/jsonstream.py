@@ -941,7 +941,7 @@ class JsonStreamParser:
             if brace + bracket > self._max_nesting:
                 result = -2  # the exact path reports this at once
                 break
-        if False:
+        if result == -1 and len(buf) - start > self._fast_max:
             result = -2
         self._scan_pos = j
         self._scan_brace, self._scan_bracket, self._scan_in_string = brace, bracket, in_string
