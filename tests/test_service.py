@@ -256,7 +256,8 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path: Path) -> None:
         assert [r["qom-path"] for r in results] == ["/kvm/vcpu[1]", "/kvm/vcpu[0]"]
         client.close()
         ready = [e for e in log_events(log) if e["event"] == "ready"]
-        assert ready and ready[0]["socket_activated"] is True
+        assert ready
+        assert ready[0]["socket_activated"] is True
         # The activated socket is systemd's: the daemon must not have replaced it.
         assert host.exists()
     finally:
