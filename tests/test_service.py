@@ -184,7 +184,7 @@ async def test_watchdog_stops_when_the_scanner_is_wedged(
     notify_socket.sock.setblocking(False)
 
     def drain() -> list[dict[str, str]]:
-        got = []
+        got: list[dict[str, str]] = []
         while True:
             try:
                 data = notify_socket.sock.recv(4096)
