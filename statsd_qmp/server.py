@@ -203,7 +203,8 @@ class Server:
         self.activated = activated
         self.connections = 0
         self._ids = itertools.count(1)
-        self._vm_scopes: dict[str, trio.CancelScope] = {}
+        # Per VM: the listener's scope and its connections' scope.
+        self._vm_scopes: dict[str, tuple[trio.CancelScope, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self._outboxes: set[Outbox] = set()
 
@@ -236,7 +237,8 @@ class Server:
             if self.activated is None:
                 unlink_socket(self.host_socket)
             for name in list(self._vm_scopes):
-                self._vm_scopes.pop(name).cancel()
+                for scope in self._vm_scopes.pop(name):
+                    scope.cancel()
                 unlink_socket(self.registry.socket_path(name))
 
     # --- per-VM sockets ----------------------------------------------------------------
@@ -251,35 +253,40 @@ class Server:
         except OSError as exc:
             log.error("cannot create the VM's socket", vm=vm.name, path=str(path), error=str(exc))
             return
-        scope = trio.CancelScope()
-        self._vm_scopes[vm.name] = scope
-        self._nursery.start_soon(self._serve_vm, vm, listener, scope)
+        scopes = (trio.CancelScope(), trio.CancelScope())
+        self._vm_scopes[vm.name] = scopes
+        self._nursery.start_soon(self._serve_vm, vm, listener, scopes)
 
     def _vm_removed(self, vm: VmStats) -> None:
         unlink_socket(Path(vm.socket_path))
-        scope = self._vm_scopes.pop(vm.name, None)
-        if scope is None:
+        scopes = self._vm_scopes.pop(vm.name, None)
+        if scopes is None:
             return
+        listening, connections = scopes
+        listening.cancel()  # no new clients; the socket file is gone already
         # Its connections never read the VM again (each request looks the VM up anew), so
         # they get a moment to send what they owe (the error for a query that found the VM
-        # gone) before the listener and every idle connection are closed.
+        # gone) before every one still open is closed.
         if self._nursery is None:
-            scope.cancel()
+            connections.cancel()
         else:
-            self._nursery.start_soon(self._retire, scope)
-
-    async def _retire(self, scope: trio.CancelScope) -> None:
-        await trio.sleep(self.limits.vm_gone_grace)
-        scope.cancel()
+            connections.deadline = trio.current_time() + self.limits.vm_gone_grace
 
     async def _serve_vm(
-        self, vm: VmStats, listener: trio.SocketListener, scope: trio.CancelScope
+        self,
+        vm: VmStats,
+        listener: trio.SocketListener,
+        scopes: tuple[trio.CancelScope, trio.CancelScope],
     ) -> None:
-        with scope:
-            await trio.serve_listeners(
-                self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name),
-                [listener],
-            )
+        listening, connections = scopes
+        with connections:
+            async with trio.open_nursery() as handlers:
+                with listening:
+                    await trio.serve_listeners(
+                        self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name),
+                        [listener],
+                        handler_nursery=handlers,
+                    )
 
     # --- connections ---------------------------------------------------------------------
 
