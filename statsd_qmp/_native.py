@@ -142,19 +142,9 @@ class BulkRead:
 
     def run(self) -> list[StatsReadError | None]:
         """Read every region; return ``None`` per complete region, else its error."""
-        complete = self._lib.statsread_bulk(
-            self.count,
-            self._fds,
-            self._offsets,
-            self._lengths,
-            self._dests,
-            self._buf,
-            self.total,
-            self._results,
-        )
-        if complete == self.count:
+        if self.run_all():
             return [None] * self.count
-        return [self._outcome(i) for i in range(self.count)]
+        return self.outcomes()
 
     def run_checked(self) -> None:
         """Read every region; raise the first region's error if any region failed."""

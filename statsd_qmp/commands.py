@@ -100,14 +100,8 @@ def _check_leftovers(remaining: Args, prefix: str = "") -> None:
 def _enum(
     args: Args, key: str, values: Sequence[str], *, required: bool, prefix: str = ""
 ) -> str | None:
-    if key not in args:
-        if required:
-            raise _missing(_join(prefix, key))
-        return None
-    value = args.pop(key)
-    if not isinstance(value, str):
-        raise _type_error(_join(prefix, key), "string")
-    if value not in values:
+    value = _string(args, key, required=required, prefix=prefix)
+    if value is not None and value not in values:
         raise _bad_enum(key, value)
     return value
 
