@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 
 from . import QEMU_VERSION, hmp, introspection, render
 from .errors import CommandNotFoundError, QmpError, StatsFileError
+from .protocol import first_unexpected_member
 from .schema import PROVIDER, HistogramOrder
 from .vm import VmStats
 
@@ -92,8 +93,13 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _check_leftovers(remaining: Args, prefix: str = "") -> None:
-    for key in remaining:
+def _check_leftovers(original: Args, remaining: Args, prefix: str = "") -> None:
+    """Reject members nobody consumed, naming the one QEMU would name (its hash order)."""
+    if not remaining:
+        return
+    consumed = set(original) - set(remaining)
+    key = first_unexpected_member(list(original), consumed)
+    if key is not None:
         raise _unexpected(_join(prefix, key))
 
 
@@ -140,7 +146,7 @@ def _string_list(args: Args, key: str, *, prefix: str = "") -> list[str] | None:
 
 
 def _no_arguments(args: Args) -> None:
-    _check_leftovers(dict(args))
+    _check_leftovers(args, dict(args))
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,13 +182,13 @@ def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
             provider = _enum(request, "provider", PROVIDERS, required=True, prefix=path)
             assert provider is not None
             names = _string_list(request, "names", prefix=path)
-            _check_leftovers(request, path)
+            _check_leftovers(item, request, path)
             providers.append(
                 StatsRequest(provider, frozenset(names) if names is not None else None)
             )
     vcpus = _string_list(args, "vcpus") if target == "vcpu" else None
     vm = _string(args, "vm", required=False) if host else None
-    _check_leftovers(args)
+    _check_leftovers(arguments, args)
     return StatsFilter(
         target,
         tuple(providers) if providers is not None else None,
@@ -281,10 +287,10 @@ class Commands:
             return [vm]
         return self.context.all_vms() if scope.host else []
 
-    def _query_cpus_fast(self, scope: Scope, args: Args) -> Any:
-        args = dict(args)
+    def _query_cpus_fast(self, scope: Scope, arguments: Args) -> Any:
+        args = dict(arguments)
         vm, host_paths = self._scoped_vm(scope, args)
-        _check_leftovers(args)
+        _check_leftovers(arguments, args)
         return [
             {
                 "thread-id": vcpu.thread_id,
@@ -448,11 +454,11 @@ class Commands:
                     }
                 )
 
-    def _query_stats_schemas(self, scope: Scope, args: Args) -> Any:
-        args = dict(args)
+    def _query_stats_schemas(self, scope: Scope, arguments: Args) -> Any:
+        args = dict(arguments)
         _enum(args, "provider", PROVIDERS, required=False)
         vm, _ = self._scoped_vm(scope, args)
-        _check_leftovers(args)
+        _check_leftovers(arguments, args)
         return self.stats_schemas(self._vms_for(scope, vm))
 
     @staticmethod
@@ -472,13 +478,13 @@ class Commands:
 
     # --- HMP -----------------------------------------------------------------------------
 
-    def _human_monitor_command(self, scope: Scope, args: Args) -> Any:
-        args = dict(args)
+    def _human_monitor_command(self, scope: Scope, arguments: Args) -> Any:
+        args = dict(arguments)
         command_line = _string(args, "command-line", required=True)
         assert command_line is not None
         cpu_index = _integer(args, "cpu-index")
         vm, _ = self._scoped_vm(scope, args)
-        _check_leftovers(args)
+        _check_leftovers(arguments, args)
         current_path: str | None = None
         if vm is not None and vm.vcpus:
             index = 0 if cpu_index is None else cpu_index

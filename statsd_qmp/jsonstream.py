@@ -55,11 +55,16 @@ Where it differs from QEMU, on purpose (**one error per bad message**):
   its first token, exceed it ends the stream with :class:`JsonTooLong`. The decision depends
   only on the byte stream, never on how it was split into chunks.
 
-Speed: a message that starts with ``{`` at top level and lies complete in the buffer is handed
-to the stdlib ``json`` scanner (C) first. Its result is used only when it cannot differ from
-QEMU's: pure ASCII, no ``\\u`` escape, no run of 19+ digits, no ``0e`` exponent, no ``NaN`` /
-``Infinity``, no duplicate key, bounded nesting; anything else, and any ``json`` error, goes to
-the exact incremental lexer/parser below, which never recurses (depth 1024 is fine).
+Speed: a message that starts with ``{`` or ``[`` at top level is handed to the stdlib ``json``
+scanner (C) once it is complete; while it arrives in pieces, a cheap bracket pre-scan waits for
+its end without lexing it, and gives it to the exact path at the first byte the exact lexer
+would report, so no reply is ever delayed. The scanner's result is used only when it cannot
+differ from QEMU's: pure ASCII, no ``\\u`` escape, no ``0e`` exponent, no ``NaN`` /
+``Infinity``, no duplicate key, bounded nesting and size (integers are converted the QEMU way by
+a hook). Anything else goes to the exact incremental lexer/parser, which never recurses (depth
+1024 is fine) and takes one regex match per ordinary token (about 3 us per token, so a hostile
+1 MiB message costs up to about a second). Results, and when they appear, are the same on both
+paths; ``fast_path=False`` turns the shortcut off for comparison.
 
 Output: :func:`dumps`
 =====================
@@ -352,6 +357,18 @@ def _is_resync_byte(byte: int) -> bool:
     return (byte < 0x20 and byte not in (0x09, 0x0A, 0x0D)) or byte >= 0xFE
 
 
+# Inside a message, one regex match per ordinary token. It only matches where the exact
+# lexer would produce the same token (a number or keyword must be followed by a byte that
+# surely ends it); anything else goes byte by byte.
+_SIMPLE_TOKEN_RE: Final = re.compile(
+    rb"([{}\[\],:])"
+    rb'|("[^"\\\x00-\x1f\xfe\xff]*")'
+    rb"|(-?(?:0|[1-9][0-9]*)(?=[ \t\r\n,:\]}]))"
+    rb"|(-?(?:0|[1-9][0-9]*)\.[0-9]+(?=[ \t\r\n,:\]}]))"
+    rb"|([a-z]+(?=[ \t\r\n,:\]}]))"
+)
+_SIMPLE_KINDS: Final = (-1, -1, _T_STRING, _T_INTEGER, _T_FLOAT, _T_KEYWORD)  # by group
+
 # Parser frame states (a frame is a list: [state, container, pending key]).
 _O_FIRST: Final = 0  # after "{": "}" or a key
 _O_KEY: Final = 1  # after ",": a key
@@ -381,11 +398,12 @@ def _reject_constant(name: str) -> object:
     raise _Unsafe
 
 
-_stdlib_raw_decode: Final = json.JSONDecoder(
+# scan_once(text, index) -> (value, end): the C scanner behind JSONDecoder.raw_decode.
+_stdlib_scan_once: Final = json.JSONDecoder(
     object_pairs_hook=_pairs_without_duplicates,
     parse_constant=_reject_constant,
     parse_int=_parse_integer,
-).raw_decode
+).scan_once  # type: ignore[attr-defined]
 _FAST_NO: Final = 0
 _FAST_DONE: Final = 1
 _FAST_DEFERRED: Final = 2
@@ -407,6 +425,21 @@ _SCAN_TAIL_RE: Final = re.compile(
 _SCAN_TAIL_BYTES: Final = frozenset(b"-+.0123456789abcdefghijklmnopqrstuvwxyzE")
 # "0e5" is one number for Python but three tokens for QEMU ("0", "e", "5").
 _ZERO_EXPONENT_RE: Final = re.compile(r"(?<![0-9.])0[eE]")
+_STRING_OR_BRACKET_RE: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _too_deep(text: str, limit: int) -> bool:
+    """True if valid JSON ``text`` nests ``{``/``[`` deeper than ``limit``."""
+    depth = 0
+    for m in _STRING_OR_BRACKET_RE.finditer(text):
+        bracket = m.group()
+        if bracket == "{" or bracket == "[":
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket == "}" or bracket == "]":
+            depth -= 1
+    return False
 
 
 class JsonStreamParser:
@@ -539,9 +572,21 @@ class JsonStreamParser:
                     return
                 if i == n:
                     break
+                if self._msg_start is not None and not self._skip and not self._cascade:
+                    m = _SIMPLE_TOKEN_RE.match(buf, i)
+                    if m is not None:
+                        end = m.end()
+                        if self._over(end):
+                            self._overflow(out)
+                            return
+                        group = m.lastindex or 0
+                        simple = _STRUCTURAL[buf[i]] if group == 1 else _SIMPLE_KINDS[group]
+                        self._token(simple, i, end, out)
+                        i = end
+                        continue
                 byte = buf[i]
                 if self._msg_start is None:
-                    if byte == 0x7B and self._fast_path:
+                    if (byte == 0x7B or byte == 0x5B) and self._fast_path:
                         outcome = self._fast(i, out)
                         if outcome == _FAST_DONE:
                             i = self._pos
@@ -855,7 +900,7 @@ class JsonStreamParser:
     # -- fast path ----------------------------------------------------------------------------
 
     def _fast(self, i: int, out: list[JsonItem]) -> int:
-        """Try the stdlib scanner on the object starting at ``_buf[i]``.
+        """Try the stdlib scanner on the object or array starting at ``_buf[i]``.
 
         ``_FAST_DONE``: parsed (and emitted). ``_FAST_DEFERRED``: the object looks plain but is
         not complete yet; nothing is lexed until it is (see :meth:`_resume_deferred`).
@@ -948,13 +993,13 @@ class JsonStreamParser:
         return result
 
     def _fast_parse(self, i: int, expected_end: int, out: list[JsonItem]) -> bool:
-        """Parse a complete, plain object at ``_buf[i]`` with the stdlib scanner, if safe."""
+        """Parse a complete, plain object or array at ``_buf[i]`` with the stdlib scanner."""
         text = self._text
         if text is None:
             text = self._text = self._buf.decode("latin-1")
         try:
-            value, end = _stdlib_raw_decode(text, i)
-        except (ValueError, RecursionError, _Unsafe):
+            value, end = _stdlib_scan_once(text, i)
+        except (StopIteration, ValueError, RecursionError, _Unsafe):
             return False
         if end - i > self._fast_max or (expected_end >= 0 and end != expected_end):
             return False
@@ -963,7 +1008,10 @@ class JsonStreamParser:
             not msg.isascii()  # QEMU's modified UTF-8 differs from Python's UTF-8
             or "\\u" in msg  # Python accepts lone surrogates and noncharacters
             or (("0e" in msg or "0E" in msg) and _ZERO_EXPONENT_RE.search(msg))
-            or msg.count("{") + msg.count("[") > self._max_nesting
+            or (
+                msg.count("{") + msg.count("[") > self._max_nesting
+                and _too_deep(msg, self._max_nesting)
+            )
         ):
             return False
         out.append(JsonValue(value))

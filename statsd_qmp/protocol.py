@@ -78,6 +78,7 @@ from statsd_qmp.jsonstream import (
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "KNOWN_CAPABILITIES",
     "Close",
     "Event",
     "QmpConnection",
@@ -387,7 +388,6 @@ class QmpConnection:
         max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
         cascade_errors: bool = False,
     ) -> None:
-        self._max_request_bytes = max_request_bytes
         self._parser = JsonStreamParser(
             max_message_bytes=max_request_bytes, cascade_errors=cascade_errors
         )

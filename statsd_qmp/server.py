@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 HOST_SOCKET = "qmp.sock"
 _RETURN_PREFIX = b'{"return": '
 SHUTDOWN_WRITE_GRACE = 1.0
+INLINE_PARSE_BYTES = 16384  # a chunk this small, starting a fresh message, is parsed inline
 LOCK_FILE = "statsd-qmp.lock"
 
 
@@ -426,7 +427,14 @@ class Server:
             data = await stream.receive_some(65536)
             if not data:
                 return
-            for event in conn.receive_data(data):
+            if len(data) < INLINE_PARSE_BYTES and conn.idle:
+                events = conn.receive_data(data)
+            else:
+                # Large or partial messages may take long to parse (the exact parser costs
+                # ~3 us per token); a worker thread keeps the event loop serving others, the
+                # GIL being handed back every switch interval.
+                events = await trio.to_thread.run_sync(conn.receive_data, data)
+            for event in events:
                 if isinstance(event, protocol.Close):
                     close(event.data, event.reason)
                     return

@@ -11,6 +11,7 @@ import ast
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from statsd_qmp.protocol import (
     reply_return,
 )
 
-TRANSCRIPT = Path(__file__).resolve().parents[2] / "shared/reference/qemu-7.2/transcript.jsonl"
+TRANSCRIPT = Path(__file__).resolve().parent / "golden/qemu-7.2/transcript.jsonl"
 VERSION_72 = {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "statsd-qmp test"}
 HYPOTHESIS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -505,6 +506,24 @@ def test_nesting_1024_is_accepted_1025_is_not() -> None:
     assert conn.receive_data(b'{"execute": "after"}') == [Request("after", {})]
 
 
+def test_nesting_limit_does_not_depend_on_the_recursion_limit() -> None:
+    many = b'{"execute": "x", "arguments": {"a": [' + b", ".join([b'{"b": [1]}'] * 3000) + b"]}}"
+    (request,) = negotiated().receive_data(many)  # 6000 brackets, depth 4
+    assert type(request) is Request
+    assert len(request.arguments["a"]) == 3000
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10000)  # the stdlib scanner could then go deeper than QEMU allows
+    try:
+        for depth, expected in [(1024, "ok"), (1025, "JSON nesting depth limit exceeded")]:
+            data = b'{"execute": "x", "id": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+            (ev,) = negotiated().receive_data(data)
+            assert (ev.data if type(ev) is SendBytes else b"ok") == (
+                b"ok" if expected == "ok" else error_line(expected)
+            )
+    finally:
+        sys.setrecursionlimit(old_limit)
+
+
 def test_nesting_cascade_matches_qemu_in_cascade_mode() -> None:
     conn = negotiated(cascade_errors=True)
     events = conn.receive_data(b"[" * 1025 + b"]" * 1025)
@@ -574,11 +593,12 @@ def test_message_size_limit(chunk: int) -> None:
     ]
     assert conn.closed
     assert conn.receive_data(b'{"execute": "x"}') == []
-    # Close comes as soon as the message is too long, not when it ends.
+    # Close comes as soon as a message is too long, not when (if ever) it ends.
+    endless = b'{"execute": "x", "id": "' + b"a" * limit
     conn = negotiated()
     events = []
     for start in range(0, limit + 1, chunk):
-        events += conn.receive_data(too_big[start : min(start + chunk, limit + 1)])
+        events += conn.receive_data(endless[start : min(start + chunk, limit + 1)])
     assert events == [Close(error_line(desc), desc)]
     assert conn.receive_data(b'{"execute": "x"}') == []
 
@@ -828,6 +848,8 @@ def test_single_error_mode_only_drops_qemus_cascade_replies(parts: list[bytes]) 
     remaining = iter(cascade)
     assert all(item in remaining for item in single)  # a subsequence
     assert not any(type(item) is JsonTooLong for item in single)
+    if not any(type(i) is JsonError and ("stray" in i.desc or "limit" in i.desc) for i in cascade):
+        assert single == cascade  # without lexical or limit errors there is nothing to drop
 
 
 @HYPOTHESIS
