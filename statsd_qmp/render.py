@@ -99,8 +99,11 @@ class Program:
         self._out_cap = 4096
         self._out = ffi.new("uint8_t[]", self._out_cap)
 
-    def render(self) -> bytes:
-        """Render from the current contents of the VM's read buffer (read it first)."""
+    def render(self) -> memoryview:
+        """Render from the current contents of the VM's read buffer (read it first).
+
+        The view is into this program's own output buffer: valid until its next render.
+        """
         while True:
             written = self._lib.statsfmt_render(
                 self._words,
@@ -113,7 +116,7 @@ class Program:
                 self._out_cap,
             )
             if written >= 0:
-                return bytes(self.ffi.buffer(self._out, written))
+                return memoryview(self.ffi.buffer(self._out, written))
             if written == -1:
                 raise RuntimeError("render program out of bounds (a bug)")
             self._out_cap = -written

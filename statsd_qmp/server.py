@@ -484,7 +484,9 @@ class Server:
                 # Splice the pre-rendered text in place of a placeholder: the id is then
                 # written by the protocol core exactly as for any other reply.
                 template = protocol.reply_return(request, 0)
-                reply = b"".join((_RETURN_PREFIX, value.text, template[len(_RETURN_PREFIX) + 1 :]))
+                reply = b"".join(
+                    (_RETURN_PREFIX, *value.parts, template[len(_RETURN_PREFIX) + 1 :])
+                )
             else:
                 reply = protocol.reply_return(request, value)
             outcome = "ok"
