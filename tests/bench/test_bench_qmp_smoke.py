@@ -52,9 +52,17 @@ def test_bench_qmp_smoke() -> None:
                 assert stats["reply_bytes"] > 0
             assert command["ratio_p50"] > 0
             assert 0 <= command["steal_pct"] <= 100
+        assert set(row["daemon_alone"]) == set(bench_qmp.ALONE_KINDS)
+        for alone in row["daemon_alone"].values():
+            _positive(alone)
+            assert alone["errors"] == 0
         # Same stats, in the same order, as QEMU's own reply; the same schemas.
         for kind in ("vcpu", "vm", "schemas"):
             assert row["commands"][kind]["same_as_qemu"], kind
+
+    for wake in results["sizes"]["wakeup"].values():
+        _positive(wake)
+        assert wake["errors"] == 0
 
     (bound,) = results["sizes"]["bound"]
     assert bound["vcpus"] == 2
@@ -69,6 +77,9 @@ def test_bench_qmp_smoke() -> None:
         _positive(growth)
         assert growth["errors"] == 0
         assert growth["served_total"] >= growth["vms"]
+    paced = scale["single_client_paced"]
+    _positive(paced)
+    assert paced["errors"] == 0
     load = scale["load"]
     assert load["connected"] == 3
     assert load["errors"] == 0, load["error_samples"]
