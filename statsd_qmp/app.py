@@ -81,6 +81,7 @@ class Daemon:
         self.registry = registry
         self.server = server
         self.discovery: Discovery | None = None
+        self.on_stop: list[Callable[[], None]] = []
 
     def status(self) -> str:
         return (
@@ -158,6 +159,8 @@ class Daemon:
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name)
                 sd_daemon.notify("STOPPING=1")
+                for callback in self.on_stop:
+                    callback()
                 cancel_scope.cancel()
                 return
 
@@ -196,6 +199,8 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 activated=activated,
             )
             daemon = Daemon(settings, registry, server)
+            if instrument is not None:
+                daemon.on_stop.append(instrument.stop)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
                 if settings.discover:
@@ -223,6 +228,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
             registry.close()
             if instrument is not None:
                 trio.lowlevel.remove_instrument(instrument)
+                instrument.close()
                 # Asked for explicitly: shown whatever the log level.
                 log.warning("loop stats", **instrument.summary())
             log.info("stopped")
