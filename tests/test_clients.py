@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from .conftest import kvm_problem, need, program_problem
+from .procnet import listening_sockets
 
 pytestmark = pytest.mark.kvm
 
@@ -33,18 +34,6 @@ TIMEOUT = 20.0
 def statsd_qmp() -> list[str]:
     found = shutil.which("statsd-qmp")
     return [found] if found else [sys.executable, "-m", "statsd_qmp.cli"]
-
-
-def listening_sockets() -> set[str]:
-    """Paths of the unix sockets in listening state (Flags has __SO_ACCEPTCON)."""
-    out: set[str] = set()
-    with open("/proc/net/unix") as table:
-        next(table)
-        for row in table:
-            fields = row.split()
-            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
-                out.add(fields[7])
-    return out
 
 
 @dataclass

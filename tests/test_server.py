@@ -32,6 +32,7 @@ from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.vm import VcpuStats, VmStats
 
 from .conftest import need
+from .procnet import listening_sockets
 
 TRANSCRIPT = Path(__file__).resolve().parent / "golden/qemu-7.2/transcript.jsonl"
 
@@ -166,18 +167,6 @@ async def open_unix(path: Path) -> trio.SocketStream:
             sock.close()
             raise
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-
-
-def listening_sockets() -> set[str]:
-    """Paths of the unix sockets in listening state (Flags has __SO_ACCEPTCON)."""
-    out: set[str] = set()
-    with open("/proc/net/unix") as table:
-        next(table)
-        for row in table:
-            fields = row.split()
-            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
-                out.add(fields[7])
-    return out
 
 
 async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
