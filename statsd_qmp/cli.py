@@ -209,7 +209,12 @@ def build_settings(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     logconfig.configure(settings.log_level, settings.log_format)
-    trio.run(serve, settings)
+    try:
+        trio.run(serve, settings)
+    except KeyboardInterrupt:
+        # A second SIGINT during shutdown (Ctrl-C twice, or `timeout`, which signals the
+        # child and then its process group) lands after the signal handler is gone.
+        return 130
     return 0
 
 
