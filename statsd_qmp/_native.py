@@ -146,12 +146,6 @@ class BulkRead:
             return [None] * self.count
         return self.outcomes()
 
-    def run_checked(self) -> None:
-        """Read every region; raise the first region's error if any region failed."""
-        for error in self.run():
-            if error is not None:
-                raise error
-
     def _outcome(self, index: int) -> StatsReadError | None:
         result = int(self._results[index])
         region = self.regions[index]

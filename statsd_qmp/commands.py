@@ -28,7 +28,7 @@ from . import QEMU_VERSION, hmp, introspection, render
 from .errors import CommandNotFoundError, QmpError, StatsFileError
 from .protocol import first_unexpected_member
 from .schema import PROVIDER, HistogramOrder
-from .vm import VmStats
+from .vm import VmStats, vcpu_path, vm_path
 
 TARGETS: Final = ("vm", "vcpu")
 PROVIDERS: Final = (PROVIDER,)
@@ -171,6 +171,15 @@ class StatsFilter:
     vm: str | None
 
 
+def requests_in_qemu_order(stats_filter: StatsFilter) -> list[StatsRequest]:
+    """The provider requests as QEMU runs them: later ones first (their results prepended),
+    one for every provider when none is given; ``names: []`` asks for nothing."""
+    requests = stats_filter.providers
+    if requests is None:
+        requests = (StatsRequest(PROVIDER, None),)
+    return [r for r in reversed(requests) if r.names is None or r.names]
+
+
 def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
     """Validate ``query-stats`` arguments in QEMU's visiting order (target, providers, vcpus)."""
     args = dict(arguments)
@@ -206,14 +215,6 @@ def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
 
 
 # --- building replies ----------------------------------------------------------------------
-
-
-def vcpu_path(vm: VmStats, vcpu_id: int, *, host: bool) -> str:
-    return f"/vm/{vm.name}/vcpu[{vcpu_id}]" if host else f"/kvm/vcpu[{vcpu_id}]"
-
-
-def vm_path(vm: VmStats) -> str:
-    return f"/vm/{vm.name}"
 
 
 class Commands:
@@ -279,10 +280,15 @@ class Commands:
         return introspection.schema(host=scope.host, commands=self.names(scope))
 
     def _scoped_vm(self, scope: Scope, args: Args) -> tuple[VmStats | None, bool]:
-        """The VM a request addresses and whether results use host-socket paths."""
+        """The VM a request addresses (taking ``vm`` from ``args`` on the host socket) and
+        whether results use host-socket paths."""
         if not scope.host:
             return scope.vm, False
-        name = _string(args, "vm", required=False)
+        return self._named_vm(_string(args, "vm", required=False))
+
+    def _named_vm(self, name: str | None) -> tuple[VmStats | None, bool]:
+        """Host socket: the VM ``name`` asks for (answered as its own socket would), or every
+        VM with host-socket paths when no name is given."""
         if name is None:
             return None, True
         vm = self.context.find_vm(name)
@@ -330,9 +336,7 @@ class Commands:
         stats_filter = parse_stats_filter(args, host=scope.host)
         vm: VmStats | None
         if scope.host:
-            vm, host_paths = self._scoped_vm(
-                scope, {"vm": stats_filter.vm} if stats_filter.vm else {}
-            )
+            vm, host_paths = self._named_vm(stats_filter.vm)
         else:
             vm, host_paths = scope.vm, False
         return RawJson(
@@ -357,17 +361,12 @@ class Commands:
         host_paths: bool,
     ) -> tuple[bytes | memoryview, ...]:
         """The pieces of :meth:`query_stats_json`, not yet joined (no copy of the big text)."""
-        requests = stats_filter.providers
-        if requests is None:
-            requests = (StatsRequest(PROVIDER, None),)
         target = stats_filter.target
         fragments: list[memoryview] = []
         rendered: dict[int, memoryview] = {}
         read: set[int] = set()
         failed: set[int] = set()
-        for request in reversed(requests):
-            if request.names is not None and not request.names:
-                continue  # names: [] asks for nothing
+        for request in requests_in_qemu_order(stats_filter):
             shape = render.Shape(
                 target,
                 request.names,
@@ -416,15 +415,10 @@ class Commands:
         host_paths: bool,
     ) -> list[dict[str, Any]]:
         """QEMU's query-stats over ``vms``: one pass per provider request, later ones first."""
-        requests = stats_filter.providers
-        if requests is None:
-            requests = (StatsRequest(PROVIDER, None),)
         order = self.context.histogram_order
         results: list[dict[str, Any]] = []
         per_vm_words: dict[int, Any] = {}
-        for request in reversed(requests):
-            if request.names is not None and not request.names:
-                continue  # names: [] asks for nothing
+        for request in requests_in_qemu_order(stats_filter):
             for vm in vms:
                 try:
                     self._append_results(

@@ -97,9 +97,7 @@ class Discovery:
         self.scan_interval = scan_interval
         self.scanner = borrowed.ProcScanner()
         self.vmms: dict[int, BorrowedVm] = {}
-        self.last_scan_seconds = 0.0
         self.last_scan_finished = trio.current_time()
-        self.scans = 0
         self._lock = trio.Lock()
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
         self._nursery: trio.Nursery | None = None
@@ -130,8 +128,6 @@ class Discovery:
             )
             await self._apply(result)
             self.last_scan_finished = trio.current_time()
-            self.last_scan_seconds = self.last_scan_finished - started
-            self.scans += 1
 
     # --- applying a scan -----------------------------------------------------------------
 

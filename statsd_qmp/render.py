@@ -21,7 +21,7 @@ from typing import Any
 from ._native import native
 from .jsonstream import dumps
 from .schema import PROVIDER, HistogramOrder, ServedStat
-from .vm import VmStats
+from .vm import VmStats, vcpu_path, vm_path
 
 LITERAL, U64, BOOL, LIST, LIST_REVERSED = range(5)
 MAX_PROGRAMS_PER_VM = 64  # distinct filters cached per VM; beyond, the cache starts afresh
@@ -123,10 +123,6 @@ class Program:
             self._out = self.ffi.new("uint8_t[]", self._out_cap)
 
 
-def _vcpu_path(vm: VmStats, vcpu_id: int, host_paths: bool) -> str:
-    return f"/vm/{vm.name}/vcpu[{vcpu_id}]" if host_paths else f"/kvm/vcpu[{vcpu_id}]"
-
-
 def _matching(served: Sequence[ServedStat], names: frozenset[str] | None) -> list[ServedStat]:
     return [stat for stat in served if names is None or stat.desc.name in names]
 
@@ -167,14 +163,14 @@ def compile_shape(vm: VmStats, shape: Shape) -> Program | None:
         builder.text(head)
         _stats_ops(builder, stats, reader.starts[0] // 8, shape.order)
         if shape.host_paths:
-            builder.text(b', "qom-path": ' + _json(f"/vm/{vm.name}"))
+            builder.text(b', "qom-path": ' + _json(vm_path(vm)))
         builder.text(b"}")
     else:
         reader = vm.vcpu_reader
         results = 0
         for index in reversed(range(len(vm.vcpus))):
             vcpu = vm.vcpus[index]
-            path = _vcpu_path(vm, vcpu.vcpu_id, shape.host_paths)
+            path = vcpu_path(vm, vcpu.vcpu_id, host=shape.host_paths)
             if shape.vcpus is not None and path not in shape.vcpus:
                 continue
             stats = _matching(vcpu.file.served, shape.names)

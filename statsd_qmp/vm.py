@@ -82,6 +82,13 @@ class VmStats:
         """Every vCPU's data block in one bulk read; raises the first failing file's error."""
         return self.vcpu_reader.read_all()
 
-    def fds(self) -> list[int]:
-        files = ([self.vm_file] if self.vm_file else []) + [v.file for v in self.vcpus]
-        return [f.fd for f in files]
+
+def vcpu_path(vm: VmStats, vcpu_id: int, *, host: bool) -> str:
+    """A vCPU's qom-path: ``/kvm/vcpu[N]`` on its VM's socket, ``/vm/NAME/vcpu[N]`` on the
+    host socket (N is the KVM vCPU id)."""
+    return f"/vm/{vm.name}/vcpu[{vcpu_id}]" if host else f"/kvm/vcpu[{vcpu_id}]"
+
+
+def vm_path(vm: VmStats) -> str:
+    """The qom-path naming a VM's own results on the host socket."""
+    return f"/vm/{vm.name}"
