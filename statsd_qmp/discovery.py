@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,12 @@ from .statsfile import StatsFile
 from .vm import VcpuStats, VmStats, parse_vcpu_id
 
 log = structlog.get_logger(__name__)
+
+# How long one slice of the /proc walk may hold the event loop.
+SCAN_SLICE = 0.0005
+
+# How long reading a VMM's command line (for its VM name) may take.
+CMDLINE_TIMEOUT = 2.0
 
 # sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
@@ -122,12 +129,30 @@ class Discovery:
     async def scan_once(self) -> None:
         async with self._lock:
             started = trio.current_time()
-            # The /proc walk blocks for milliseconds on a busy host: keep it off the event loop.
-            result = await trio.to_thread.run_sync(
-                self.scanner.scan, started, abandon_on_cancel=True
-            )
+            result = await self._scan(started)
             await self._apply(result)
             self.last_scan_finished = trio.current_time()
+
+    async def _scan(self, now: float) -> borrowed.ScanResult:
+        """Walk /proc on the event loop, in slices of at most ``SCAN_SLICE`` seconds.
+
+        The walk costs milliseconds with 100 VMMs (each one's fd links are re-read every
+        scan). In a worker thread it ran beside the loop but took the GIL from it: the loop
+        thread then slept up to 19 ms waiting for the GIL while the scanning thread was
+        itself preempted (measured with ``--measure-loop`` in the scale benchmark). Run here,
+        it only ever holds the loop for one slice.
+        """
+        steps = self.scanner.scan_steps(now)
+        slice_end = time.perf_counter() + SCAN_SLICE
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: borrowed.ScanResult = done.value
+                return result
+            if time.perf_counter() >= slice_end:
+                await trio.lowlevel.checkpoint()
+                slice_end = time.perf_counter() + SCAN_SLICE
 
     # --- applying a scan -----------------------------------------------------------------
 
@@ -160,21 +185,35 @@ class Discovery:
             # of ms with 100 VMs) while all clients wait.
             gc.freeze()
         for pid, reason in result.denied.items():
-            self._report(pid, reason)
+            if self._reported.get(pid) != reason:
+                self._report(pid, reason, await self._qemu_name(pid))
         for pid in list(self._reported):
             if pid not in result.vmms and pid not in result.denied:
                 del self._reported[pid]
 
-    def _report(self, pid: int, problem: str) -> None:
+    @staticmethod
+    async def _qemu_name(pid: int) -> str | None:
+        """The VM name in the process's QEMU-style command line, read in a worker thread.
+
+        Reading another process's cmdline takes its mmap lock, which a VMM busy mapping
+        memory (or preempted while holding it) keeps for milliseconds: not on the loop.
+        """
+        argv: list[str] = []
+        # A VMM hung while holding that lock must not hang every scan after it: without its
+        # command line it is served as pid-PID.
+        with trio.move_on_after(CMDLINE_TIMEOUT):
+            argv = await trio.to_thread.run_sync(borrowed.read_cmdline, pid, abandon_on_cancel=True)
+        return borrowed.qemu_name(argv)
+
+    def _report(self, pid: int, problem: str, name: str | None) -> None:
         """Log a VM we cannot read, once per VM (not once per scan)."""
         if self._reported.get(pid) == problem:
             return
         self._reported[pid] = problem
-        name = borrowed.qemu_name(borrowed.read_cmdline(pid)) or f"pid-{pid}"
         log.warning(
             "cannot read vm",
             pid=pid,
-            vm=name,
+            vm=name or f"pid-{pid}",
             reason=problem,
             hint="reading another user's VMM needs CAP_SYS_PTRACE (pidfd_getfd, fd links) and "
             "CAP_DAC_READ_SEARCH (listing /proc/PID/fd); Yama ptrace_scope 2 or 3 or an LSM "
@@ -183,21 +222,21 @@ class Discovery:
 
     async def _adopt(self, found: borrowed.ProcessStatsFds) -> None:
         pid = found.pid
+        wanted = await self._qemu_name(pid)
         try:
             pidfd = borrowed.pidfd_open(pid)
         except ProcessLookupError:
             return  # gone already
         except OSError as exc:
-            self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}")
+            self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}", wanted)
             return
-        name = unique_name(
-            borrowed.qemu_name(borrowed.read_cmdline(pid)),
-            pid,
-            self.registry.names_in_use(),
-            self.registry.run_dir,
-        )
+        name = unique_name(wanted, pid, self.registry.names_in_use(), self.registry.run_dir)
         vmm = BorrowedVm(pid, pidfd, name)
-        built = await self._build(vmm, found)
+        try:
+            built = await self._build(vmm, found)
+        except BaseException:
+            vmm.close()  # cancelled while borrowing: nothing may keep its fds
+            raise
         if built is None:
             vmm.close()
             return
@@ -241,9 +280,10 @@ class Discovery:
                         vmm.pid,
                         "pidfd_getfd: EPERM: needs CAP_SYS_PTRACE (or the same uid and a "
                         "dumpable VMM), and Yama ptrace_scope < 2 and no LSM denial",
+                        vmm.name,
                     )
                 elif code not in (errno.EBADF, errno.ESRCH):
-                    self._report(vmm.pid, f"pidfd_getfd: {borrowed.describe_errno(code)}")
+                    self._report(vmm.pid, f"pidfd_getfd: {borrowed.describe_errno(code)}", vmm.name)
                 return None
             vmm.fds[target_fd] = ours
         stats_file = vmm.files.get(ours)

@@ -16,7 +16,7 @@ import trio
 from statsd_qmp.app import Settings, serve
 from statsd_qmp.discovery import UNIX_PATH_MAX, unique_name
 from statsd_qmp.server import Server
-from statsd_qmp.sources.borrowed import ProcScanner, qemu_name
+from statsd_qmp.sources.borrowed import _LINKS_PER_STEP, ProcScanner, list_stats_fds, qemu_name
 
 from .trio_qmp import TrioQmp
 
@@ -309,3 +309,52 @@ async def test_scan_skips_unchanged_processes(tmp_path: Path) -> None:
             assert second.full_scans <= len(second.vmms) + 5
     finally:
         await vmm.kill()
+
+
+def test_a_big_fd_table_is_read_in_steps() -> None:
+    """A VMM with hundreds of fds must not hold the event loop for its whole listing."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(300)]\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"ready\n"
+        steps = list_stats_fds(holder.pid)
+        pauses = 0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                found, holds_kvm = done.value
+                break
+            pauses += 1
+        assert not holds_kvm
+        assert found.signature() == ((), ())
+        # 300+ links, a pause every _LINKS_PER_STEP of them.
+        assert pauses >= 300 // _LINKS_PER_STEP
+        # A whole scan pauses before each process too: at least once per process listed.
+        scan = ProcScanner().scan_steps(0.0)
+        scan_pauses = 0
+        while True:
+            try:
+                next(scan)
+            except StopIteration as done:
+                result = done.value
+                break
+            scan_pauses += 1
+        assert scan_pauses >= result.processes + pauses
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+        assert holder.stdout is not None
+        holder.stdout.close()

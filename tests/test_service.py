@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,17 +168,21 @@ def test_ready_watchdog_reload_and_stop(tmp_path: Path, notify_socket: NotifySoc
 async def test_watchdog_stops_when_the_scanner_is_wedged(
     tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The pings prove the scanner works: wedge it, and they stop."""
+    """The pings prove the scanner works: wedge it (the loop still turns), and they stop."""
     wedge = threading.Event()
     release = threading.Event()
-    real_scan = borrowed.ProcScanner.scan
+    real_scan_steps = borrowed.ProcScanner.scan_steps
 
-    def scan(self: borrowed.ProcScanner, now: float) -> borrowed.ScanResult:
-        if wedge.is_set():
-            release.wait(30)
-        return real_scan(self, now)
+    def scan_steps(
+        self: borrowed.ProcScanner, now: float
+    ) -> Generator[None, None, borrowed.ScanResult]:
+        # A scan that never ends but lets the event loop run between its steps.
+        while wedge.is_set() and not release.is_set():
+            time.sleep(0.0002)
+            yield
+        return (yield from real_scan_steps(self, now))
 
-    monkeypatch.setattr(borrowed.ProcScanner, "scan", scan)
+    monkeypatch.setattr(borrowed.ProcScanner, "scan_steps", scan_steps)
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
     monkeypatch.setenv("WATCHDOG_USEC", "600000")
     notify_socket.sock.setblocking(False)

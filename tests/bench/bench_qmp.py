@@ -1189,23 +1189,52 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 load["daemon_hwm_mib"] < SCALE_RSS_MIB,
             )
         loop = scale.get("loop")
+        # Judged on the time the daemon itself held the loop (CPU, plus sleeping on the GIL
+        # or a fault); time the kernel gave the CPU to the clients and VMMs of this very
+        # benchmark is shown beside it (wall, runqueue) but is not the daemon blocking.
         check(
-            "scale daemon: longest trio step ms (whole daemon life)",
+            "scale daemon: longest trio step blocked ms (CPU + sleep; whole daemon life)",
             LOOP_MISSING
             if loop is None
-            else f"{loop['max_step_ms']} ({loop.get('max_step_task')})",
+            else f"{loop['max_step_blocked_ms']} (cpu max {loop['max_step_cpu_ms']}, "
+            f"sleep max {loop['max_step_sleep_ms']}; wall max {loop['max_step_ms']} of which "
+            f"runqueue wait up to {loop['max_step_runqueue_ms']})",
             f"<= {LOOP_STEP_MS:g}",
-            None if loop is None else loop["max_step_ms"] <= LOOP_STEP_MS,
+            None if loop is None else loop["max_step_blocked_ms"] <= LOOP_STEP_MS,
         )
     return checks
+
+
+def _fs_type(path: Path) -> str:
+    """The file system type of ``path`` (from /proc/self/mounts: the longest mount prefix)."""
+    best, kind = "", "?"
+    resolved = str(path.resolve())
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1]
+            inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def _tmpfs_dir() -> str | None:
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/run", "/dev/shm"):
+        if candidate and os.access(candidate, os.W_OK) and _fs_type(Path(candidate)) == "tmpfs":
+            return candidate
+    return None  # the default temporary directory, whatever it is
 
 
 def run_all(opts: Options) -> dict[str, Any]:
     results: dict[str, Any] = {"env": environment(), "options": asdict(opts)}
     steal0 = cpu_sample()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-qmp-") as tmp:
+    # The daemon's run dir lives in tmpfs, as /run does on a real host: on a disk file
+    # system, creating each VM's socket waits for the journal now and then.
+    with tempfile.TemporaryDirectory(prefix="bench-qmp-", dir=_tmpfs_dir()) as tmp:
         workdir = Path(tmp)
+        results["env"]["workdir_fs"] = _fs_type(workdir)
         if not opts.skip_sizes:
             results["sizes"] = run_sizes(opts, workdir)
             results["vcpu_growth"] = vcpu_growth(results["sizes"]["rows"])
@@ -1327,7 +1356,8 @@ def format_tables(results: dict[str, Any]) -> str:
     env = results["env"]
     lines.append(
         f"# bench_qmp  {env['date']}  kernel {env['kernel']}  {env['qemu']}  nproc {env['nproc']}"
-        f"  kvm_pvm {env['kvm_pvm']}  steal over the run {env.get('steal_pct_whole_run')}%"
+        f"  kvm_pvm {env['kvm_pvm']}  run dir on {env.get('workdir_fs', '?')}"
+        f"  steal over the run {env.get('steal_pct_whole_run')}%"
     )
     lines.append("All latencies in us, p50 / p99; ratio = QEMU p50 / daemon p50; steal in %.")
     opts = results.get("options", {})
