@@ -65,6 +65,8 @@ def start_daemon(run_dir: Path, log_path: Path) -> Daemon:
         "--log-format",
         "json",
         "--no-discovery",  # VMMs other programs run here must not show up
+        "--log-level",
+        "debug",  # the per-request lines
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -321,5 +323,5 @@ def test_sigterm_stops_the_daemon_and_removes_its_sockets(tmp_path: Path) -> Non
     assert not running.host.exists()
     assert not running.demo.exists()
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["statsd-qmp.lock", "vm"]
-    events = [e["event"] for e in running.log_events()]
+    events = [e["event"] for e in running.log_events() if e["level"] != "debug"]
     assert events[-3:] == ["stopping", "vm removed", "stopped"]

@@ -8,13 +8,14 @@ replay test compares the demo VM's socket with the bytes a real QEMU 7.2 sent
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import structlog
 import trio
 from structlog.testing import capture_logs
 
-from statsd_qmp import __version__
+from statsd_qmp import __version__, logconfig
 from statsd_qmp.app import Settings, serve
 from statsd_qmp.server import Limits, RunDirBusyError, Server
 from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
@@ -394,6 +395,14 @@ class Daemon:
         self.server.registry.add(vm)
         path = os.fspath(self.vm_socket(vm.name))
         await wait_until(lambda: path in listening_sockets())
+
+
+@contextmanager
+def reset_logging_after() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
 
 
 @asynccontextmanager
@@ -1294,7 +1303,8 @@ async def test_stale_sockets_removed_at_start_and_sockets_gone_after_stop(
 
 async def test_one_request_log_event_per_request(tmp_path: Path, synthetic: SyntheticVms) -> None:
     spec = synthetic.make("vm1")
-    with trio.fail_after(10), capture_logs() as logs:
+    logconfig.configure("debug", "json", io.StringIO())  # request lines are debug
+    with trio.fail_after(10), capture_logs() as logs, reset_logging_after():
         async with daemon(tmp_path, vms=[spec]) as d:
             conn = await d.connect(d.vm_socket("vm1"))
             host = await d.connect(d.host)
@@ -1320,7 +1330,7 @@ async def test_one_request_log_event_per_request(tmp_path: Path, synthetic: Synt
     for event in requests:
         assert isinstance(event["duration_ms"], float | int)
         assert 0 <= event["duration_ms"] < 5000
-        assert event["log_level"] == "info"
+        assert event["log_level"] == "debug"
         assert isinstance(event["reply_bytes"], int)
         assert event["reply_bytes"] > 0
 
