@@ -39,17 +39,23 @@ static uint64_t op_bound(const struct statsfmt_op *op)
     }
 }
 
-static int op_in_bounds(const struct statsfmt_op *op, uint64_t n_words, uint64_t literals_len)
+/* `base` is the word base in force for this op (always <= n_words, see STATSFMT_BASE). */
+static int op_in_bounds(const struct statsfmt_op *op, uint64_t base, uint64_t n_words,
+                        uint64_t literals_len)
 {
+    uint64_t room = n_words - base; /* words from base to the end of the buffer */
+
     switch (op->kind) {
     case STATSFMT_LITERAL:
         return op->arg <= literals_len && op->count <= literals_len - op->arg;
     case STATSFMT_U64:
     case STATSFMT_BOOL:
-        return op->arg < n_words;
+        return op->arg < room;
     case STATSFMT_LIST:
     case STATSFMT_LIST_REVERSED:
-        return op->arg <= n_words && op->count <= n_words - op->arg;
+        return op->arg <= room && op->count <= room - op->arg;
+    case STATSFMT_BASE:
+        return op->arg <= n_words;
     default:
         return 0;
     }
@@ -61,30 +67,38 @@ int64_t statsfmt_render(const uint64_t *words, uint64_t n_words,
                         uint8_t *out, uint64_t out_cap)
 {
     uint64_t needed = 0;
+    uint64_t base = 0;
 
     /* One pass to validate and size, so the writing pass needs no checks. */
     for (uint32_t i = 0; i < n_ops; i++) {
-        if (!op_in_bounds(&ops[i], n_words, literals_len))
+        if (!op_in_bounds(&ops[i], base, n_words, literals_len))
             return -1;
+        if (ops[i].kind == STATSFMT_BASE)
+            base = ops[i].arg;
         needed += op_bound(&ops[i]);
     }
     if (needed > out_cap)
         return -(int64_t)needed;
 
     uint8_t *p = out;
+    const uint64_t *at = words; /* words + base */
+
     for (uint32_t i = 0; i < n_ops; i++) {
         const struct statsfmt_op *op = &ops[i];
 
         switch (op->kind) {
+        case STATSFMT_BASE:
+            at = words + op->arg;
+            break;
         case STATSFMT_LITERAL:
             memcpy(p, literals + op->arg, op->count);
             p += op->count;
             break;
         case STATSFMT_U64:
-            p += put_u64(p, words[op->arg]);
+            p += put_u64(p, at[op->arg]);
             break;
         case STATSFMT_BOOL:
-            if (words[op->arg]) {
+            if (at[op->arg]) {
                 memcpy(p, "true", 4);
                 p += 4;
             } else {
@@ -104,7 +118,7 @@ int64_t statsfmt_render(const uint64_t *words, uint64_t n_words,
                     *p++ = ',';
                     *p++ = ' ';
                 }
-                p += put_u64(p, words[index]);
+                p += put_u64(p, at[index]);
             }
             *p++ = ']';
             break;

@@ -16,6 +16,7 @@
 #define STATSFMT_BOOL 2         /* arg: word index; true when the word is not 0 */
 #define STATSFMT_LIST 3         /* arg: first word index, count: words; [a, b, ...] */
 #define STATSFMT_LIST_REVERSED 4 /* the same words, last first (QEMU's histogram order) */
+#define STATSFMT_BASE 5         /* arg: added to the word index of every later value op */
 
 struct statsfmt_op {
     uint32_t kind;

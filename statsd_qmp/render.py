@@ -14,6 +14,7 @@ objects by ``commands``: tests compare the two paths on synthetic and real files
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,10 @@ from .jsonstream import dumps
 from .schema import PROVIDER, HistogramOrder, ServedStat
 from .vm import VmStats, vcpu_path, vm_path
 
-LITERAL, U64, BOOL, LIST, LIST_REVERSED = range(5)
+LITERAL, U64, BOOL, LIST, LIST_REVERSED, BASE = range(6)
 MAX_PROGRAMS_PER_VM = 64  # distinct filters cached per VM; beyond, the cache starts afresh
+MAX_TEMPLATES = 256  # distinct (descriptor layout, names, order) kept; beyond, start afresh
+_OP = struct.Struct("<IIQ")  # struct statsfmt_op: kind, count, arg
 
 
 def _json(value: str) -> bytes:
@@ -40,7 +43,13 @@ class Shape:
     order: HistogramOrder
 
 
-class _ProgramBuilder:
+class _Template:
+    """The stats list of one file layout, compiled once: literal text and relative ops.
+
+    Word indexes are relative to the file's first word (a ``BASE`` op places them); every
+    vCPU of a VM has the same layout, so a 256-vCPU program repeats one template 256 times.
+    """
+
     def __init__(self) -> None:
         self.literals = bytearray()
         self.ops: list[tuple[int, int, int]] = []  # kind, count, arg
@@ -58,6 +67,47 @@ class _ProgramBuilder:
     def value(self, kind: int, word: int, count: int = 0) -> None:
         self._flush()
         self.ops.append((kind, count, word))
+
+    def finish(self) -> None:
+        self._flush()
+
+
+class _ProgramBuilder:
+    """A program's literal area and its ops, packed as ``struct statsfmt_op`` as they come."""
+
+    def __init__(self) -> None:
+        self.literals = bytearray()
+        self.ops = bytearray()
+        self.n_ops = 0
+        self._pending = bytearray()
+        self._placed: dict[int, bytes] = {}  # id(template) -> its ops in this program
+
+    def text(self, data: bytes) -> None:
+        self._pending += data
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.ops += _OP.pack(LITERAL, len(self._pending), len(self.literals))
+            self.n_ops += 1
+            self.literals += self._pending
+            self._pending.clear()
+
+    def stats(self, template: _Template, base_word: int) -> None:
+        """The template's stats list, reading the file whose data starts at ``base_word``."""
+        self._flush()
+        packed = self._placed.get(id(template))
+        if packed is None:
+            # First use in this program: its literals join the literal area once, and its
+            # ops are packed once with their literal offsets moved there.
+            offset = len(self.literals)
+            self.literals += template.literals
+            packed = self._placed[id(template)] = b"".join(
+                _OP.pack(kind, count, arg + offset if kind == LITERAL else arg)
+                for kind, count, arg in template.ops
+            )
+        self.ops += _OP.pack(BASE, 0, base_word)
+        self.ops += packed
+        self.n_ops += 1 + len(template.ops)
 
     def finish(self) -> None:
         self._flush()
@@ -86,16 +136,15 @@ class Program:
         self._lib = lib
         self._words = words
         self._buffer_words = n_words
-        self.empty = not builder.ops
+        self.empty = not builder.n_ops
         self._literals = ffi.new("uint8_t[]", bytes(builder.literals) or b"\0")
         self._n_literals = len(builder.literals)
-        self._n_ops = len(builder.ops)
+        self._n_ops = builder.n_ops
         self._ops = ffi.new("struct statsfmt_op[]", max(self._n_ops, 1))
-        for index, (kind, count, arg) in enumerate(builder.ops):
-            op = self._ops[index]
-            op.kind = kind
-            op.count = count
-            op.arg = arg
+        if ffi.sizeof("struct statsfmt_op") != _OP.size:
+            raise RuntimeError("struct statsfmt_op does not match its Python packing (a bug)")
+        if builder.ops:
+            ffi.memmove(self._ops, bytes(builder.ops), len(builder.ops))
         self._out_cap = 4096
         self._out = ffi.new("uint8_t[]", self._out_cap)
 
@@ -127,15 +176,13 @@ def _matching(served: Sequence[ServedStat], names: frozenset[str] | None) -> lis
     return [stat for stat in served if names is None or stat.desc.name in names]
 
 
-def _stats_ops(
-    builder: _ProgramBuilder, stats: Sequence[ServedStat], base_word: int, order: HistogramOrder
-) -> None:
+def _stats_ops(builder: _Template, stats: Sequence[ServedStat], order: HistogramOrder) -> None:
     """Emit ``[{"name": ..., "value": ...}, ...]`` for the given stats of one file."""
     for position, stat in enumerate(stats):
         desc = stat.desc
         builder.text((b"[" if position == 0 else b", ") + b'{"name": ' + _json(desc.name))
         builder.text(b', "value": ')
-        word = base_word + stat.word_index
+        word = stat.word_index
         if desc.is_boolean:
             if desc.size == 0:
                 builder.text(b"false")
@@ -149,6 +196,36 @@ def _stats_ops(
     builder.text(b"]")
 
 
+_TEMPLATES: dict[
+    tuple[int, frozenset[str] | None, HistogramOrder],
+    tuple[tuple[ServedStat, ...], _Template | None],
+] = {}
+
+
+def _template(
+    served: tuple[ServedStat, ...], names: frozenset[str] | None, order: HistogramOrder
+) -> _Template | None:
+    """The compiled stats list for one file layout (None: no stat matches ``names``).
+
+    Keyed by the identity of ``served``: files with the same descriptor block share one
+    (see ``statsfile``), and the cache holds it, so the id cannot be reused meanwhile.
+    """
+    key = (id(served), names, order)
+    hit = _TEMPLATES.get(key)
+    if hit is not None and hit[0] is served:
+        return hit[1]
+    stats = _matching(served, names)
+    template: _Template | None = None
+    if stats:
+        template = _Template()
+        _stats_ops(template, stats, order)
+        template.finish()
+    if len(_TEMPLATES) >= MAX_TEMPLATES:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = (served, template)
+    return template
+
+
 def compile_shape(vm: VmStats, shape: Shape) -> Program | None:
     """The program for ``shape`` on ``vm``, or None when the VM has nothing for it."""
     builder = _ProgramBuilder()
@@ -157,11 +234,11 @@ def compile_shape(vm: VmStats, shape: Shape) -> Program | None:
         if vm.vm_file is None or vm.vm_reader is None:
             return None
         reader = vm.vm_reader
-        stats = _matching(vm.vm_file.served, shape.names)
-        if not stats:
+        template = _template(vm.vm_file.served, shape.names, shape.order)
+        if template is None:
             return None
         builder.text(head)
-        _stats_ops(builder, stats, reader.starts[0] // 8, shape.order)
+        builder.stats(template, reader.starts[0] // 8)
         if shape.host_paths:
             builder.text(b', "qom-path": ' + _json(vm_path(vm)))
         builder.text(b"}")
@@ -173,11 +250,11 @@ def compile_shape(vm: VmStats, shape: Shape) -> Program | None:
             path = vcpu_path(vm, vcpu.vcpu_id, host=shape.host_paths)
             if shape.vcpus is not None and path not in shape.vcpus:
                 continue
-            stats = _matching(vcpu.file.served, shape.names)
-            if not stats:
+            template = _template(vcpu.file.served, shape.names, shape.order)
+            if template is None:
                 continue
             builder.text((b", " if results else b"") + head)
-            _stats_ops(builder, stats, reader.starts[index] // 8, shape.order)
+            builder.stats(template, reader.starts[index] // 8)
             builder.text(b', "qom-path": ' + _json(path) + b"}")
             results += 1
         if not results:

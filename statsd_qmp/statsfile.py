@@ -136,28 +136,14 @@ class StatsFile:
             raise bad(f"id string {ident!r} does not start with 'kvm': not a KVM stats file")
 
         block = _pread_exact(fd, desc_bytes, header.desc_offset, "descriptor block", origin)
-        descriptors: list[Descriptor] = []
-        data_size = 0
-        for index in range(header.num_desc):
-            base = index * stride
-            flags, exponent, size, offset, bucket_size = DESC_FIXED.unpack_from(block, base)
-            name = _c_string(block[base + DESC_FIXED.size : base + stride])
-            if name is None:
-                raise bad(f"descriptor {index} has a name without NUL")
-            if not name:
-                raise bad(f"descriptor {index} has an empty name")
-            if offset % 8:
-                raise bad(f"descriptor {index} ({name}) offset {offset} is not u64-aligned")
-            if size > MAX_STAT_SIZE:
-                raise bad(f"descriptor {index} ({name}) size {size} exceeds {MAX_STAT_SIZE}")
-            end = offset + size * 8
-            if end > MAX_DATA_SIZE:
-                raise bad(
-                    f"descriptor {index} ({name}) points {end} bytes into the data block, "
-                    f"past the {MAX_DATA_SIZE}-byte limit"
-                )
-            data_size = max(data_size, end)
-            descriptors.append(Descriptor(name, flags, exponent, size, offset, bucket_size))
+        layout_key = (header.name_size, header.num_desc, block)
+        layout = _LAYOUTS.get(layout_key)
+        if layout is None:
+            layout = _parse_descriptors(fd, origin, header, block)
+            if len(_LAYOUTS) >= MAX_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[layout_key] = layout
+        descriptors, data_size, served = layout
 
         _check_no_overlap(fd, origin, header, desc_bytes, data_size)
 
@@ -166,9 +152,9 @@ class StatsFile:
             origin=origin,
             header=header,
             id=ident,
-            descriptors=tuple(descriptors),
+            descriptors=descriptors,
             data_size=data_size,
-            served=served_stats(descriptors),
+            served=served,
         )
         # One read of the data block proves every descriptor's offset lies inside the file.
         data = stats_file.read_data()
@@ -252,3 +238,46 @@ def words_of(block: bytes | memoryview) -> memoryview:
     view = memoryview(block)
     usable = len(view) - len(view) % 8
     return view[:usable].cast("B").cast("Q")
+
+
+# Every vCPU of a VM (and every VM of one kernel) has the same descriptor block: parse each
+# distinct block once and share the result, so a 256-vCPU VM is parsed in one go and its
+# files share one ``served`` tuple (which the C renderer's templates are keyed by).
+MAX_LAYOUTS = 64
+_LAYOUTS: dict[
+    tuple[int, int, bytes], tuple[tuple[Descriptor, ...], int, tuple[ServedStat, ...]]
+] = {}
+
+
+def _parse_descriptors(
+    fd: int, origin: str | None, header: Header, block: bytes
+) -> tuple[tuple[Descriptor, ...], int, tuple[ServedStat, ...]]:
+    """The descriptors of ``block``, the data size they span, and the stats served of them."""
+
+    def bad(problem: str) -> StatsFormatError:
+        return StatsFormatError(fd, problem, origin=origin)
+
+    stride = DESC_FIXED.size + header.name_size
+    descriptors: list[Descriptor] = []
+    data_size = 0
+    for index in range(header.num_desc):
+        base = index * stride
+        flags, exponent, size, offset, bucket_size = DESC_FIXED.unpack_from(block, base)
+        name = _c_string(block[base + DESC_FIXED.size : base + stride])
+        if name is None:
+            raise bad(f"descriptor {index} has a name without NUL")
+        if not name:
+            raise bad(f"descriptor {index} has an empty name")
+        if offset % 8:
+            raise bad(f"descriptor {index} ({name}) offset {offset} is not u64-aligned")
+        if size > MAX_STAT_SIZE:
+            raise bad(f"descriptor {index} ({name}) size {size} exceeds {MAX_STAT_SIZE}")
+        end = offset + size * 8
+        if end > MAX_DATA_SIZE:
+            raise bad(
+                f"descriptor {index} ({name}) points {end} bytes into the data block, "
+                f"past the {MAX_DATA_SIZE}-byte limit"
+            )
+        data_size = max(data_size, end)
+        descriptors.append(Descriptor(name, flags, exponent, size, offset, bucket_size))
+    return tuple(descriptors), data_size, served_stats(descriptors)

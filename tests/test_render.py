@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statsd_qmp import protocol
+from statsd_qmp import protocol, render
+from statsd_qmp._native import native
 from statsd_qmp.commands import Commands, RawJson, Scope, parse_stats_filter
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
@@ -154,3 +157,74 @@ def test_execute_returns_raw_json_that_splices_into_qemus_reply(opened: list[int
     assert value.text == b'[{"provider": "kvm", "stats": [{"name": "x", "value": 7}]}]'
     template = protocol.reply_return(protocol.Request("query-stats", {}, "i", True, False), 0)
     assert template.startswith(b'{"return": 0')
+
+
+# --- the C renderer itself ------------------------------------------------------------------
+
+
+def _run_ops(words: Sequence[int], ops: Sequence[tuple[int, int, int]], literals: bytes) -> Any:
+    """statsfmt_render on raw ops: the text, or the negative status it returned."""
+    ffi, lib = native()
+    c_words = ffi.new("uint64_t[]", list(words) or [0])
+    c_literals = ffi.new("uint8_t[]", literals or b"\0")
+    c_ops = ffi.new("struct statsfmt_op[]", max(len(ops), 1))
+    for index, (kind, count, arg) in enumerate(ops):
+        c_ops[index].kind, c_ops[index].count, c_ops[index].arg = kind, count, arg
+    out = ffi.new("uint8_t[]", 4096)
+    written = lib.statsfmt_render(
+        c_words, len(words), c_literals, len(literals), c_ops, len(ops), out, 4096
+    )
+    return ffi.buffer(out, written)[:] if written >= 0 else written
+
+
+def test_base_op_moves_every_later_value() -> None:
+    words = [10, 11, 12, 13, 14, 15]
+    comma = (render.LITERAL, 1, 0)
+    ops = [
+        (render.U64, 0, 1),
+        comma,
+        (render.BASE, 0, 2),
+        (render.U64, 0, 1),
+        comma,
+        (render.LIST, 2, 2),
+        comma,
+        (render.LIST_REVERSED, 2, 2),
+        comma,
+        (render.BOOL, 0, 0),
+        (render.BASE, 0, 0),
+        comma,
+        (render.U64, 0, 0),
+    ]
+    assert _run_ops(words, ops, b",") == b"11,13,[14, 15],[15, 14],true,10"
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [(render.BASE, 0, 7)],  # past the buffer
+        [(render.BASE, 0, 6), (render.U64, 0, 0)],  # at the end: no word left
+        [(render.BASE, 0, 4), (render.U64, 0, 2)],
+        [(render.BASE, 0, 4), (render.LIST, 3, 0)],
+        [(render.BASE, 0, 4), (render.LIST_REVERSED, 1, 2)],
+        [(render.BASE, 0, 1), (render.BASE, 0, 2**64 - 1)],
+        [(render.BASE, 0, 5), (render.BOOL, 0, 2**64 - 5)],  # base + arg wraps around
+    ],
+)
+def test_base_op_never_reads_out_of_bounds(ops: list[tuple[int, int, int]]) -> None:
+    assert _run_ops([1, 2, 3, 4, 5, 6], ops, b"") == -1
+
+
+def test_files_of_one_layout_share_their_parse_and_template(opened: list[int]) -> None:
+    stats = [SyntheticStat("exits", make_flags(0), (5,)), SyntheticStat("b", make_flags(0), (6,))]
+    vm = make_vm("a", None, [stats, [dataclasses.replace(s, values=(9,)) for s in stats]], opened)
+    first, second = (vcpu.file for vcpu in vm.vcpus)
+    assert first.served is second.served  # one parse of the shared descriptor block
+    other = make_vm("b", None, [stats[:1]], opened).vcpus[0].file
+    assert other.served is not first.served
+    shape = render.Shape("vcpu", None, None, False, "kernel")
+    program = render.compile_shape(vm, shape)
+    assert program is not None
+    vm.read_vcpus()
+    text = bytes(program.render())
+    assert text.count(b'"exits", "value": 5') == 1
+    assert text.count(b'"exits", "value": 9') == 1
