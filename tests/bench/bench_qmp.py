@@ -71,8 +71,10 @@ from statsd_qmp.engine import BatchReader
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.registry import vm_stats_from_owned
 from statsd_qmp.schema import HistogramOrder
+from statsd_qmp.sources import borrowed
 from statsd_qmp.sources.owned import OwnedVM
-from statsd_qmp.vm import VmStats
+from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.vm import VcpuStats, VmStats, parse_vcpu_id
 from tests.qemu_helpers import QemuVm
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -544,12 +546,17 @@ def measure_size(
     requests: int,
     warmups: int,
     kinds: Sequence[str] = tuple(REQUESTS),
+    bound_rounds: int | None = None,
 ) -> dict[str, Any]:
+    """One QEMU of ``vcpus``: QEMU's monitor vs the daemon, and the bound if ``bound_rounds``."""
     started = time.monotonic()
     vm = start_qemu(workdir, vcpus, paused)
+    bound: dict[str, Any] | None = None
     try:
         sockets = daemon.wait_for([vm.pid], vcpus, timeout=60)
         ready_s = time.monotonic() - started
+        if bound_rounds:
+            bound = measure_bound(vcpus, bound_rounds, qemu_pid=vm.pid)
         qemu = QmpClient(vm.qmp_path)
         try:
             served = QmpClient(sockets[vm.pid])
@@ -579,6 +586,7 @@ def measure_size(
         "ready_s": round(ready_s, 2),
         "commands": commands,
         "daemon_alone": alone,
+        "bound": bound,
     }
 
 
@@ -628,10 +636,49 @@ class _Context:
         raise RuntimeError(f"read failed: {error}")
 
 
-def measure_bound(vcpus: int, rounds: int) -> dict[str, Any]:
-    """Each step of a reply for an N-vCPU VM of our own, timed alone (interleaved rounds)."""
-    with OwnedVM.create(vcpus, run_guest=False) as owned:
-        vm = vm_stats_from_owned(owned, "bound")
+@contextlib.contextmanager
+def bound_vm(vcpus: int, qemu_pid: int | None) -> Iterator[VmStats]:
+    """The VM to time the bound on: QEMU's own (its stats fds borrowed, as the daemon does),
+    or, without a QEMU, one of ours with as many vCPUs (the same descriptors and sizes)."""
+    if qemu_pid is None:
+        with OwnedVM.create(vcpus, run_guest=False) as owned:
+            yield vm_stats_from_owned(owned, "bound")
+        return
+    listing = borrowed.list_stats_fds(qemu_pid)
+    while True:
+        try:
+            next(listing)
+        except StopIteration as done:
+            found: borrowed.ProcessStatsFds = done.value[0]
+            break
+    fds: list[int] = []
+    pidfd = borrowed.pidfd_open(qemu_pid)
+    try:
+
+        def borrow(target: int, origin: str) -> StatsFile:
+            fds.append(borrowed.pidfd_getfd(pidfd, target))
+            return StatsFile.parse(fds[-1], origin=origin)
+
+        vm_file = borrow(min(found.vm_stats), "vm bound") if found.vm_stats else None
+        vcpu_list = []
+        for vcpu_id, targets in sorted(found.vcpu_stats.items()):
+            stats_file = borrow(min(targets), f"vm bound vcpu {vcpu_id}")
+            ident = parse_vcpu_id(stats_file.id)
+            vcpu_list.append(VcpuStats(vcpu_id, ident[0] if ident else 0, stats_file))
+        if len(vcpu_list) != vcpus:
+            raise RuntimeError(
+                f"QEMU {qemu_pid} holds {len(vcpu_list)} vCPU stats fds, not {vcpus}"
+            )
+        yield VmStats("bound", qemu_pid, "borrowed", vm_file, tuple(vcpu_list))
+    finally:
+        os.close(pidfd)
+        for fd in fds:
+            os.close(fd)
+
+
+def measure_bound(vcpus: int, rounds: int, qemu_pid: int | None = None) -> dict[str, Any]:
+    """Each step of a reply for the N-vCPU VM, timed alone in process (interleaved rounds)."""
+    with bound_vm(vcpus, qemu_pid) as vm:
         commands = Commands(_Context([vm]))
         scope = Scope(host=False, vm=vm)
         full = parse_stats_filter({"target": "vcpu"}, host=False)
@@ -686,6 +733,7 @@ def measure_bound(vcpus: int, rounds: int) -> dict[str, Any]:
         c_reply = frame()
         return {
             "vcpus": vcpus,
+            "vm": "QEMU's (borrowed)" if qemu_pid is not None else "the bench's own",
             "fds": len(files),
             "bytes_all_fds": all_fds.total_bytes,
             "bytes_vcpu_fds": vm.vcpu_reader.total_bytes,
@@ -1014,13 +1062,25 @@ def run_sizes(opts: Options, workdir: Path) -> dict[str, Any]:
     try:
         out["wakeup"] = measure_wakeup(daemon, max(opts.requests // 2, 20), opts.warmups)
         for vcpus in opts.sizes:
-            bounds.append(measure_bound(vcpus, opts.bound_rounds))
-            rows.extend(
-                measure_size(
-                    daemon, workdir, vcpus, variant == "paused", opts.requests, opts.warmups
+            # The bound is timed on the paused QEMU itself (a running one would share the
+            # CPUs with the timing); without a paused variant, on a VM of the bench's own.
+            for variant in opts.variants:
+                paused = variant == "paused"
+                row = measure_size(
+                    daemon,
+                    workdir,
+                    vcpus,
+                    paused,
+                    opts.requests,
+                    opts.warmups,
+                    bound_rounds=opts.bound_rounds if paused else None,
                 )
-                for variant in opts.variants
-            )
+                bound = row.pop("bound")
+                if bound is not None:
+                    bounds.append(bound)
+                rows.append(row)
+            if not any(b["vcpus"] == vcpus for b in bounds):
+                bounds.append(measure_bound(vcpus, opts.bound_rounds))
         memory = daemon.memory()
         out["daemon_rss_mib"] = round(memory.get("VmRSS", 0) / 1024, 1)
         out["daemon_hwm_mib"] = round(memory.get("VmHWM", 0) / 1024, 1)
@@ -1314,7 +1374,10 @@ def _format_sizes(results: dict[str, Any], lines: list[str]) -> None:
                 f"{c['steal_pct']:>5}"
             )
     lines.append("")
-    lines.append("## 2. Bound: the daemon's steps for the same N, timed alone in process (us)")
+    lines.append(
+        "## 2. Bound: the daemon's steps on the same VM (the paused QEMU's stats fds, "
+        "borrowed), timed alone in process (us)"
+    )
     lines.append(
         f"{'N':>4} {'pread vcpu fds':>15} {'pread all fds':>14} {'C render':>13} "
         f"{'read+render':>13} {'frame':>9} {'exits r+r':>11} {'vm r+r':>9} "
