@@ -351,6 +351,7 @@ class Discovery:
         return VmStats(vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus)), stale
 
     def _drop(self, pid: int, reason: str) -> None:
+        self.scanner.forget(pid)
         vmm = self.vmms.pop(pid, None)
         if vmm is None:
             return

@@ -649,7 +649,7 @@ def bound_vm(vcpus: int, qemu_pid: int | None) -> Iterator[VmStats]:
         try:
             next(listing)
         except StopIteration as done:
-            found: borrowed.ProcessStatsFds = done.value[0]
+            found: borrowed.ProcessStatsFds = done.value
             break
     fds: list[int] = []
     pidfd = borrowed.pidfd_open(qemu_pid)
