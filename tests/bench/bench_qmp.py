@@ -112,6 +112,7 @@ LOOP_MISSING = (
     "--log-level warning drops it; rerun with --daemon-log-level info)"
 )
 VM_COUNT_FLAT_FACTOR = 1.5  # p50 at the most VMs / p50 at one VM
+VM_COUNT_NOISE_US = 50.0  # run-to-run spread of one ~100 us p50 here
 LINEAR_SLOPE_FACTOR = 1.5  # marginal us per vCPU of the last segment / the one before
 
 
@@ -1235,11 +1236,15 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         if len(growth_rows) >= 2:
             first, last = growth_rows[0], growth_rows[-1]
             factor = round(last["p50"] / first["p50"], 2)
+            # These p50s are ~70-120 us and one of them moves by tens of us between runs on
+            # this machine: a rise within that noise is not growth with the VM count.
+            rise = last["p50"] - first["p50"]
             check(
-                f"VM-count growth: p50 at {last['vms']} VMs / at {first['vms']}",
+                f"VM-count growth: p50 at {last['vms']} VMs / at {first['vms']} "
+                f"({first['p50']:,.0f} -> {last['p50']:,.0f} us)",
                 factor,
-                f"<= {VM_COUNT_FLAT_FACTOR:g} (flat)",
-                factor <= VM_COUNT_FLAT_FACTOR,
+                f"<= {VM_COUNT_FLAT_FACTOR:g} or a rise <= {VM_COUNT_NOISE_US:g} us (flat)",
+                factor <= VM_COUNT_FLAT_FACTOR or rise <= VM_COUNT_NOISE_US,
                 last["steal_pct"],
             )
         load = scale.get("load")
