@@ -31,6 +31,18 @@ import trio
 _WORST_KEPT = 5  # the longest steps described in the summary
 
 
+class Doing:
+    """What the running task step is busy with, as the code that knows says (one str)."""
+
+    text = ""
+
+
+def doing(text: str) -> None:
+    """Name the work of the current task step (for example a QMP command); shown beside the
+    worst steps, whose end point alone rarely tells what took the time. Costs one store."""
+    Doing.text = text
+
+
 def _describe(task: trio.lowlevel.Task) -> str:
     """Where ``task`` now waits: the innermost frames of its await chain (after its step)."""
     frames = [
@@ -103,6 +115,7 @@ class LoopLagInstrument(trio.abc.Instrument):
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if self.stopped:
             return
+        Doing.text = ""
         self._started_wait = self._runqueue_wait_ns()
         self._started_cpu = time.thread_time()
         self._started = time.perf_counter()
@@ -146,6 +159,7 @@ class LoopLagInstrument(trio.abc.Instrument):
             "sleep_ms": round(blocked - cpu, 3),
             "runqueue_ms": round(runqueue, 3),
             "where": _describe(task),
+            "doing": Doing.text,
         }
         self.worst.append((blocked, record))
         self.worst.sort(key=lambda item: -item[0])

@@ -4,7 +4,8 @@ Owns: binding and cleaning the unix sockets (``DIR/qmp.sock``, ``DIR/vm/NAME.soc
 one-daemon-per-run-dir lock, accepting clients with ``trio.serve_listeners``, feeding bytes to
 the sans-IO :mod:`protocol` core, dispatching requests to :mod:`commands`, the per-request log
 line, and the limits QEMU lacks (connections, negotiation time, buffered output). May import
-protocol, commands, registry and trio; must not import app or cli.
+protocol, commands, registry, loopstats (to name a step's work) and trio; must not import
+app or cli.
 
 Each connection runs a reader (bytes -> events -> replies) and a writer draining an outbox, so
 a client that stops reading only fills its own bounded outbox; it never stalls other clients
@@ -31,7 +32,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import protocol
+from . import loopstats, protocol
 from .commands import Commands, RawJson, Scope
 from .errors import QmpError, StatsdQmpError
 from .registry import Registry
@@ -490,6 +491,7 @@ class Server:
     async def _execute(self, scope: Scope, request: protocol.Request) -> tuple[bytes, bool]:
         """Run one request: its reply, and whether this per-VM socket's VM is gone."""
         started = time.perf_counter()
+        loopstats.doing(request.command)
         arguments = request.arguments
         if self.commands.needs_rescan(scope, request.command, arguments):
             await self.registry.rescan()

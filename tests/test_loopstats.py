@@ -10,7 +10,7 @@ import time
 
 import trio
 
-from statsd_qmp.loopstats import LoopLagInstrument
+from statsd_qmp.loopstats import LoopLagInstrument, doing
 
 
 def _spin(seconds: float) -> None:
@@ -26,6 +26,7 @@ async def test_cpu_and_sleep_inside_a_step_are_told_apart() -> None:
 
         async def busy() -> None:
             await trio.lowlevel.checkpoint()
+            doing("busy work")
             _spin(0.006)  # the daemon's own work: CPU
             await trio.lowlevel.checkpoint()
 
@@ -52,6 +53,8 @@ async def test_cpu_and_sleep_inside_a_step_are_told_apart() -> None:
     assert worst[0]["sleep_ms"] >= 7.0
     assert "sleeper" in worst[0]["where"]
     assert "busy" in worst[1]["where"]
+    assert worst[1]["doing"] == "busy work"
+    assert worst[0]["doing"] == ""  # a label lasts one step
     assert worst[1]["cpu_ms"] >= 5.5
 
 
