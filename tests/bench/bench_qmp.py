@@ -1258,13 +1258,17 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 factor < SCALE_P99_FACTOR,
                 load["steal_pct"],
             )
+            # Shown, not judged: one client back to back never lets the daemon go idle, so
+            # its p50 (60-120 us here) leaves out the wake-up after idle (300-400 us on this
+            # nested host) that every request of a 10 Hz poller pays, alone or among 100;
+            # the faster the hot path gets, the larger this ratio.
             single = scale["single_client"]["p50"]
             factor = round(load["p99"] / single, 2)
             check(
-                "scale: p99 / single-client p50 (back to back, hot)",
+                "scale: p99 / single-client p50 (back to back, hot; never idle)",
                 factor,
-                f"< {SCALE_P99_FACTOR:g}",
-                factor < SCALE_P99_FACTOR,
+                "info",
+                None,
                 load["steal_pct"],
             )
             check("scale: errors", load["errors"], "0", load["errors"] == 0)
