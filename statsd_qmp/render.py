@@ -80,7 +80,8 @@ class _ProgramBuilder:
         self.ops = bytearray()
         self.n_ops = 0
         self._pending = bytearray()
-        self._placed: dict[int, bytes] = {}  # id(template) -> its ops in this program
+        # id(template) -> (the template, kept alive so that its id stays its own; its ops)
+        self._placed: dict[int, tuple[_Template, bytes]] = {}
 
     def text(self, data: bytes) -> None:
         self._pending += data
@@ -95,16 +96,20 @@ class _ProgramBuilder:
     def stats(self, template: _Template, base_word: int) -> None:
         """The template's stats list, reading the file whose data starts at ``base_word``."""
         self._flush()
-        packed = self._placed.get(id(template))
-        if packed is None:
+        placed = self._placed.get(id(template))
+        if placed is None:
             # First use in this program: its literals join the literal area once, and its
             # ops are packed once with their literal offsets moved there.
             offset = len(self.literals)
             self.literals += template.literals
-            packed = self._placed[id(template)] = b"".join(
-                _OP.pack(kind, count, arg + offset if kind == LITERAL else arg)
-                for kind, count, arg in template.ops
+            placed = self._placed[id(template)] = (
+                template,
+                b"".join(
+                    _OP.pack(kind, count, arg + offset if kind == LITERAL else arg)
+                    for kind, count, arg in template.ops
+                ),
             )
+        packed = placed[1]
         self.ops += _OP.pack(BASE, 0, base_word)
         self.ops += packed
         self.n_ops += 1 + len(template.ops)

@@ -228,3 +228,21 @@ def test_files_of_one_layout_share_their_parse_and_template(opened: list[int]) -
     text = bytes(program.render())
     assert text.count(b'"exits", "value": 5') == 1
     assert text.count(b'"exits", "value": 9') == 1
+
+
+def test_a_template_cache_emptied_mid_compile_changes_nothing(
+    opened: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for one template, each new layout empties the cache during the compile."""
+    monkeypatch.setattr(render, "MAX_TEMPLATES", 1)
+    monkeypatch.setattr(render, "_TEMPLATES", {})
+    layouts = [
+        [SyntheticStat(f"s{i}", make_flags(0), (i,)) for i in range(n)] for n in (1, 2, 3, 1, 2)
+    ]
+    vm = make_vm("a", None, layouts, opened)
+    commands = Commands(Context([vm]))
+    scope = Scope(host=False, vm=vm)
+    stats_filter = parse_stats_filter({"target": "vcpu"}, host=False)
+    python_text = protocol.encode(commands.query_stats(scope, [vm], stats_filter, False))
+    c_text = commands.query_stats_json(scope, [vm], stats_filter, False) + b"\r\n"
+    assert c_text == python_text
