@@ -20,7 +20,7 @@ Two kinds of socket use this table:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -50,6 +50,21 @@ class RawJson:
     @property
     def text(self) -> bytes:
         return b"".join(self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RawSteps:
+    """A :class:`RawJson` still to be produced, one VM at a time (host-wide ``query-stats``).
+
+    ``steps`` yields the reply's parts as bytes (copies: they survive other queries) and
+    ``None`` between VMs, where the caller may let other work run. The caller sends True
+    into the generator when it did: every VM is then read afresh before its next render
+    (another request may have refreshed its read buffer meanwhile), and each VM is checked
+    to be still served before it is read (a dropped VM's fds are closed, their numbers
+    free for other files).
+    """
+
+    steps: Generator[bytes | memoryview | None, bool | None, None]
 
 
 class CommandContext(Protocol):
@@ -339,9 +354,12 @@ class Commands:
             vm, host_paths = self._named_vm(stats_filter.vm)
         else:
             vm, host_paths = scope.vm, False
-        return RawJson(
-            self.query_stats_parts(scope, self._vms_for(scope, vm), stats_filter, host_paths)
-        )
+        vms = self._vms_for(scope, vm)
+        if scope.host and stats_filter.vm is None and len(vms) > 1:
+            # Every VM of the host: produced in steps, so that a host with thousands of
+            # vCPUs (~1 us each) never holds the event loop for the whole reply.
+            return RawSteps(self._fragments(scope, vms, stats_filter, host_paths, sliced=True))
+        return RawJson(self.query_stats_parts(scope, vms, stats_filter, host_paths))
 
     def query_stats_json(
         self,
@@ -361,11 +379,30 @@ class Commands:
         host_paths: bool,
     ) -> tuple[bytes | memoryview, ...]:
         """The pieces of :meth:`query_stats_json`, not yet joined (no copy of the big text)."""
+        steps = self._fragments(scope, vms, stats_filter, host_paths, sliced=False)
+        return tuple(part for part in steps if part is not None)
+
+    def _fragments(
+        self,
+        scope: Scope,
+        vms: Sequence[VmStats],
+        stats_filter: StatsFilter,
+        host_paths: bool,
+        *,
+        sliced: bool,
+    ) -> Generator[bytes | memoryview | None, bool | None, None]:
+        """The reply's parts, with ``None`` after each VM (see :class:`RawSteps`).
+
+        ``sliced``: the caller may pause at a ``None``: parts are copies, VMs are checked to
+        be still served, and are read again after a pause. Otherwise parts are views into
+        the renderers' buffers, valid until the next render.
+        """
         target = stats_filter.target
-        fragments: list[memoryview] = []
         rendered: dict[int, memoryview] = {}
         read: set[int] = set()
         failed: set[int] = set()
+        first = True
+        yield b"["
         for request in requests_in_qemu_order(stats_filter):
             shape = render.Shape(
                 target,
@@ -381,6 +418,9 @@ class Commands:
                 if program is None:
                     continue
                 if id(vm) not in read:
+                    if sliced and self.context.find_vm(vm.name) is not vm:
+                        failed.add(id(vm))  # dropped or replaced meanwhile: as if gone before
+                        continue
                     try:
                         if target == "vm":
                             vm.read_vm()
@@ -398,14 +438,14 @@ class Commands:
                 text = rendered.get(id(program))
                 if text is None:
                     text = rendered[id(program)] = program.render()
-                fragments.append(text)
-        parts: list[bytes | memoryview] = [b"["]
-        for index, fragment in enumerate(fragments):
-            if index:
-                parts.append(b", ")
-            parts.append(fragment)
-        parts.append(b"]")
-        return tuple(parts)
+                if not first:
+                    yield b", "
+                first = False
+                yield bytes(text) if sliced else text
+                if (yield None):
+                    read.clear()  # the caller let others run: buffers may hold newer data
+                    rendered.clear()
+        yield b"]"
 
     def query_stats(
         self,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from statsd_qmp import protocol, render
 from statsd_qmp._native import native
-from statsd_qmp.commands import Commands, RawJson, Scope, parse_stats_filter
+from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope, parse_stats_filter
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
@@ -246,3 +247,64 @@ def test_a_template_cache_emptied_mid_compile_changes_nothing(
     python_text = protocol.encode(commands.query_stats(scope, [vm], stats_filter, False))
     c_text = commands.query_stats_json(scope, [vm], stats_filter, False) + b"\r\n"
     assert c_text == python_text
+
+
+# --- host-wide query-stats in steps ---------------------------------------------------------
+
+
+def _drive(raw: RawSteps, pause_at: Callable[[int], bool]) -> bytes:
+    """Run a stepped reply as the server does; ``pause_at(n)``: pause at the n-th step."""
+    parts: list[bytes | memoryview] = []
+    steps = raw.steps
+    sent: bool | None = None
+    count = 0
+    with contextlib.suppress(StopIteration):
+        while True:
+            part = steps.send(sent)
+            sent = False
+            if part is None:
+                count += 1
+                sent = pause_at(count)
+            else:
+                assert isinstance(part, bytes)  # copies: they must outlive other renders
+                parts.append(part)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("pause", [False, True])
+def test_host_wide_query_stats_in_steps_equals_the_python_path(
+    opened: list[int], pause: bool
+) -> None:
+    stats = [SyntheticStat("exits", make_flags(0), (5,)), SyntheticStat("b", make_flags(0), (6,))]
+    vms = [make_vm(f"vm{i}", stats, [stats, stats[:1]], opened) for i in range(4)]
+    commands = Commands(Context(vms))
+    host = Scope(host=True)
+    providers = [{"provider": "kvm", "names": ["b"]}, {"provider": "kvm"}]  # two passes
+    for arguments in ({"target": "vcpu"}, {"target": "vm", "providers": providers}):
+        value = commands.execute(host, "query-stats", arguments, oob=False)
+        assert isinstance(value, RawSteps)
+        stepped = _drive(value, lambda n: pause)
+        stats_filter = parse_stats_filter(arguments, host=True)
+        python_text = protocol.encode(commands.query_stats(host, vms, stats_filter, True))
+        assert stepped + b"\r\n" == python_text
+
+
+def test_a_vm_dropped_during_a_stepped_reply_is_left_out_unread(opened: list[int]) -> None:
+    stats = [SyntheticStat("exits", make_flags(0), (5,))]
+    vms = [make_vm(f"vm{i}", None, [stats], opened) for i in range(3)]
+    context = Context(list(vms))
+    commands = Commands(context)
+    value = commands.execute(Scope(host=True), "query-stats", {"target": "vcpu"}, oob=False)
+    assert isinstance(value, RawSteps)
+
+    def drop_vm1_after_the_first(step: int) -> bool:
+        if step == 1:
+            context.vms.remove(vms[1])
+            os.close(vms[1].vcpus[0].file.fd)  # the registry closes a dropped VM's fds
+            opened.remove(vms[1].vcpus[0].file.fd)
+        return True
+
+    text = _drive(value, drop_vm1_after_the_first)
+    assert text.count(b'"qom-path"') == 2
+    assert b"/vm/vm1/" not in text
+    assert context.failures == []  # never read, so no read failure either
