@@ -43,7 +43,30 @@ class Shape:
     order: HistogramOrder
 
 
-class _Template:
+class _Text:
+    """Literal text as it comes, merged into one LITERAL op per run; subclasses store ops."""
+
+    def __init__(self) -> None:
+        self.literals = bytearray()
+        self._pending = bytearray()
+
+    def _op(self, kind: int, count: int, arg: int) -> None:
+        raise NotImplementedError
+
+    def text(self, data: bytes) -> None:
+        self._pending += data
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._op(LITERAL, len(self._pending), len(self.literals))
+            self.literals += self._pending
+            self._pending.clear()
+
+    def finish(self) -> None:
+        self._flush()
+
+
+class _Template(_Text):
     """The stats list of one file layout, compiled once: literal text and relative ops.
 
     Word indexes are relative to the file's first word (a ``BASE`` op places them); every
@@ -51,47 +74,30 @@ class _Template:
     """
 
     def __init__(self) -> None:
-        self.literals = bytearray()
+        super().__init__()
         self.ops: list[tuple[int, int, int]] = []  # kind, count, arg
-        self._pending = bytearray()
 
-    def text(self, data: bytes) -> None:
-        self._pending += data
-
-    def _flush(self) -> None:
-        if self._pending:
-            self.ops.append((LITERAL, len(self._pending), len(self.literals)))
-            self.literals += self._pending
-            self._pending.clear()
+    def _op(self, kind: int, count: int, arg: int) -> None:
+        self.ops.append((kind, count, arg))
 
     def value(self, kind: int, word: int, count: int = 0) -> None:
         self._flush()
-        self.ops.append((kind, count, word))
-
-    def finish(self) -> None:
-        self._flush()
+        self._op(kind, count, word)
 
 
-class _ProgramBuilder:
+class _ProgramBuilder(_Text):
     """A program's literal area and its ops, packed as ``struct statsfmt_op`` as they come."""
 
     def __init__(self) -> None:
-        self.literals = bytearray()
+        super().__init__()
         self.ops = bytearray()
         self.n_ops = 0
-        self._pending = bytearray()
         # id(template) -> (the template, kept alive so that its id stays its own; its ops)
         self._placed: dict[int, tuple[_Template, bytes]] = {}
 
-    def text(self, data: bytes) -> None:
-        self._pending += data
-
-    def _flush(self) -> None:
-        if self._pending:
-            self.ops += _OP.pack(LITERAL, len(self._pending), len(self.literals))
-            self.n_ops += 1
-            self.literals += self._pending
-            self._pending.clear()
+    def _op(self, kind: int, count: int, arg: int) -> None:
+        self.ops += _OP.pack(kind, count, arg)
+        self.n_ops += 1
 
     def stats(self, template: _Template, base_word: int) -> None:
         """The template's stats list, reading the file whose data starts at ``base_word``."""
@@ -109,13 +115,9 @@ class _ProgramBuilder:
                     for kind, count, arg in template.ops
                 ),
             )
-        packed = placed[1]
-        self.ops += _OP.pack(BASE, 0, base_word)
-        self.ops += packed
-        self.n_ops += 1 + len(template.ops)
-
-    def finish(self) -> None:
-        self._flush()
+        self._op(BASE, 0, base_word)
+        self.ops += placed[1]
+        self.n_ops += len(template.ops)
 
 
 class Program:
