@@ -20,7 +20,7 @@ Two kinds of socket use this table:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -28,6 +28,7 @@ from . import QEMU_VERSION, hmp, introspection, render
 from .errors import CommandNotFoundError, QmpError, StatsFileError
 from .protocol import first_unexpected_member
 from .schema import PROVIDER, HistogramOrder
+from .steps import Steps, finish
 from .vm import VmStats, vcpu_path, vm_path
 
 TARGETS: Final = ("vm", "vcpu")
@@ -56,15 +57,14 @@ class RawJson:
 class RawSteps:
     """A :class:`RawJson` still to be produced, one VM at a time (host-wide ``query-stats``).
 
-    ``steps`` yields the reply's parts as bytes (copies: they survive other queries) and
-    ``None`` between VMs, where the caller may let other work run. The caller sends True
-    into the generator when it did: every VM is then read afresh before its next render
-    (another request may have refreshed its read buffer meanwhile), and each VM is checked
-    to be still served before it is read (a dropped VM's fds are closed, their numbers
-    free for other files).
+    ``steps`` (see :mod:`steps`) pauses between VMs and returns the reply's parts as bytes
+    (copies: they survive other queries). After a pause every VM is read afresh before its
+    next render (another request may have refreshed its read buffer meanwhile), and each VM
+    is checked to be still served before it is read (a dropped VM's fds are closed, their
+    numbers free for other files).
     """
 
-    steps: Generator[bytes | memoryview | None, bool | None, None]
+    steps: Steps[tuple[bytes | memoryview, ...]]
 
 
 class CommandContext(Protocol):
@@ -379,8 +379,7 @@ class Commands:
         host_paths: bool,
     ) -> tuple[bytes | memoryview, ...]:
         """The pieces of :meth:`query_stats_json`, not yet joined (no copy of the big text)."""
-        steps = self._fragments(scope, vms, stats_filter, host_paths, sliced=False)
-        return tuple(part for part in steps if part is not None)
+        return finish(self._fragments(scope, vms, stats_filter, host_paths, sliced=False))
 
     def _fragments(
         self,
@@ -390,10 +389,10 @@ class Commands:
         host_paths: bool,
         *,
         sliced: bool,
-    ) -> Generator[bytes | memoryview | None, bool | None, None]:
-        """The reply's parts, with ``None`` after each VM (see :class:`RawSteps`).
+    ) -> Steps[tuple[bytes | memoryview, ...]]:
+        """The reply's parts, in steps of one VM (see :class:`RawSteps`).
 
-        ``sliced``: the caller may pause at a ``None``: parts are copies, VMs are checked to
+        ``sliced``: the caller may pause between steps: parts are copies, VMs are checked to
         be still served, and are read again after a pause. Otherwise parts are views into
         the renderers' buffers, valid until the next render.
         """
@@ -401,8 +400,7 @@ class Commands:
         rendered: dict[int, memoryview] = {}
         read: set[int] = set()
         failed: set[int] = set()
-        first = True
-        yield b"["
+        parts: list[bytes | memoryview] = [b"["]
         for request in requests_in_qemu_order(stats_filter):
             shape = render.Shape(
                 target,
@@ -438,14 +436,14 @@ class Commands:
                 text = rendered.get(id(program))
                 if text is None:
                     text = rendered[id(program)] = program.render()
-                if not first:
-                    yield b", "
-                first = False
-                yield bytes(text) if sliced else text
+                if len(parts) > 1:
+                    parts.append(b", ")
+                parts.append(bytes(text) if sliced else text)
                 if (yield None):
                     read.clear()  # the caller let others run: buffers may hold newer data
                     rendered.clear()
-        yield b"]"
+        parts.append(b"]")
+        return tuple(parts)
 
     def query_stats(
         self,

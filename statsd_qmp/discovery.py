@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from .errors import StatsFileError
 from .registry import DEMO_NAME, Registry, sanitize_name
 from .sources import borrowed
 from .statsfile import StatsFile
+from .steps import run_in_slices
 from .vm import VcpuStats, VmStats, parse_vcpu_id
 
 log = structlog.get_logger(__name__)
@@ -136,23 +136,15 @@ class Discovery:
     async def _scan(self, now: float) -> borrowed.ScanResult:
         """Walk /proc on the event loop, in slices of at most ``SCAN_SLICE`` seconds.
 
-        The walk costs milliseconds with 100 VMMs (each one's fd links are re-read every
-        scan). In a worker thread it ran beside the loop but took the GIL from it: the loop
-        thread then slept up to 19 ms waiting for the GIL while the scanning thread was
-        itself preempted (measured with ``--measure-loop`` in the scale benchmark). Run here,
-        it only ever holds the loop for one slice.
+        The walk costs milliseconds on a busy host (the fd links of 100 VMMs: 8.7 ms). In a
+        worker thread it ran beside the loop but took the GIL from it: the loop thread then
+        slept up to 19 ms waiting for the GIL while the scanning thread was itself preempted
+        (measured with ``--measure-loop`` in the scale benchmark). Run here, it only ever
+        holds the loop for one slice.
         """
-        steps = self.scanner.scan_steps(now)
-        slice_end = time.perf_counter() + SCAN_SLICE
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                result: borrowed.ScanResult = done.value
-                return result
-            if time.perf_counter() >= slice_end:
-                await trio.lowlevel.checkpoint()
-                slice_end = time.perf_counter() + SCAN_SLICE
+        return await run_in_slices(
+            self.scanner.scan_steps(now), SCAN_SLICE, trio.lowlevel.checkpoint
+        )
 
     # --- applying a scan -----------------------------------------------------------------
 

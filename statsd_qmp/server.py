@@ -36,6 +36,7 @@ from . import loopstats, protocol
 from .commands import Commands, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .registry import Registry
+from .steps import run_in_slices
 from .vm import VmStats
 
 log = structlog.get_logger(__name__)
@@ -515,28 +516,6 @@ class Server:
                         )
                         return
 
-    @staticmethod
-    async def _run_steps(raw: RawSteps) -> RawJson:
-        """Collect a reply made in steps, letting other clients run every ``STEP_SLICE``."""
-        parts: list[bytes | memoryview] = []
-        steps = raw.steps
-        slice_end = time.perf_counter() + STEP_SLICE
-        paused: bool | None = None  # a generator's first send must be None
-        try:
-            while True:
-                part = steps.send(paused)
-                paused = False
-                if part is not None:
-                    parts.append(part)
-                elif time.perf_counter() >= slice_end:
-                    await trio.lowlevel.checkpoint()
-                    paused = True
-                    slice_end = time.perf_counter() + STEP_SLICE
-        except StopIteration:
-            return RawJson(tuple(parts))
-        finally:
-            steps.close()
-
     async def _execute(self, scope: Scope, request: protocol.Request) -> tuple[bytes, bool]:
         """Run one request: its reply, and whether this per-VM socket's VM is gone."""
         started = time.perf_counter()
@@ -558,7 +537,8 @@ class Server:
                 scope = Scope(host=False, vm=current)
             value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
             if isinstance(value, RawSteps):
-                value = await self._run_steps(value)
+                parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
+                value = RawJson(parts)
             if isinstance(value, RawJson):
                 # Splice the pre-rendered text in place of a placeholder: the id is then
                 # written by the protocol core exactly as for any other reply.

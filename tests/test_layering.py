@@ -23,6 +23,7 @@ RANK = {
     "sd_daemon": 1,
     "introspection": 1,
     "_native": 1,
+    "steps": 1,
     "protocol": 2,
     "hmp": 2,
     "statsfile": 2,

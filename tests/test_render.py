@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -253,21 +252,19 @@ def test_a_template_cache_emptied_mid_compile_changes_nothing(
 
 
 def _drive(raw: RawSteps, pause_at: Callable[[int], bool]) -> bytes:
-    """Run a stepped reply as the server does; ``pause_at(n)``: pause at the n-th step."""
-    parts: list[bytes | memoryview] = []
+    """Run a stepped reply as the server does; ``pause_at(n)``: pause after the n-th step."""
     steps = raw.steps
     sent: bool | None = None
     count = 0
-    with contextlib.suppress(StopIteration):
-        while True:
-            part = steps.send(sent)
-            sent = False
-            if part is None:
-                count += 1
-                sent = pause_at(count)
-            else:
-                assert isinstance(part, bytes)  # copies: they must outlive other renders
-                parts.append(part)
+    while True:
+        try:
+            steps.send(sent)
+        except StopIteration as done:
+            parts: tuple[bytes | memoryview, ...] = done.value
+            break
+        count += 1
+        sent = pause_at(count)
+    assert all(isinstance(part, bytes) for part in parts)  # copies: they outlive renders
     return b"".join(parts)
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import trio
 from statsd_qmp.app import Settings, serve
 from statsd_qmp.cli import build_parser, build_settings
 from statsd_qmp.sources import borrowed
+from statsd_qmp.steps import Steps
 
 from .conftest import need, program_problem
 from .qemu_helpers import RawQmp
@@ -173,9 +174,7 @@ async def test_watchdog_stops_when_the_scanner_is_wedged(
     release = threading.Event()
     real_scan_steps = borrowed.ProcScanner.scan_steps
 
-    def scan_steps(
-        self: borrowed.ProcScanner, now: float
-    ) -> Generator[None, None, borrowed.ScanResult]:
+    def scan_steps(self: borrowed.ProcScanner, now: float) -> Steps[borrowed.ScanResult]:
         # A scan that never ends but lets the event loop run between its steps.
         while wedge.is_set() and not release.is_set():
             time.sleep(0.0002)

@@ -19,8 +19,10 @@ import ctypes
 import errno as errno_mod
 import os
 import re
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from ..steps import Steps, finish
 
 VM_STATS_LINK = "anon_inode:kvm-vm-stats"
 VCPU_STATS_PREFIX = "anon_inode:kvm-vcpu-stats:"
@@ -175,7 +177,7 @@ class ScanResult:
 _LINKS_PER_STEP = 32
 
 
-def list_stats_fds(pid: int) -> Generator[None, None, ProcessStatsFds]:
+def list_stats_fds(pid: int) -> Steps[ProcessStatsFds]:
     """Read ``/proc/PID/fd``: the KVM stats fds the process holds.
 
     A generator (``yield from`` it): it yields every ``_LINKS_PER_STEP`` links so that a
@@ -235,15 +237,9 @@ class ProcScanner:
 
     def scan(self, now: float) -> ScanResult:
         """The whole scan at once."""
-        steps = self.scan_steps(now)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                result: ScanResult = done.value
-                return result
+        return finish(self.scan_steps(now))
 
-    def scan_steps(self, now: float) -> Generator[None, None, ScanResult]:
+    def scan_steps(self, now: float) -> Steps[ScanResult]:
         """The scan in small steps: yields before each process it looks at; returns the result.
 
         The caller may pause between steps (the daemon runs the scan on its event loop in

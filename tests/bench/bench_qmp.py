@@ -74,6 +74,7 @@ from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.sources import borrowed
 from statsd_qmp.sources.owned import OwnedVM
 from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.steps import finish
 from statsd_qmp.vm import VcpuStats, VmStats, parse_vcpu_id
 from tests.qemu_helpers import QemuVm
 
@@ -645,13 +646,7 @@ def bound_vm(vcpus: int, qemu_pid: int | None) -> Iterator[VmStats]:
         with OwnedVM.create(vcpus, run_guest=False) as owned:
             yield vm_stats_from_owned(owned, "bound")
         return
-    listing = borrowed.list_stats_fds(qemu_pid)
-    while True:
-        try:
-            next(listing)
-        except StopIteration as done:
-            found: borrowed.ProcessStatsFds = done.value
-            break
+    found = finish(borrowed.list_stats_fds(qemu_pid))
     fds: list[int] = []
     pidfd = borrowed.pidfd_open(qemu_pid)
     try:
