@@ -10,7 +10,7 @@ Layering (imports only go downwards; each module's docstring says what it must n
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
     vm, engine, statsfile    parsed stats files and batched reads
     sources.*                owned VMs, borrowed fds, synthetic files
-    _native                  the compiled bulk pread helper
+    _native, steps           the compiled bulk pread helper; long work run in time slices
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)
 """
 
