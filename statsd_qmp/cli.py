@@ -18,15 +18,16 @@ client, config, holdlib, install_check, logconfig, registry and sources; nothing
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from . import __version__
 from .errors import StatsdQmpError
 
-# Not typing.TYPE_CHECKING: importing typing alone costs a few ms on every ``exec``.
+# Not typing.TYPE_CHECKING: importing typing alone costs a few ms on every ``exec``, which
+# does not even import argparse.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Sequence
     from typing import Any
 
@@ -83,6 +84,8 @@ def subcommand(
 
 def config_flag(key: str) -> Callable[[str], Any]:
     """An argparse ``type`` applying the configuration file's rule for ``key`` to a flag."""
+    import argparse
+
     from .config import ConfigError, check_flag
 
     def parse(text: str) -> Any:
@@ -95,6 +98,8 @@ def config_flag(key: str) -> Callable[[str], Any]:
 
 
 def _non_negative_int(text: str) -> int:
+    import argparse
+
     try:
         value = int(text)
     except ValueError:
@@ -112,8 +117,9 @@ def _default_socket() -> str:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with ``only``, the flags of that subcommand alone are added (the
-    others are listed by name and help), which keeps ``statsd-qmp exec`` from paying for
-    the rest."""
+    others are listed by name and help), so that a command pays for its own flags only."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="statsd-qmp",
         description="Serve KVM binary statistics of the VMs on this host over QMP.",
@@ -132,6 +138,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["exec"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Every VMM start under libvirt goes through here: straight to execve, no argparse.
+        return _exec_vmm(argv[1:])
     # The top level has no option taking a value: the first word is the subcommand.
     first = next((word for word in argv if not word.startswith("-")), None)
     args = build_parser(first if first in SUBCOMMANDS else None).parse_args(argv)
@@ -395,6 +404,8 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _exec_arguments(hold: argparse.ArgumentParser) -> None:
+    import argparse
+
     hold.add_argument(
         "vmm",
         nargs=argparse.REMAINDER,
@@ -413,15 +424,22 @@ def _exec_arguments(hold: argparse.ArgumentParser) -> None:
     "that the user libvirt runs QEMU as can use this installation.",
 )
 def _exec(args: argparse.Namespace) -> int:
+    return _exec_vmm(args.vmm)
+
+
+def _exec_vmm(vmm: list[str]) -> int:
     from .holdlib import exec_vmm
 
-    vmm = list(args.vmm)
     if vmm and vmm[0] == "--":
         vmm = vmm[1:]
     if not vmm:
         print("statsd-qmp exec: missing the command to run", file=sys.stderr)
         return 2
-    exec_vmm(vmm)
+    try:
+        exec_vmm(vmm)
+    except StatsdQmpError as exc:
+        print(f"statsd-qmp: {exc}", file=sys.stderr)
+        return 1
 
 
 # --- check-install -------------------------------------------------------------------------

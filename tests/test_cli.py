@@ -101,6 +101,8 @@ def test_exec_imports_nothing_heavy() -> None:
     modules = imported_modules(done.stderr)
     assert "statsd_qmp.holdlib" in modules  # the measurement saw the exec path
     assert not heavy_in(modules), heavy_in(modules)
+    # exec only prepends the library and execs: no argument parser, no configuration rules.
+    assert not {"argparse", "statsd_qmp.config", "statsd_qmp.install_check"} & modules
 
 
 def test_query_imports_only_a_client(daemon_socket: Path) -> None:
