@@ -33,7 +33,8 @@ from .errors import KvmError, StatsdQmpError
 from .logconfig import LogFormat
 from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
-from .server import Limits, Server, lock_run_dir
+from .server import Limits, Server
+from .socketfiles import lock_run_dir
 
 log = structlog.get_logger(__name__)
 

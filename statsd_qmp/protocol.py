@@ -84,6 +84,7 @@ __all__ = [
     "reply_error",
     "reply_exception",
     "reply_return",
+    "reply_return_parts",
 ]
 
 DEFAULT_MAX_REQUEST_BYTES: Final = 1 << 20
@@ -174,6 +175,20 @@ def _return_line(has_id: bool, request_id: Any, value: Any) -> bytes:
 def reply_return(request: Request, value: Any) -> bytes:
     """``{"return": value, "id": id}`` (``id`` only if the request had one)."""
     return _return_line(request.has_id, request.id, value)
+
+
+_RETURN_HEAD: Final = b'{"return": '
+
+
+def reply_return_parts(request: Request) -> tuple[bytes, bytes]:
+    """The bytes before and after the value in :func:`reply_return`'s reply to ``request``.
+
+    For a value whose JSON text was made elsewhere (the C renderer): head + text + tail is
+    the reply :func:`reply_return` would write for that value.
+    """
+    if request.has_id:
+        return _RETURN_HEAD, (', "id": ' + _id_json(request.id) + "}\r\n").encode("ascii")
+    return _RETURN_HEAD, b"}\r\n"
 
 
 def reply_error(request: Request | None, qmp_class: str, desc: str) -> bytes:

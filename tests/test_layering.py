@@ -43,6 +43,8 @@ RANK = {
     "introspection": 1,
     "_native": 1,
     "steps": 1,
+    "socketfiles": 1,
+    "outbox": 1,
     "protocol": 4,
     "hmp": 2,
     "statsfile": 2,

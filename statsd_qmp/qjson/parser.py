@@ -35,7 +35,7 @@ from .lexer import (
     T_RSQUARE,
     T_STRING,
 )
-from .unicode import InvalidUtf8Error, c_string_text, decode_mod_utf8, valid_codepoint
+from .unicode import c_string_text, decode_mod_utf8, valid_codepoint
 
 __all__ = ["ParseError", "Parser", "parse_integer", "parse_keyword", "parse_string"]
 
@@ -68,10 +68,10 @@ def _hex4(tok: bytes, pos: int) -> int:
 
 
 def _mod_utf8(raw: bytes) -> str:
-    try:
-        return decode_mod_utf8(raw)
-    except InvalidUtf8Error:
-        raise ParseError(_INVALID_UTF8) from None
+    text = decode_mod_utf8(raw)
+    if text is None:
+        raise ParseError(_INVALID_UTF8)
+    return text
 
 
 def parse_string(tok: bytes) -> str:

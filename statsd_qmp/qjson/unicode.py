@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["InvalidUtf8Error", "c_string_text", "decode_mod_utf8", "valid_codepoint"]
+__all__ = ["c_string_text", "decode_mod_utf8", "valid_codepoint"]
 
 NONCHARACTER_RE: Final = re.compile(
     "[\ufdd0-\ufdef"
@@ -22,10 +22,6 @@ NONCHARACTER_RE: Final = re.compile(
 """Matches the 66 Unicode noncharacters (U+FDD0..U+FDEF and U+xFFFE/U+xFFFF of every plane)."""
 
 _MIN_CP: Final = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)  # overlong below these
-
-
-class InvalidUtf8Error(ValueError):
-    """Raised by :func:`decode_mod_utf8` for bytes QEMU's parser refuses."""
 
 
 def valid_codepoint(cp: int) -> bool:
@@ -38,21 +34,22 @@ def valid_codepoint(cp: int) -> bool:
     )
 
 
-def decode_mod_utf8(raw: bytes) -> str:
-    """Decode string content (no escapes) the way QEMU's parser accepts it, or raise."""
+def decode_mod_utf8(raw: bytes) -> str | None:
+    """Decode string content (no escapes) the way QEMU's parser accepts it; None if it does
+    not."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         # C0 80 is QEMU's U+0000. C0 is never a continuation byte, so wherever the input is
         # otherwise valid it starts a sequence, and replacing it cannot hide an error.
         if b"\xc0\x80" not in raw:
-            raise InvalidUtf8Error from None
+            return None
         try:
             text = raw.replace(b"\xc0\x80", b"\0").decode("utf-8")
         except UnicodeDecodeError:
-            raise InvalidUtf8Error from None
+            return None
     if NONCHARACTER_RE.search(text):
-        raise InvalidUtf8Error
+        return None
     return text
 
 
