@@ -50,6 +50,8 @@ RANK = {
     "statsfile": 2,
     "engine": 3,
     "sources.synthetic": 3,
+    "sources.kvm_abi": 1,
+    "sources.guest": 2,
     "sources.owned": 3,
     "sources.borrowed": 3,
     "vm": 4,
