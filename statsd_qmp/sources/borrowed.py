@@ -123,6 +123,18 @@ def read_comm(pid: int) -> str:
         return ""
 
 
+def thread_group(tid: int) -> int | None:
+    """The process (thread group) a thread id belongs to, None when it is gone."""
+    try:
+        with open(f"/proc/{tid}/status") as handle:
+            for line in handle:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 # Matched against comm, which the kernel cuts to 15 characters ("cloud-hyperviso").
 _LOOKS_LIKE_VMM = re.compile(r"qemu|kvm|firecracker|cloud-hyperviso|crosvm", re.IGNORECASE)
 
