@@ -209,6 +209,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     logconfig.configure(settings.log_level, settings.log_format)
+    from .tuning import tune_process  # process-wide, so here and not in the library
+
+    tune_process()
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:

@@ -16,7 +16,6 @@ vCPUs cannot be told apart by VM).
 from __future__ import annotations
 
 import errno
-import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +148,6 @@ class Discovery:
     # --- applying a scan -----------------------------------------------------------------
 
     async def _apply(self, result: borrowed.ScanResult) -> None:
-        changed = False
         # A checkpoint after each VM added or dropped: a scan that finds 100 new VMMs must
         # not hold the event loop for the whole batch.
         for pid in list(self.vmms):
@@ -164,18 +162,11 @@ class Discovery:
                 known = None
             if known is None:
                 await self._adopt(found)
-                changed = True
             elif known.signature != found.signature():
                 await self._refresh(known, found)
-                changed = True
             else:
                 continue
             await trio.lowlevel.checkpoint()
-        if changed:
-            # The new views live as long as their VMs: keep them out of the cyclic
-            # collector's way, or each full collection walks every served descriptor (tens
-            # of ms with 100 VMs) while all clients wait.
-            gc.freeze()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
                 self._report(pid, reason, await self._qemu_name(pid))

@@ -43,6 +43,7 @@ RANK = {
     "introspection": 1,
     "_native": 1,
     "steps": 1,
+    "tuning": 0,
     "socketfiles": 1,
     "outbox": 1,
     "protocol": 4,
