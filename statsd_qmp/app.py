@@ -1,10 +1,11 @@
 """Composition root: builds the registry, commands and server and runs them in one nursery.
 
-Owns: the daemon's settings object, start-up order (lock the run dir, create the demo VM,
-bind sockets or take systemd's, first scan, then READY=1), signal handling (SIGTERM/SIGINT
-stop, SIGHUP reloads), the systemd watchdog, and orderly shutdown (close clients, remove
-sockets, close every fd). May import everything below it; nothing imports it but the CLI and
-tests.
+Owns: the daemon's settings object, start-up order (check the kernel, lock the run dir,
+create the demo VM, bind sockets or take systemd's, first scan, then READY=1), signal handling
+(SIGTERM/SIGINT stop, SIGHUP reloads), the systemd watchdog, and orderly shutdown (close
+clients, remove sockets, close every fd). Of the process-wide settings it changes only the
+soft open-file limit, which serving needs; the rest is :mod:`~statsd_qmp.tuning`'s, applied by
+the CLI. May import everything below it; nothing imports it but the CLI and tests.
 """
 
 from __future__ import annotations

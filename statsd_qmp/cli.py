@@ -1,7 +1,9 @@
-"""Command line: ``statsd-qmp serve | query | demo-stats``.
+"""Command line: ``statsd-qmp serve | query | exec | demo-stats``.
 
-Owns: argparse definitions, turning flags into :class:`app.Settings`, and the human-facing
-output of the client subcommands. May import app, client and logconfig; nothing imports it.
+Owns: argparse definitions, turning flags (over the config file) into :class:`app.Settings`,
+the process-wide tuning call of ``serve``, and the human-facing output of the client
+subcommands. May import what its entry in the map of ``statsd_qmp/__init__.py`` names;
+nothing imports it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A small blocking QMP client for the CLI's own subcommands (``statsd-qmp query``).
 
 Owns: connecting to a unix socket, reading the greeting, negotiating, sending one command and
-reading its reply line. Uses the protocol core's encoder so requests look like any client's.
-Must not import trio, the server or the registry.
+reading its reply line. Requests are written with the stdlib ``json`` (any JSON the server
+parses will do; only replies must be in QEMU's format). Imports nothing of the package but
+``errors``: it must stay cheap for the CLI (no trio, no server, no registry).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import json
 import socket
 from typing import Any
 
+from .errors import QmpClientError
 
-class QmpClientError(Exception):
-    """The server closed the connection or sent something that is not a QMP reply."""
+__all__ = ["QmpClient", "QmpClientError"]
 
 
 class QmpClient:

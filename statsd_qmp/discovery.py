@@ -4,8 +4,8 @@ Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new 
 borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
 dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
 then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
-alive), VM naming, and permission messages once per VM. May import registry, sources, vm,
-statsfile and trio; must not import the server, app or cli.
+alive), VM naming, and permission messages once per VM. May import errors, registry,
+sources.borrowed, statsfile, steps, vm and trio; must not import the server, app or cli.
 
 One VM per VMM process is the supported case. A process holding several ``kvm-vm-stats`` fds
 of different VMs gets its lowest-numbered VM stats fd and all its vCPU stats fds served, and a
