@@ -4,8 +4,8 @@ Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new 
 borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
 dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
 then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
-alive), VM naming, and permission messages once per VM. May import registry, sources, vm,
-statsfile and trio; must not import the server, app or cli.
+alive), VM naming, and permission messages once per VM. May import errors, registry,
+sources.borrowed, statsfile, steps, vm and trio; must not import the server, app or cli.
 
 A VM is served once, from its creator: every stats fd names the process that created the VM
 (``kvm-PID`` in the VM stats id string; a vCPU's ``kvm-TID/vcpu-N`` names a thread of it).
@@ -22,7 +22,6 @@ vCPUs cannot be told apart by VM).
 from __future__ import annotations
 
 import errno
-import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +157,6 @@ class Discovery:
     # --- applying a scan -----------------------------------------------------------------
 
     async def _apply(self, result: borrowed.ScanResult) -> None:
-        changed = False
         self._holders = set(result.vmms)
         for pid in list(self._copies):
             if pid not in result.vmms:
@@ -180,18 +178,11 @@ class Discovery:
                 if copy is not None and copy[1] == found.signature() and self._alive(copy[0]):
                     continue  # still a holder of copies; its creator still serves the VM
                 await self._adopt(found)
-                changed = True
             elif known.signature != found.signature():
                 await self._refresh(known, found)
-                changed = True
             else:
                 continue
             await trio.lowlevel.checkpoint()
-        if changed:
-            # The new views live as long as their VMs: keep them out of the cyclic
-            # collector's way, or each full collection walks every served descriptor (tens
-            # of ms with 100 VMs) while all clients wait.
-            gc.freeze()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
                 self._report(pid, reason, await self._qemu_name(pid))
