@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import statsd_qmp
+
 from .errors import StatsdQmpError
 from .logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat
 from .schema import HISTOGRAM_ORDERS, HistogramOrder
@@ -57,7 +59,7 @@ __all__ = [
     "resolve_group",
 ]
 
-DEFAULT_RUN_DIR: Final = Path("/run/statsd-qmp")
+DEFAULT_RUN_DIR: Final = Path(statsd_qmp.DEFAULT_RUN_DIR)
 
 
 class ConfigError(StatsdQmpError):
