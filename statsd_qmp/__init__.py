@@ -128,5 +128,8 @@ module needs its entry here. ::
 
 __version__ = "0.1.0"
 
+# Where the daemon's sockets live unless --run-dir / run_dir says otherwise.
+DEFAULT_RUN_DIR = "/run/statsd-qmp"
+
 # The QEMU release whose stats schema and wire behaviour the daemon reproduces.
 QEMU_VERSION = {"micro": 0, "minor": 2, "major": 7}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from . import __version__
+from . import DEFAULT_RUN_DIR, __version__
 from .errors import QmpClientError, StatsdQmpError
 
 # Not typing.TYPE_CHECKING: importing typing alone costs a few ms on every ``exec``, which
@@ -111,9 +111,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _default_socket() -> str:
-    from .config import DEFAULT_RUN_DIR
-
-    return str(DEFAULT_RUN_DIR / "qmp.sock")
+    return f"{DEFAULT_RUN_DIR}/qmp.sock"  # not via config: a client needs none of its rules
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -159,7 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve_arguments(run: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    from .config import DEFAULT_RUN_DIR
     from .logconfig import LOG_FORMATS, LOG_LEVELS
     from .schema import HISTOGRAM_ORDERS
 
