@@ -2,8 +2,9 @@
 
 Layering (imports only go downwards; each module's docstring says what it must not import)::
 
-    cli                      argparse -> settings -> app / client
+    cli                      argparse -> settings -> app / client / top
     app                      composition root: server, discovery, signals, watchdog
+    top                      `statsd-qmp top`: host-socket polling, kvm_stat's scriptable modes
     server                   trio listeners, one task per connection, limits
     registry                 live VMs: sources -> VmStats, names, lifecycle (trio)
     commands, hmp            QMP commands: argument rules, filters, HMP text (pure)
@@ -12,6 +13,8 @@ Layering (imports only go downwards; each module's docstring says what it must n
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)
+    topterm                  top's terminal: curses, keys, prompts, refresh loop
+    topscreen, topmodel      top's views as lines; samples, rates, totals, units (pure)
 """
 
 __version__ = "0.1.0"

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON object, for example \'{"target": "vm"}\'',
     )
 
+    _add_top_parser(sub)
+
     hold = sub.add_parser(
         "exec",
         help="exec a VMM in place with the hold library preloaded",
@@ -155,6 +157,70 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated stat names, or * for all",
     )
     return parser
+
+
+def _add_top_parser(sub: Any) -> None:
+    top = sub.add_parser(
+        "top",
+        help="live KVM statistics of every VM, like kvm_stat",
+        description="kvm_stat for every VM the daemon serves: a full-screen live table "
+        "(keys: h for help), or kvm_stat's scriptable modes (--once, --log, --log-to-file).",
+    )
+    top.add_argument(
+        "--socket",
+        default=str(DEFAULT_RUN_DIR / "qmp.sock"),
+        help="the daemon's host socket (default %(default)s)",
+    )
+    top.add_argument(
+        "-1", "--once", "--batch", action="store_true", help="one interval, as a table"
+    )
+    top.add_argument("-l", "--log", action="store_true", help="one line per interval, like vmstat")
+    top.add_argument(
+        "-c", "--csv", action="store_true", help="CSV for --log, --log-to-file, --once"
+    )
+    top.add_argument(
+        "-L", "--log-to-file", metavar="FILE", help="like --log, appended to FILE (SIGHUP reopens)"
+    )
+    top.add_argument(
+        "-z", "--skip-zero-records", action="store_true", help="leave out lines (rows) of zeros"
+    )
+    top.add_argument("-f", "--fields", default="", metavar="REGEX", help="stats to show (regex)")
+    top.add_argument("-g", "--guest", default=None, help="one guest, by name")
+    top.add_argument("-p", "--pid", type=int, default=None, help="one guest, by VMM pid")
+    top.add_argument(
+        "-s",
+        "--set-delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="update interval, 0.1-25.5 (default 1)",
+    )
+    top.add_argument(
+        "--histogram-order",
+        choices=HISTOGRAM_ORDERS,
+        default="kernel",
+        help="the daemon's histogram order (its --histogram-order; default kernel)",
+    )
+
+
+def _top(args: argparse.Namespace) -> int:
+    from .top import TopOptions, run
+
+    return run(
+        TopOptions(
+            socket=args.socket,
+            interval=args.set_delay,
+            once=args.once,
+            log=args.log,
+            csv=args.csv,
+            log_to_file=args.log_to_file,
+            skip_zero=args.skip_zero_records,
+            fields=args.fields,
+            guest=args.guest,
+            pid=args.pid,
+            histogram_order=args.histogram_order,
+        )
+    )
 
 
 def _first(*values: Any) -> Any:
@@ -273,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _exec(args)
         if args.command == "query":
             return _query(args)
+        if args.command == "top":
+            return _top(args)
         return _demo_stats(args)
     except (StatsdQmpError, QmpClientError, OSError) as exc:
         print(f"statsd-qmp: {exc}", file=sys.stderr)

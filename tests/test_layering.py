@@ -10,8 +10,26 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "statsd_qmp"
 
 # Modules that must stay pure: no I/O, no event loop, no logging.
-PURE = {"errors", "schema", "protocol", "jsonstream", "hmp", "introspection"}
-FORBIDDEN_IN_PURE = {"trio", "os", "structlog", "socket", "subprocess", "fcntl", "select"}
+PURE = {
+    "errors",
+    "schema",
+    "protocol",
+    "jsonstream",
+    "hmp",
+    "introspection",
+    "topmodel",
+    "topscreen",
+}
+FORBIDDEN_IN_PURE = {
+    "trio",
+    "os",
+    "structlog",
+    "socket",
+    "subprocess",
+    "fcntl",
+    "select",
+    "curses",
+}
 
 # Each module may import only modules of a strictly lower rank (sd_daemon and logconfig are
 # leaves used by the top; the package root only holds constants).
@@ -24,6 +42,9 @@ RANK = {
     "introspection": 1,
     "_native": 1,
     "steps": 1,
+    "topmodel": 1,
+    "topscreen": 2,
+    "topterm": 3,
     "protocol": 2,
     "hmp": 2,
     "statsfile": 2,
@@ -42,6 +63,7 @@ RANK = {
     "server": 8,
     "client": 8,
     "app": 9,
+    "top": 9,
     "cli": 10,
 }
 
