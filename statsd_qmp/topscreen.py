@@ -217,7 +217,7 @@ def _title(state: ViewState, frame: Frame) -> str:
 
 def _status(state: ViewState, frame: Frame) -> Line:
     if frame.error is not None:
-        return Line(f" daemon gone: {frame.error} - reconnecting", "alert")
+        return Line(f" daemon gone, reconnecting: {frame.error}", "alert")
     if (
         state.guest is not None
         and frame.current is not None
