@@ -2,9 +2,10 @@
 
 Owns: the screen (set up and always restored by ``curses.wrapper``, so a crash or ``q``
 leaves the terminal usable), painting :func:`topscreen.render`'s lines with attributes,
-waiting for a key until the next sample is due (one ``get_wch`` with a timeout: no threads,
-no event loop), resizes (``KEY_RESIZE``), the line prompts of ``f``, ``g``, ``p`` and
-``s``, and the help screen.
+waiting for keys (``get_wch`` with a timeout), resizes (``KEY_RESIZE``), the line prompts of
+``f``, ``g``, ``p`` and ``s``, the help screen, and one worker thread that polls the daemon
+when asked, so that keys are answered at once even while a poll waits on a slow or vanished
+daemon (a blocking call in the key loop would freeze the screen for the socket timeout).
 
 curses is the standard library's and is what kvm_stat uses; it needs no event loop of its
 own, so ``top`` adds no dependency and no second async framework to the project.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import curses
 import locale
+import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -32,6 +35,48 @@ from .topscreen import (
 )
 
 ESCAPE = "\x1b"
+KEY_WAIT = 0.1  # longest wait for a key while a poll is under way, in seconds
+
+PollResult = tuple[Sample, dict[StatKey, StatInfo]] | str  # a sample and its schema, or why not
+
+
+class BackgroundPoller:
+    """Runs ``poll`` on a worker thread each time :meth:`request` is called."""
+
+    def __init__(
+        self, poll: Callable[[], Sample], schema_of: Callable[[], dict[StatKey, StatInfo]]
+    ) -> None:
+        self._poll = poll
+        self._schema_of = schema_of
+        self._wanted = threading.Event()
+        self._results: queue.SimpleQueue[PollResult] = queue.SimpleQueue()
+        self.busy = False
+        # A daemon thread: a poll stuck in a socket timeout must not hold up quitting.
+        threading.Thread(target=self._run, name="top-poll", daemon=True).start()
+
+    def request(self) -> None:
+        self.busy = True
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            result: PollResult
+            try:
+                result = (self._poll(), self._schema_of())
+            except DaemonUnavailable as exc:
+                result = str(exc)
+            self._results.put(result)
+
+    def results(self) -> list[PollResult]:
+        found = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                found.append(self._results.get_nowait())
+        if found:
+            self.busy = False
+        return found
 
 
 def _attributes() -> dict[str, int]:
@@ -58,8 +103,7 @@ class Terminal:
         unicode: bool,
     ) -> None:
         self.screen = screen
-        self.poll = poll
-        self.schema_of = schema_of
+        self.poller = BackgroundPoller(poll, schema_of)
         self.state = state
         self.unicode = unicode
         self.frame = Frame(schema_of(), first, None, {})
@@ -84,14 +128,13 @@ class Terminal:
 
     # --- data -------------------------------------------------------------------------------
 
-    def refresh_data(self) -> None:
-        try:
-            sample = self.poll()
-        except DaemonUnavailable as exc:
-            self.frame.error = str(exc)
+    def apply(self, result: PollResult) -> None:
+        if isinstance(result, str):
+            self.frame.error = result
             return
+        sample, schema = result
         self.frame.error = None
-        self.frame.schema = self.schema_of()
+        self.frame.schema = schema
         self.frame.previous, self.frame.current = self.frame.current, sample
 
     # --- input ------------------------------------------------------------------------------
@@ -239,18 +282,25 @@ class Terminal:
         self.draw()
         while True:
             now = time.monotonic()
-            if now >= self.next_poll:
-                self.refresh_data()
+            if now >= self.next_poll and not self.poller.busy:
+                self.poller.request()
+                # On a fixed grid, unless a poll ran over it (a slow or vanished daemon).
                 self.next_poll += self.state.interval
                 if self.next_poll <= now:
                     self.next_poll = now + self.state.interval
+            results = self.poller.results()
+            for result in results:
+                self.apply(result)
+            if results:
                 self.draw()
-            wait_ms = max(int((self.next_poll - time.monotonic()) * 1000), 1)
-            self.screen.timeout(wait_ms)
+            wait = self.next_poll - time.monotonic()
+            if self.poller.busy:
+                wait = min(wait, KEY_WAIT)
+            self.screen.timeout(max(int(wait * 1000), 1))
             try:
                 key = self.screen.get_wch()
             except curses.error:
-                continue  # no key before the next sample is due
+                continue  # no key within the wait
             if not self.handle(key):
                 return 0
             self.draw()
@@ -268,6 +318,7 @@ def run_terminal(
 
     def main(screen: curses.window) -> int:
         curses.curs_set(0)
+        curses.set_escdelay(25)  # Escape cancels a prompt without a second's wait
         screen.keypad(True)
         with contextlib.suppress(curses.error):
             curses.use_default_colors()
