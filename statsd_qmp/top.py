@@ -84,7 +84,8 @@ class HostPoller:
             seen = frozenset((vm.name, vm.pid) for vm in sample.vms.values())
             if seen != self._vms_seen:
                 self._vms_seen = seen
-                if any(key not in self.schema for v in sample.values.values() for key in v):
+                keys = {(lay.target, name) for lay in sample.layouts() for name in lay.names}
+                if not keys <= self.schema.keys():
                     self._load_schema()  # VMs of another kind came (or the first ones)
             return sample
         except DaemonUnavailable:
@@ -319,8 +320,8 @@ def log(poller: HostPoller, options: TopOptions, out: TextIO, err: TextIO) -> in
     previous: Sample | None = first
     try:
         for sample in samples:
-            if sample is None:
-                previous = None
+            if sample is None or previous is None:
+                previous = sample  # no interval to report across the daemon's absence
                 continue
             aggs = aggregate(poller.schema, sample, previous, {}, vm=guest, stats=keys)
             previous = sample

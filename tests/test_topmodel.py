@@ -192,9 +192,10 @@ def test_parse_sample_paths_and_histogram_order() -> None:
         vm_result("web", 5, 1),
     ]
     got = parse_sample(1.0, listing, results, reverse_buckets=True)
-    assert set(got.values) == {("web", 7, 0), ("web", 7, -1)}
-    assert got.values[("web", 7, 0)][HIST] == (3, 2, 1)  # QEMU's order undone
-    assert got.values[("web", 7, -1)][("vm", "pages_4k")] == 5
+    assert set(got.rows) == {("web", 7, 0), ("web", 7, -1)}
+    assert got.value(("web", 7, 0), HIST) == [3, 2, 1]  # QEMU's order undone
+    assert got.value(("web", 7, -1), ("vm", "pages_4k")) == 5
+    assert got.value(("web", 7, -1), EXITS) is None  # a vCPU stat is not the VM's
     with pytest.raises(ValueError, match="qom-path"):
         parse_sample(1.0, listing, [{"qom-path": "/machine/cpu", "stats": []}])
 
