@@ -203,7 +203,7 @@ def _title(state: ViewState, frame: Frame) -> str:
         vm = sample.vms.get(state.guest) if sample is not None else None
         where = f"guest {state.guest}"
         if vm is not None:
-            where += f" (pid {vm.pid}, {vm.vcpus} vCPUs)"
+            where += f" (pid {vm.pid}, {vm.vcpus} vCPU{'' if vm.vcpus == 1 else 's'})"
         if state.mode == "vcpus":
             where += " - vCPUs"
         elif state.mode == "vcpu-stat":
