@@ -30,6 +30,7 @@ from statsd_qmp.client import QmpClient
 
 from .conftest import need, program_problem
 from .procnet import listening_sockets
+from .test_cli import heavy_in, imported_modules
 from .test_service import DAEMON, start_daemon, stop
 
 pytestmark = pytest.mark.kvm
@@ -370,6 +371,23 @@ def run_top(host: Host, *args: str, timeout: float = TIMEOUT) -> subprocess.Comp
         timeout=timeout,
         check=False,
     )
+
+
+def test_once_imports_no_event_loop(host: Host) -> None:
+    once = ["--socket", host.socket, "--once", "-s", "0.1", "-f", "^exits$"]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *TOP[1:], *once],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].split()[0] == "exits"
+    modules = imported_modules(done.stderr)
+    assert "statsd_qmp.top" in modules
+    assert not heavy_in(modules), heavy_in(modules)
+    assert "curses" not in modules  # the terminal is loaded only for the full screen
 
 
 def test_once_table_and_csv(host: Host) -> None:
