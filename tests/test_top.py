@@ -280,9 +280,26 @@ def test_screen_keys_views_and_resize(host: Host, tmux: Tmux) -> None:
     assert all("halt" in name for name in names), names
     assert "exits" not in names
 
-    # c clears it; g picks a guest by name; its histograms are drawn in time units.
+    # c clears it; o sorts by Total; s sets the interval; r counts totals from now.
     tmux.send("c")
-    tmux.wait_for(lambda s: "exits" in table(s), "the whole table again")
+    screen = tmux.wait_for(lambda s: "exits" in table(s), "the whole table again")
+    exits_total = int(table(screen)["exits"][0])
+    tmux.send("o")
+    tmux.wait_for(lambda s: "sort Total" in s, "sorting by Total")
+    tmux.send("s")
+    tmux.wait_for(lambda s: "Interval in seconds" in s, "the interval prompt")
+    tmux.type("0.5")
+    tmux.send("Enter")
+    tmux.wait_for(lambda s: "interval 0.5s" in s, "the new interval")
+    tmux.send("r")
+    tmux.wait_for(
+        lambda s: 0 < int(table(s).get("exits", ["0"])[0]) < exits_total, "totals from zero"
+    )
+    tmux.send("h")
+    tmux.wait_for(lambda s: "r                      reset totals" in s, "the help screen")
+    tmux.send("x")  # any key leaves the help
+
+    # g picks a guest by name; its histograms are drawn in time units.
     tmux.send("g")
     tmux.wait_for(lambda s: "Guest name" in s, "the guest prompt")
     tmux.type("second")
@@ -479,6 +496,44 @@ def test_csv_log_rates_match_counter_deltas(host: Host) -> None:
     # ticks, never adds any.
     wakeups = sum(row["halt_wakeup"] for row in deltas) / (lines * interval)
     assert 0.75 * SECOND_HZ <= wakeups <= 1.05 * SECOND_HZ
+
+
+def daemon_pid(host: Host) -> int:
+    namespace = host.namespace.pid
+    return int(Path(f"/proc/{namespace}/task/{namespace}/children").read_text().split()[0])
+
+
+def test_vms_that_come_and_go_leave_no_glitch(host: Host) -> None:
+    """A third guest started and stopped while top logs the sum over all guests: every
+    interval's change stays between zero and what the guests' timers can produce."""
+    need(program_problem("nsenter"))
+    interval = 0.5
+    top = start_top(host, "--log", "--csv", "-f", "^halt_wakeup$", "-s", str(interval))
+    root = Path(__file__).resolve().parents[1]
+    enter = ["nsenter", "--target", str(daemon_pid(host)), "--pid", "--mount", f"--wd={root}"]
+    guest = [sys.executable, "-m", "tests.guest_vmm", "--tick-hz", str(SECOND_HZ)]
+    third = subprocess.Popen([*enter, "--", *guest, "-name", "third"], stdout=subprocess.DEVNULL)
+    try:
+        output = read_log(top, 3)
+        wait_until(lambda: "third" in host.vms(), "the third guest served")
+        output += read_log(top, 3)
+        # nsenter forked the guest into the namespace: stop the guest itself.
+        child = Path(f"/proc/{third.pid}/task/{third.pid}/children").read_text().split()[0]
+        os.kill(int(child), signal.SIGTERM)
+        assert third.wait(10) == 0
+        wait_until(lambda: "third" not in host.vms(), "the third guest gone")
+        output += read_log(top, 3)
+    finally:
+        if third.poll() is None:
+            third.kill()
+            third.wait(10)
+        assert end(top)[0] == 0
+    rows = list(csv.reader(output))
+    assert rows[0] == ["timestamp", "halt_wakeup"]
+    # demo: 2 vCPUs at 20 Hz; second and third: 1 vCPU at 50 Hz each (with a margin for a
+    # late read), never negative when the third goes, no burst when it comes.
+    most = (2 * 20 + 2 * SECOND_HZ) * interval * 1.5
+    assert all(0 <= int(row[1]) <= most for row in rows[1:]), rows
 
 
 def test_text_log_repeats_its_header_and_skips_zero_lines(host: Host) -> None:
