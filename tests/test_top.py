@@ -601,19 +601,19 @@ def test_log_to_file_appends_and_reopens_on_sighup(host: Host, tmp_path: Path) -
     assert rows[:lines_before] == data_lines(log)[:lines_before]
 
 
-def test_unknown_guest_and_bad_options(host: Host) -> None:
-    done = run_top(host, "--once", "-g", "no-such-guest")
-    assert done.returncode == 1
-    assert 'no guest named "no-such-guest"' in done.stderr
-    done = run_top(host, "--once", "-p", "999999")
-    assert done.returncode == 1
-    assert "no guest with VMM pid 999999" in done.stderr
-    done = run_top(host, "--once", "-f", "(")
-    assert done.returncode == 2
-    assert "not a valid regular expression" in done.stderr
-    done = run_top(host, "--log", "-s", "30")
-    assert done.returncode == 2
-    assert "0.1-25.5" in done.stderr
-    done = run_top(host)  # no terminal here
-    assert done.returncode == 2
-    assert "not a terminal" in done.stderr
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["--once", "-g", "no-such-guest"], 1, 'no guest named "no-such-guest"'),
+        (["--once", "-p", "999999"], 1, "no guest with VMM pid 999999"),
+        (["--once", "-f", "("], 2, "not a valid regular expression"),
+        (["--log", "-s", "30"], 2, "0.1-25.5"),
+        ([], 2, "not a terminal"),  # the full screen, without a terminal
+    ],
+)
+def test_unknown_guest_and_bad_options(
+    host: Host, args: list[str], status: int, message: str
+) -> None:
+    done = run_top(host, *args)
+    assert done.returncode == status
+    assert message in done.stderr

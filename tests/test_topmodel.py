@@ -28,43 +28,34 @@ from statsd_qmp.topmodel import (
 )
 from statsd_qmp.topscreen import Frame, ViewState, describe, render
 
+
+def stat(name: str, kind: str, unit: str | None = None, base: int = 10, exponent: int = 0) -> Any:
+    """One ``StatsSchemaValue`` as the daemon sends it."""
+    entry: dict[str, Any] = {"name": name, "type": kind, "exponent": exponent}
+    if unit is not None:
+        entry.update(unit=unit, base=base)
+    return entry
+
+
 SCHEMAS: list[dict[str, Any]] = [
     {
         "provider": "kvm",
         "target": "vcpu",
         "stats": [
-            {"name": "exits", "type": "cumulative", "exponent": 0},
-            {"name": "io_exits", "type": "cumulative", "exponent": 0},
-            {
-                "name": "halt_wait_ns",
-                "type": "cumulative",
-                "unit": "seconds",
-                "base": 10,
-                "exponent": -9,
-            },
-            {"name": "blocking", "type": "instant", "unit": "boolean", "exponent": 0},
-            {
-                "name": "halt_wait_hist",
-                "type": "log2-histogram",
-                "unit": "seconds",
-                "base": 10,
-                "exponent": -9,
-            },
+            stat("exits", "cumulative"),
+            stat("io_exits", "cumulative"),
+            stat("halt_wait_ns", "cumulative", "seconds", exponent=-9),
+            stat("blocking", "instant", "boolean"),
+            stat("halt_wait_hist", "log2-histogram", "seconds", exponent=-9),
         ],
     },
     {
         "provider": "kvm",
         "target": "vm",
         "stats": [
-            {"name": "pages_4k", "type": "instant", "exponent": 0},
-            {"name": "max_mmu_rmap_size", "type": "peak", "exponent": 0},
-            {
-                "name": "shared_bytes",
-                "type": "cumulative",
-                "unit": "bytes",
-                "base": 2,
-                "exponent": 0,
-            },
+            stat("pages_4k", "instant"),
+            stat("max_mmu_rmap_size", "peak"),
+            stat("shared_bytes", "cumulative", "bytes", base=2),
         ],
     },
 ]
