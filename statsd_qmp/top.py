@@ -46,11 +46,15 @@ TIMESTAMP: Final = "%Y-%m-%d %H:%M:%S"  # kvm_stat's log timestamp
 class HostPoller:
     """One connection to the host socket, made again whenever it is lost."""
 
-    def __init__(self, path: str, *, reverse_buckets: bool = False, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, *, reverse_buckets: bool = False, timeout: float = 30.0) -> None:
         self.path = path
         self.reverse_buckets = reverse_buckets
+        # Generous: a host-wide query-stats over thousands of vCPUs takes seconds; a daemon
+        # that is gone shows at once anyway (the connection is refused or closed).
         self.timeout = timeout
         self.schema: dict[StatKey, StatInfo] = {}
+        # Stat names to ask for (None: all). The scriptable modes know their columns.
+        self.names: list[str] | None = None
         self._client: QmpClient | None = None
         self._vms_seen: frozenset[tuple[str, int]] = frozenset()
 
@@ -69,6 +73,11 @@ class HostPoller:
     def _load_schema(self) -> None:
         self.schema = parse_schemas(self._execute("query-stats-schemas"))
 
+    def _filter(self, target: str) -> dict[str, Any]:
+        if self.names is None:
+            return {"target": target}
+        return {"target": target, "providers": [{"provider": "kvm", "names": self.names}]}
+
     def poll(self) -> Sample:
         """Every VM's stats now. Raises DaemonUnavailable (and reconnects on the next call)."""
         try:
@@ -76,8 +85,8 @@ class HostPoller:
                 self._connect()
             vms = self._execute("query-vms")
             started = time.monotonic()
-            results = self._execute("query-stats", {"target": "vm"})
-            results += self._execute("query-stats", {"target": "vcpu"})
+            results = self._execute("query-stats", self._filter("vm"))
+            results += self._execute("query-stats", self._filter("vcpu"))
             # The daemon reads every fd between these two instants.
             at = (started + time.monotonic()) / 2
             sample = parse_sample(at, vms, results, reverse_buckets=self.reverse_buckets)
@@ -173,14 +182,20 @@ def _column(agg: Aggregate) -> int:
     return agg.total
 
 
+def _ask_only_for(poller: HostPoller, infos: list[StatInfo]) -> None:
+    """From now on, fetch only these stats (the daemon reads and sends less)."""
+    poller.names = sorted({info.name for info in infos})
+
+
 def once(poller: HostPoller, options: TopOptions, out: TextIO) -> int:
     """Two samples an interval apart, printed as one table (kvm_stat's --once)."""
+    guest = find_guest(poller.poll(), options.guest, options.pid)
+    infos = _scalar_infos(poller, options.fields)
+    _ask_only_for(poller, infos)
     first = poller.poll()
-    guest = find_guest(first, options.guest, options.pid)
     time.sleep(options.interval)
     second = poller.poll()
     elapsed = second.at - first.at
-    infos = _scalar_infos(poller, options.fields)
     aggs = aggregate(poller.schema, second, first, {}, vm=guest, stats=[i.key for i in infos])
     rows: list[tuple[str, str, str]] = []
     for info in infos:
@@ -309,6 +324,12 @@ def log(poller: HostPoller, options: TopOptions, out: TextIO, err: TextIO) -> in
     guest = find_guest(first, options.guest, options.pid)
     infos = _scalar_infos(poller, options.fields)
     keys = [info.key for info in infos]
+    _ask_only_for(poller, infos)
+    previous: Sample | None
+    try:
+        previous = poller.poll()  # the first read of the columns asked for
+    except DaemonUnavailable:
+        previous = None
     log_file = LogFile(options.log_to_file) if options.log_to_file is not None else None
     if log_file is not None:
 
@@ -317,7 +338,6 @@ def log(poller: HostPoller, options: TopOptions, out: TextIO, err: TextIO) -> in
 
         signal.signal(signal.SIGHUP, reopen)
     writer = LogWriter([info.name for info in infos], as_csv=options.csv, out=out, log=log_file)
-    previous: Sample | None = first
     try:
         for sample in samples:
             if sample is None or previous is None:
