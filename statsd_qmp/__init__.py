@@ -10,7 +10,19 @@ module needs its entry here. ::
     9 cli
         argparse -> settings -> the daemon, or a client subcommand
         imports: app, client, config, errors, holdlib, install_check, logconfig, registry,
-                 schema, server, sources.owned, tuning
+                 schema, server, sources.owned, top, tuning
+    4 top
+        ``statsd-qmp top``: host-socket polling, kvm_stat's scriptable modes, the log file
+        imports: client, topmodel, topscreen, topterm
+    3 topterm
+        top's terminal: curses, keys, prompts, the refresh loop
+        imports: topmodel, topscreen
+    2 topscreen (pure)
+        top's view state and keys, the screen as styled lines
+        imports: topmodel
+    1 topmodel (pure)
+        top's samples, totals, rates and their formatting by unit
+        imports: -
     8 app
         composition root: start-up order, signals, reload, watchdog, shutdown
         imports: commands, config, discovery, errors, logconfig, loopstats, registry, schema,
