@@ -17,6 +17,20 @@
 #define STATSFMT_LIST 3         /* arg: first word index, count: words; [a, b, ...] */
 #define STATSFMT_LIST_REVERSED 4 /* the same words, last first (QEMU's histogram order) */
 #define STATSFMT_BASE 5         /* arg: added to the word index of every later value op */
+/* Prometheus/OpenMetrics exposition (statsd_qmp.metricsrender): */
+#define STATSFMT_SCALED 6       /* arg: word index; count: scale (below); an exact decimal */
+#define STATSFMT_CUMULATIVE 7   /* arg: word index; adds the word to the running total and
+                                   writes the total; count 1: start a new total first */
+#define STATSFMT_TOTAL 8        /* writes the running total */
+#define STATSFMT_FLAG 9         /* arg: word index; 1 when the word is not 0, else 0 */
+#define STATSFMT_SET_LABELS 10  /* arg: offset into literals, count: length; remembered */
+#define STATSFMT_LABELS 11      /* writes the remembered literal */
+#define STATSFMT_MARK 12        /* arg: index into marks; stores the output position there */
+
+/* STATSFMT_SCALED count: the value is multiplied by 2^shift and by 10^pow10, then written
+ * with its last `frac` digits after a decimal point (trailing zeros and a bare point
+ * dropped): frac = count & 0xff (<= 40), pow10 = (count >> 8) & 0xff (<= 19),
+ * shift = (count >> 16) & 0xff (<= 63). The product always fits in 128 bits. */
 
 struct statsfmt_op {
     uint32_t kind;
@@ -34,6 +48,14 @@ int64_t statsfmt_render(const uint64_t *words, uint64_t n_words,
                         const uint8_t *literals, uint64_t literals_len,
                         const struct statsfmt_op *ops, uint32_t n_ops,
                         uint8_t *out, uint64_t out_cap);
+
+/* The same, also storing output positions for STATSFMT_MARK ops into `marks` (n_marks
+ * entries; a mark index outside them is an out-of-bounds op). */
+int64_t statsfmt_render_marked(const uint64_t *words, uint64_t n_words,
+                               const uint8_t *literals, uint64_t literals_len,
+                               const struct statsfmt_op *ops, uint32_t n_ops,
+                               uint8_t *out, uint64_t out_cap,
+                               uint64_t *marks, uint32_t n_marks);
 /* cdef-end */
 
 #endif

@@ -4,13 +4,17 @@ Layering (imports only go downwards; each module's docstring says what it must n
 
     cli                      argparse -> settings -> app / client
     app                      composition root: server, discovery, signals, watchdog
+    metrics_http             HTTP/1.1 metrics endpoint (h11 on trio): formats, gzip, limits
+    exporter                 a scrape of every VM in steps; self-metrics (trio)
     server                   trio listeners, one task per connection, limits
     registry                 live VMs: sources -> VmStats, names, lifecycle (trio)
     commands, hmp            QMP commands: argument rules, filters, HMP text (pure)
+    metricsrender            one VM's samples: one bulk pread, one C render with marks
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
     vm, engine, statsfile    parsed stats files and batched reads
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
+    metricsmap               KVM descriptor -> Prometheus/OpenMetrics family (pure)
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)
 """
 

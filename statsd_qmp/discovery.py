@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,17 @@ def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -
     return name
 
 
+def failure_kind(problem: str) -> str:
+    """A VMM's read problem as a short, fixed label: what failed (no pids, no paths)."""
+    if problem.startswith("pidfd_getfd"):
+        return "pidfd_getfd_eperm" if "EPERM" in problem else "pidfd_getfd"
+    if problem.startswith("cannot list /proc/"):
+        return "list_fds"
+    if problem.startswith("/proc/"):
+        return "read_fd_links"
+    return "other"
+
+
 class Discovery:
     """Keeps the registry in step with the VMMs on the host."""
 
@@ -107,6 +119,8 @@ class Discovery:
         self.last_scan_finished = trio.current_time()
         self._lock = trio.Lock()
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
+        # VMMs found but not readable, by kind of problem (for the metrics endpoint).
+        self.failures: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         self._warned_multi: set[int] = set()
 
@@ -202,6 +216,7 @@ class Discovery:
         if self._reported.get(pid) == problem:
             return
         self._reported[pid] = problem
+        self.failures[failure_kind(problem)] += 1
         log.warning(
             "cannot read vm",
             pid=pid,
@@ -284,6 +299,7 @@ class Discovery:
                 stats_file = StatsFile.parse(ours, origin=origin)
             except StatsFileError as exc:
                 log.warning("borrowed fd is not usable", vm=vmm.name, error=str(exc))
+                self.failures["bad_stats_file"] += 1
                 os.close(vmm.fds.pop(target_fd))
                 return None
             vmm.files[ours] = stats_file

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "statsd_qmp"
 
 # Modules that must stay pure: no I/O, no event loop, no logging.
-PURE = {"errors", "schema", "protocol", "jsonstream", "hmp", "introspection"}
+PURE = {"errors", "schema", "protocol", "jsonstream", "hmp", "introspection", "metricsmap"}
 FORBIDDEN_IN_PURE = {"trio", "os", "structlog", "socket", "subprocess", "fcntl", "select"}
 
 # Each module may import only modules of a strictly lower rank (sd_daemon and logconfig are
@@ -26,6 +26,7 @@ RANK = {
     "steps": 1,
     "protocol": 2,
     "hmp": 2,
+    "metricsmap": 2,
     "statsfile": 2,
     "engine": 3,
     "sources.synthetic": 3,
@@ -34,6 +35,7 @@ RANK = {
     "vm": 4,
     "render": 5,
     "commands": 6,
+    "metricsrender": 6,
     "config": 6,
     "loopstats": 6,
     "holdlib": 6,
@@ -41,8 +43,10 @@ RANK = {
     "discovery": 8,
     "server": 8,
     "client": 8,
-    "app": 9,
-    "cli": 10,
+    "exporter": 8,
+    "metrics_http": 9,
+    "app": 10,
+    "cli": 11,
 }
 
 
