@@ -211,6 +211,14 @@ class MetricsServer:
                 if isinstance(event, h11.Request):
                     request = event
                     body_bytes = _content_length(event)
+                    # h11 bounds only a head that is still incomplete; one that arrived
+                    # whole in a single read is measured here.
+                    if _head_size(event) > limits.max_header_bytes:
+                        log.warning(
+                            "metrics request refused", status=431, reason="request header too large"
+                        )
+                        await self._error(stream, conn, 431, "request header too large")
+                        raise _Closed
                 elif isinstance(event, h11.Data):
                     body_bytes += len(event.data)
                 elif isinstance(event, h11.EndOfMessage):
@@ -350,6 +358,16 @@ def _headers(request: h11.Request) -> dict[bytes, bytes]:
     for name, value in request.headers:
         out[name] = out[name] + b", " + value if name in out else value
     return out
+
+
+def _head_size(request: h11.Request) -> int:
+    """Bytes of the request line and headers, about as they came on the wire."""
+    return (
+        len(request.method)
+        + len(request.target)
+        + 12
+        + sum(len(name) + len(value) + 4 for name, value in request.headers)
+    )
 
 
 def _content_length(request: h11.Request) -> int:
