@@ -2,7 +2,8 @@
 
 Layering (imports only go downwards; each module's docstring says what it must not import)::
 
-    cli                      argparse -> settings -> app / client
+    cli                      argparse, one registration per subcommand; each imports its own
+                             modules lazily (exec and query never import trio)
     app                      composition root: server, discovery, signals, watchdog
     metrics_http             HTTP/1.1 metrics endpoint (h11 on trio): formats, gzip, limits
     exporter                 a scrape of every VM in steps; self-metrics (trio)
@@ -12,6 +13,7 @@ Layering (imports only go downwards; each module's docstring says what it must n
     metricsrender            one VM's samples: one bulk pread, one C render with marks
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
     vm, engine, statsfile    parsed stats files and batched reads
+    install_check            what a user (libvirt's QEMU user) cannot reach of this install
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
     metricsmap               KVM descriptor -> Prometheus/OpenMetrics family (pure)
