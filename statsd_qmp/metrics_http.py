@@ -128,7 +128,7 @@ class MetricsServer:
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             task_status.started(self)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         conn_id = next(self._ids)
         self.connections += 1
         with structlog.contextvars.bound_contextvars(http_conn=conn_id):
@@ -156,7 +156,7 @@ class MetricsServer:
                 self.connections -= 1
                 await trio.aclose_forcefully(stream)
 
-    async def _converse(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+    async def _converse(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
         while True:
             request = await self._receive_request(stream, conn)
             await self._respond(stream, conn, request)
@@ -168,7 +168,7 @@ class MetricsServer:
                 return
 
     async def _next_event(
-        self, stream: trio.SocketStream, conn: h11.Connection, *, read: bool = True
+        self, stream: trio.abc.Stream, conn: h11.Connection, *, read: bool = True
     ) -> Any:
         """The next h11 event, reading as needed (``read=False``: NEED_DATA is returned);
         a protocol error is answered and ends the connection."""
@@ -183,18 +183,16 @@ class MetricsServer:
                 raise _Closed from None
             if event is not h11.NEED_DATA or not read:
                 return event
-            conn.receive_data(await stream.receive_some(RECEIVE_BYTES))
+            conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
 
-    async def _receive_request(
-        self, stream: trio.SocketStream, conn: h11.Connection
-    ) -> h11.Request:
+    async def _receive_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request:
         """The next request with its (ignored) body read; raises _Closed when there is none."""
         limits = self.limits
         event = await self._next_event(stream, conn, read=False)
         if event is h11.NEED_DATA:  # nothing buffered (no pipelined request): wait for one
             data = b""
             with trio.move_on_after(limits.idle_timeout) as idle:
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = bytes(await stream.receive_some(RECEIVE_BYTES))
             if idle.cancelled_caught:
                 log.info("closing idle metrics connection", idle_seconds=limits.idle_timeout)
                 raise _Closed
@@ -241,7 +239,7 @@ class MetricsServer:
         return request
 
     async def _respond(
-        self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request
+        self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request
     ) -> None:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
@@ -296,7 +294,7 @@ class MetricsServer:
 
     async def _send(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         conn: h11.Connection,
         status: int,
         body: bytes,
@@ -336,7 +334,7 @@ class MetricsServer:
             raise _Closed
 
     async def _error(
-        self, stream: trio.SocketStream, conn: h11.Connection, status: int, reason: str
+        self, stream: trio.abc.Stream, conn: h11.Connection, status: int, reason: str
     ) -> None:
         """An error response that closes the connection, if h11 still lets us send one."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -25,7 +26,13 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from statsd_qmp.exporter import Exporter
-from statsd_qmp.metrics_http import HttpLimits, MetricsServer, accepts_gzip, negotiate
+from statsd_qmp.metrics_http import (
+    HttpLimits,
+    MetricsListenError,
+    MetricsServer,
+    accepts_gzip,
+    negotiate,
+)
 from statsd_qmp.metricsmap import Scale, families, format_address, parse_listen
 from statsd_qmp.metricsrender import VmMetrics
 from statsd_qmp.registry import Registry
@@ -217,7 +224,7 @@ def test_both_formats_parse() -> None:
         text = exposition_of(vm, "text")
         om = exposition_of(vm, "openmetrics")
     text_families = {f.name: f for f in parse_text(text)}
-    om_families = {f.name: f for f in parse_openmetrics(om)}
+    om_families = {f.name: f for f in parse_openmetrics(om)}  # type: ignore[no-untyped-call]
     assert om.endswith("# EOF\n")
     assert "# EOF" not in text
     hist = om_families["kvm_vcpu_halt_wait_hist_seconds"]
@@ -320,7 +327,7 @@ class Client:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
+                self.conn.receive_data(bytes(await self.stream.receive_some(65536)))
                 continue
             if isinstance(event, h11.Response):
                 status = event.status_code
@@ -431,7 +438,7 @@ async def test_client_that_never_reads_is_dropped() -> None:
         OPEN_CLIENTS.append(lazy_client)
         lazy = lazy_client.stream
         assert isinstance(lazy, trio.SocketStream)
-        lazy.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
+        lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         # Many pipelined requests, never a byte read: the responses fill every buffer.
         await lazy.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
         with trio.fail_after(10):
@@ -544,3 +551,47 @@ async def test_scrapes_disturb_no_guest() -> None:
             nursery.cancel_scope.cancel()
     finally:
         registry.close()
+
+
+# --- flags and configuration ----------------------------------------------------------------
+
+
+def settings_for(argv: list[str]) -> Any:
+    from statsd_qmp import cli
+
+    return cli.build_settings(cli.build_parser().parse_args(["serve", *argv]))
+
+
+def test_metrics_listen_flags_file_and_default(tmp_path: Path) -> None:
+    default = settings_for([])
+    assert default.metrics_listen == (("127.0.0.1", 9632),)
+    assert default.metrics_listen_default  # a busy default port is not fatal
+    two = settings_for(["--metrics-listen", "127.0.0.1:1", "--metrics-listen", "[::1]:2"])
+    assert two.metrics_listen == (("127.0.0.1", 1), ("::1", 2))
+    assert not two.metrics_listen_default
+    assert settings_for(["--metrics-listen", "none"]).metrics_listen == ()
+    config = tmp_path / "c.toml"
+    config.write_text('metrics_listen = ["0.0.0.0:9", "[::]:9"]\n')
+    assert settings_for(["--config", str(config)]).metrics_listen == (("0.0.0.0", 9), ("::", 9))
+    flag_wins = settings_for(["--config", str(config), "--metrics-listen", "127.0.0.2:3"])
+    assert flag_wins.metrics_listen == (("127.0.0.2", 3),)
+    config.write_text("metrics_listen = []\n")
+    assert settings_for(["--config", str(config)]).metrics_listen == ()
+    from statsd_qmp.config import ConfigError, load_config
+
+    config.write_text('metrics_listen = ["localhost"]\n')
+    with pytest.raises(ConfigError, match=r"line 1: metrics_listen: 'localhost' is not HOST:PORT"):
+        load_config(config)
+
+
+async def test_a_busy_address_is_fatal_unless_it_is_the_default() -> None:
+    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = ("127.0.0.1", int(taken.getsockname()[1]))
+        with pytest.raises(MetricsListenError, match=r"cannot listen for metrics on 127\.0\.0\.1:"):
+            await MetricsServer(Exporter(registry), [busy]).run()
+        quiet = MetricsServer(Exporter(registry), [busy], required=False)
+        await quiet.run()  # logs and serves nothing
+        assert quiet.bound == []

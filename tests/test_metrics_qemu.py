@@ -86,12 +86,12 @@ def compare(got: dict[tuple[str, str, str], str], want: dict[tuple[str, str, str
             buckets.setdefault((name, vcpu), []).append((float(le), value))
     flat = {k: v for k, v in got.items() if not k[2]}
     for (name, vcpu), series in buckets.items():
-        for index, (_, value) in enumerate(sorted(series)):
-            flat[(name, vcpu, str(index))] = value
+        for index, (_, text) in enumerate(sorted(series)):
+            flat[(name, vcpu, str(index))] = text
     compared = 0
-    for key, value in want.items():
+    for key, expected in want.items():
         assert key in flat, key
-        assert Decimal(flat[key]) == value, (key, flat[key], value)
+        assert Decimal(flat[key]) == expected, (key, flat[key], expected)
         compared += 1
     return compared
 
