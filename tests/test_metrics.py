@@ -595,3 +595,60 @@ async def test_a_busy_address_is_fatal_unless_it_is_the_default() -> None:
         quiet = MetricsServer(Exporter(registry), [busy], required=False)
         await quiet.run()  # logs and serves nothing
         assert quiet.bound == []
+
+
+@pytest.mark.kvm
+def test_socket_activation_passes_the_metrics_socket(tmp_path: Path) -> None:
+    """systemd-socket-activate holds the host socket and a TCP socket named ``metrics``; the
+    first scrape starts the daemon, which serves metrics on that socket and binds none of its
+    own (the address given with --metrics-listen stays free)."""
+    import time
+    import urllib.request
+
+    from .test_clients import statsd_qmp
+    from .test_metrics_qemu import free_port
+
+    need(program_problem("systemd-socket-activate"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    port, unused = free_port(), free_port()
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        activator = subprocess.Popen(
+            [
+                shutil.which("systemd-socket-activate") or "",
+                "-l",
+                str(run_dir / "qmp.sock"),
+                "-l",
+                f"127.0.0.1:{port}",
+                "--fdname=host:metrics",
+                *statsd_qmp(),
+                "serve",
+                "--run-dir",
+                str(run_dir),
+                "--demo",
+                "--no-discovery",
+                "--metrics-listen",
+                f"127.0.0.1:{unused}",
+            ],
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        body = b""
+        while not body:
+            assert activator.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as r:
+                    body = r.read()
+            except OSError:
+                time.sleep(0.1)
+        assert b'kvm_vcpu_exits_total{vm="demo",vcpu="0"}' in body
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", unused)) != 0  # nothing listens there
+        assert "metrics sockets come from systemd" in log.read_text()
+    finally:
+        activator.terminate()
+        activator.wait(10)
