@@ -206,7 +206,8 @@ int64_t statsfmt_render_marked(const uint64_t *words, uint64_t n_words,
             break;
         }
         case STATSFMT_SCALED:
-            p += put_scaled(p, at[op->arg], op->count);
+            /* most stats need no scaling: skip the 128-bit arithmetic for them */
+            p += op->count ? put_scaled(p, at[op->arg], op->count) : put_u64(p, at[op->arg]);
             break;
         case STATSFMT_CUMULATIVE:
             if (op->count)
@@ -231,6 +232,54 @@ int64_t statsfmt_render_marked(const uint64_t *words, uint64_t n_words,
         case STATSFMT_MARK:
             marks[op->arg] = (uint64_t)(p - out);
             break;
+        }
+    }
+    return (int64_t)(p - out);
+}
+
+int64_t statsfmt_gather(uint32_t n_texts, const uint8_t *const *texts,
+                        const uint64_t *text_lens, const uint64_t *marks,
+                        uint32_t n_families, const uint8_t *headers,
+                        const uint64_t *header_offsets, uint8_t *out, uint64_t out_cap)
+{
+    uint64_t stride = (uint64_t)n_families + 1;
+    uint64_t needed = 0;
+
+    for (uint32_t t = 0; t < n_texts; t++) {
+        const uint64_t *m = marks + t * stride;
+
+        for (uint32_t f = 0; f < n_families; f++)
+            if (m[f] > m[f + 1])
+                return -1;
+        if (m[n_families] > text_lens[t])
+            return -1;
+        needed += m[n_families] - m[0];
+    }
+    for (uint32_t f = 0; f < n_families; f++) {
+        if (header_offsets[f] > header_offsets[f + 1])
+            return -1;
+        needed += header_offsets[f + 1] - header_offsets[f];
+    }
+    if (needed > out_cap)
+        return -(int64_t)needed;
+
+    uint8_t *p = out;
+
+    for (uint32_t f = 0; f < n_families; f++) {
+        uint64_t family_bytes = 0;
+
+        for (uint32_t t = 0; t < n_texts; t++)
+            family_bytes += marks[t * stride + f + 1] - marks[t * stride + f];
+        if (!family_bytes)
+            continue;
+        memcpy(p, headers + header_offsets[f], header_offsets[f + 1] - header_offsets[f]);
+        p += header_offsets[f + 1] - header_offsets[f];
+        for (uint32_t t = 0; t < n_texts; t++) {
+            uint64_t start = marks[t * stride + f];
+            uint64_t length = marks[t * stride + f + 1] - start;
+
+            memcpy(p, texts[t] + start, length);
+            p += length;
         }
     }
     return (int64_t)(p - out);

@@ -56,6 +56,19 @@ int64_t statsfmt_render_marked(const uint64_t *words, uint64_t n_words,
                                const struct statsfmt_op *ops, uint32_t n_ops,
                                uint8_t *out, uint64_t out_cap,
                                uint64_t *marks, uint32_t n_marks);
+
+/*
+ * Interleave pieces of several rendered texts: for each family f (0..n_families-1), the
+ * header bytes headers[header_offsets[f] .. header_offsets[f+1]) followed, for each text t,
+ * by texts[t][marks[t*(n_families+1)+f] .. marks[t*(n_families+1)+f+1]).  A family whose
+ * pieces are all empty is left out, header included.  Returns the bytes written, or
+ * -(bytes needed) when out_cap is too small, or -1 when marks fall outside a text or go
+ * backwards.  Never allocates.
+ */
+int64_t statsfmt_gather(uint32_t n_texts, const uint8_t *const *texts,
+                        const uint64_t *text_lens, const uint64_t *marks,
+                        uint32_t n_families, const uint8_t *headers,
+                        const uint64_t *header_offsets, uint8_t *out, uint64_t out_cap);
 /* cdef-end */
 
 #endif

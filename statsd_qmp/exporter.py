@@ -25,8 +25,9 @@ from typing import Final, Literal
 import trio
 
 from . import QEMU_VERSION, __version__
+from ._native import native
 from .metricsmap import Family, escape_label_value
-from .metricsrender import VmMetrics
+from .metricsrender import RenderedPart, VmMetrics
 from .registry import Registry
 from .steps import Steps, run_in_slices
 from .vm import VmStats
@@ -70,25 +71,22 @@ class SelfFamily:
 class Exposition:
     """One scrape's content, from which either format (plain or gzip) is made on demand."""
 
-    groups: list[tuple[Family, list[memoryview]]]
+    vms: list[RenderedPart]
     own: list[SelfFamily]
-    _bodies: dict[tuple[Format, bool], bytes] = field(default_factory=dict)
+    _bodies: dict[tuple[Format, bool], bytes | memoryview] = field(default_factory=dict)
 
-    def body(self, fmt: Format) -> bytes:
+    def body(self, fmt: Format) -> bytes | memoryview:
+        """The whole page (a view of a buffer this exposition keeps alive)."""
         cached = self._bodies.get((fmt, False))
         if cached is not None:
             return cached
-        parts: list[bytes | memoryview] = []
-        for family, pieces in self.groups:
-            parts.append(_header(family, fmt))
-            parts.extend(pieces)
-        parts.extend(own.render(fmt).encode() for own in self.own)
+        tail = "".join(own.render(fmt) for own in self.own)
         if fmt == "openmetrics":
-            parts.append(b"# EOF\n")
-        body = self._bodies[(fmt, False)] = b"".join(parts)
+            tail += "# EOF\n"
+        body = self._bodies[(fmt, False)] = _gather(self.vms, fmt, tail.encode())
         return body
 
-    def gzip_steps(self, fmt: Format) -> Steps[bytes]:
+    def gzip_steps(self, fmt: Format) -> Steps[bytes | memoryview]:
         """The gzip form of :meth:`body`, compressed a chunk per step."""
         cached = self._bodies.get((fmt, True))
         if cached is not None:
@@ -102,6 +100,93 @@ class Exposition:
         out.append(compressor.flush())
         compressed = self._bodies[(fmt, True)] = b"".join(out)
         return compressed
+
+
+def _common_layout(
+    vms: list[RenderedPart],
+) -> tuple[tuple[Family, ...], tuple[Family, ...]] | None:
+    """The VM and vCPU family lists every VM shares (a VM may lack either part), or None
+    when VMs differ (never on one kernel; then families are grouped by name instead)."""
+    vm_families: tuple[Family, ...] = ()
+    vcpu_families: tuple[Family, ...] = ()
+    for rendered in vms:
+        for mine, attribute in ((rendered.vm_families, "vm"), (rendered.vcpu_families, "vcpu")):
+            if not mine:
+                continue
+            common = vm_families if attribute == "vm" else vcpu_families
+            if not common:
+                if attribute == "vm":
+                    vm_families = mine
+                else:
+                    vcpu_families = mine
+            elif mine is not common and mine != common:
+                return None
+    return vm_families, vcpu_families
+
+
+# The page buffer is written whole by statsfmt_gather: zeroing it first would be wasted work.
+_UNCLEARED = native()[0].new_allocator(should_clear_after_alloc=False)
+
+
+def _gather(vms: list[RenderedPart], fmt: Format, tail: bytes) -> memoryview:
+    """Every VM's samples grouped under one header per family (one C call), then ``tail``."""
+    layout = _common_layout(vms)
+    if layout is None:
+        return memoryview(_group_by_name(vms, fmt) + tail)
+    vm_families, vcpu_families = layout
+    families = vm_families + vcpu_families
+    flat: list[int] = []
+    for rendered in vms:
+        marks = rendered.marks
+        if not rendered.vm_families:
+            marks = [0] * len(vm_families) + marks
+        if not rendered.vcpu_families:
+            marks = marks + [marks[-1]] * len(vcpu_families)
+        flat.extend(marks)
+    headers = [_header(family, fmt) for family in families]
+    offsets = [0]
+    for header in headers:
+        offsets.append(offsets[-1] + len(header))
+    ffi, lib = native()
+    texts = [ffi.from_buffer("uint8_t[]", rendered.text) for rendered in vms]
+    args = (
+        len(vms),
+        ffi.new("uint8_t *[]", texts) if texts else ffi.NULL,
+        ffi.new("uint64_t[]", [len(rendered.text) for rendered in vms]) if vms else ffi.NULL,
+        ffi.new("uint64_t[]", flat) if flat else ffi.NULL,
+        len(families),
+        ffi.from_buffer("uint8_t[]", b"".join(headers) or b"\0"),
+        ffi.new("uint64_t[]", offsets),
+    )
+    size = sum(len(rendered.text) for rendered in vms) + offsets[-1]
+    out = _UNCLEARED("uint8_t[]", size + len(tail) + 1)
+    written = lib.statsfmt_gather(*args, out, size)
+    if written < 0:
+        raise RuntimeError(f"statsfmt_gather failed ({written}): a bug")
+    ffi.memmove(out + written, tail, len(tail))
+    # The view keeps ``out`` alive (cffi buffers hold their cdata).
+    return memoryview(ffi.buffer(out, written + len(tail)))
+
+
+def _group_by_name(vms: list[RenderedPart], fmt: Format) -> bytes:
+    """The slow path for VMs of different layouts: families merged by name in Python."""
+    groups: dict[str, tuple[Family, list[memoryview]]] = {}
+    for rendered in vms:
+        view = memoryview(rendered.text)
+        marks = rendered.marks
+        for index, family in enumerate(rendered.vm_families + rendered.vcpu_families):
+            piece = view[marks[index] : marks[index + 1]]
+            group = groups.get(family.name)
+            if group is None:
+                groups[family.name] = (family, [piece])
+            elif group[0].kind == family.kind and group[0].bounds == family.bounds:
+                group[1].append(piece)
+    parts: list[bytes | memoryview] = []
+    for family, pieces in groups.values():
+        if any(pieces):
+            parts.append(_header(family, fmt))
+            parts.extend(pieces)
+    return b"".join(parts)
 
 
 _HEADERS: dict[tuple[Family, Format], bytes] = {}
@@ -162,7 +247,7 @@ class Exporter:
     def scrape(self) -> Steps[Exposition]:
         """Read and render every VM, a step per VM; the self-metrics last."""
         started = time.perf_counter()
-        groups: dict[str, tuple[Family, list[memoryview]]] = {}
+        rendered: list[RenderedPart] = []
         served: list[VmStats] = []
         for vm in self.registry.all_vms():
             if self.registry.find_vm(vm.name) is not vm:
@@ -173,17 +258,15 @@ class Exporter:
                 self.registry.read_failed(vm, error)
                 yield None
                 continue
-            for family, piece in zip(metrics.families, metrics.render(), strict=True):
-                group = groups.get(family.name)
-                if group is None:
-                    groups[family.name] = (family, [piece])
-                elif group[0].kind == family.kind and group[0].bounds == family.bounds:
-                    group[1].append(piece)
+            for chunk in range(len(metrics.chunks)):
+                # Rendered from this read even after a pause: the buffer is this scrape's
+                # alone (one scrape at a time) and no fd is touched.
+                rendered.append(metrics.render_chunk(chunk))
+                yield None
             served.append(vm)
-            yield None
         self.scrapes += 1
         own = self.own_families(served, time.perf_counter() - started)
-        return Exposition([g for g in groups.values() if any(g[1])], own)
+        return Exposition(rendered, own)
 
     def own_families(self, served: Iterable[VmStats], duration: float) -> list[SelfFamily]:
         """The daemon's own metrics: build, VMs, clients, scrape, errors, process."""
@@ -284,8 +367,21 @@ def _reason_label(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:40] or "other"
 
 
+_PROCESS_CACHE: list[tuple[float, tuple[float, int, int, int]]] = []
+PROCESS_FIGURES_MAX_AGE: Final = 1.0  # listing /proc/self/fd of 2000 fds takes ~1 ms
+
+
 def _process_figures() -> tuple[float, int, int, int]:
-    """(CPU seconds, resident bytes, open fds, fd limit) of this process."""
+    """(CPU seconds, resident bytes, open fds, fd limit) of this process, at most 1 s old."""
+    now = time.monotonic()
+    if _PROCESS_CACHE and now - _PROCESS_CACHE[0][0] < PROCESS_FIGURES_MAX_AGE:
+        return _PROCESS_CACHE[0][1]
+    figures = _read_process_figures()
+    _PROCESS_CACHE[:] = [(now, figures)]
+    return figures
+
+
+def _read_process_figures() -> tuple[float, int, int, int]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime
     try:

@@ -297,7 +297,7 @@ class MetricsServer:
         stream: trio.abc.Stream,
         conn: h11.Connection,
         status: int,
-        body: bytes,
+        body: bytes | memoryview,
         headers: list[tuple[bytes, bytes]],
         *,
         head: bool,
@@ -315,10 +315,10 @@ class MetricsServer:
         pieces = [conn.send(response)]
         with trio.move_on_after(self.limits.send_timeout) as stalled:
             if not head and body:
-                pieces.append(conn.send(h11.Data(data=body[:WRITE_CHUNK])))
+                pieces.append(conn.send(h11.Data(data=bytes(body[:WRITE_CHUNK]))))
                 await stream.send_all(b"".join(p for p in pieces if p))
                 for start in range(WRITE_CHUNK, len(body), WRITE_CHUNK):
-                    data = conn.send(h11.Data(data=body[start : start + WRITE_CHUNK]))
+                    data = conn.send(h11.Data(data=bytes(body[start : start + WRITE_CHUNK])))
                     if data:
                         await stream.send_all(data)
                 pieces = []

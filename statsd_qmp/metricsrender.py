@@ -37,6 +37,22 @@ class FileSamples:
     base_word: int
 
 
+_TEMPLATES: dict[int, tuple[Family, _Template]] = {}
+MAX_TEMPLATES = 1024
+
+
+def _template_of(family: Family) -> _Template:
+    """The family's template, made once (families are shared by every file of a layout)."""
+    hit = _TEMPLATES.get(id(family))
+    if hit is not None and hit[0] is family:
+        return hit[1]
+    if len(_TEMPLATES) >= MAX_TEMPLATES:
+        _TEMPLATES.clear()
+    template = _family_template(family)
+    _TEMPLATES[id(family)] = (family, template)
+    return template
+
+
 def _family_template(family: Family) -> _Template:
     """The ops of one family's samples for one file, labels by reference."""
     t = _Template()
@@ -124,11 +140,32 @@ class MarkedProgram(Program):
             )
             if written >= 0:
                 text = bytes(self.ffi.buffer(self._out, written))
-                return text, list(self._marks[0 : self.n_marks])
+                return text, self.ffi.unpack(self._marks, self.n_marks)
             if written == -1:
                 raise RuntimeError("metrics program out of bounds (a bug)")
             self._out_cap = -written
             self._out = self.ffi.new("uint8_t[]", self._out_cap)
+
+
+# vCPUs rendered by one C call: ~340 KB of text (~0.5 ms), and ~3 ms to compile the first
+# time; a scrape pauses between such chunks, so a 256-vCPU VM never holds the loop for long.
+CHUNK_VCPUS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedPart:
+    """One chunk of a VM rendered: its text and the marks of every family it covers.
+
+    ``marks`` has one entry per family of ``vm_families + vcpu_families`` plus the end: family
+    i is ``text[marks[i]:marks[i + 1]]``. A chunk without the VM file covers no VM family
+    (``vm_families`` is ()); one without vCPUs covers no vCPU family.
+    """
+
+    metrics: VmMetrics
+    text: bytes
+    marks: list[int]
+    vm_families: tuple[Family, ...]
+    vcpu_families: tuple[Family, ...]
 
 
 class VmMetrics:
@@ -138,20 +175,24 @@ class VmMetrics:
         self.vm = vm
         files = ([vm.vm_file] if vm.vm_file is not None else []) + [v.file for v in vm.vcpus]
         self.reader = BatchReader(files)
-        # Groups of files sharing a layout, in output order: the VM file, then the vCPUs.
-        self.groups: list[tuple[tuple[Family, ...], list[FileSamples]]] = []
+        # The two layouts' family tuples (shared by every VM of one kernel), () when absent.
+        self.vm_families: tuple[Family, ...] = ()
+        self.vcpu_families: tuple[Family, ...] = ()
+        vm_member: FileSamples | None = None
+        members: list[FileSamples] = []
         index = 0
         if vm.vm_file is not None:
-            vm_families = families("vm", vm.vm_file.served)
-            sample = FileSamples(vm_families, vm_labels(vm.name), self.reader.starts[0] // 8)
-            self.groups.append((vm_families, [sample]))
+            self.vm_families = families("vm", vm.vm_file.served)
+            vm_member = FileSamples(
+                self.vm_families, vm_labels(vm.name), self.reader.starts[0] // 8
+            )
             index = 1
         if vm.vcpus:
             layout = vm.vcpus[0].file.served
-            vcpu_families = families("vcpu", layout)
+            self.vcpu_families = families("vcpu", layout)
             members = [
                 FileSamples(
-                    vcpu_families,
+                    self.vcpu_families,
                     vcpu_labels(vm.name, vcpu.vcpu_id),
                     self.reader.starts[index + position] // 8,
                 )
@@ -159,16 +200,28 @@ class VmMetrics:
                 for position, vcpu in enumerate(vm.vcpus)
                 if vcpu.file.served is layout
             ]
-            self.groups.append((vcpu_families, members))
-        self.families: tuple[Family, ...] = tuple(f for fams, _ in self.groups for f in fams)
-        self.program = self._compile()
+        self.families: tuple[Family, ...] = self.vm_families + self.vcpu_families
+        # Chunks in output order: the VM file with the first vCPUs, then the other vCPUs.
+        self.chunks: list[tuple[FileSamples | None, list[FileSamples]]] = [
+            (vm_member, members[:CHUNK_VCPUS])
+        ]
+        self.chunks.extend(
+            (None, members[start : start + CHUNK_VCPUS])
+            for start in range(CHUNK_VCPUS, len(members), CHUNK_VCPUS)
+        )
+        self._programs: list[MarkedProgram | None] = [None] * len(self.chunks)
 
-    def _compile(self) -> MarkedProgram:
+    def _compile(self, chunk: int) -> MarkedProgram:
+        vm_member, members = self.chunks[chunk]
         builder = _Builder()
         mark = 0
-        for group_families, members in self.groups:
+        groups = [(self.vm_families, [vm_member])] if vm_member is not None else []
+        if members:
+            groups.append((self.vcpu_families, members))
+        for group_families, group_members in groups:
             prefixes: list[bytes] = []
-            for member in members:
+            for member in group_members:
+                assert member is not None
                 label = member.labels.encode()
                 offset = builder.literal(label)
                 prefixes.append(
@@ -177,7 +230,7 @@ class VmMetrics:
             for family in group_families:
                 builder.op(MARK, 0, mark)
                 mark += 1
-                template = _family_template(family)
+                template = _template_of(family)
                 packed = builder.place(template)
                 per_file = len(template.ops) + 2
                 builder.ops += b"".join(prefix + packed for prefix in prefixes)
@@ -193,11 +246,31 @@ class VmMetrics:
                 return outcome
         return None
 
-    def render(self) -> list[memoryview]:
+    def render_chunk(self, chunk: int) -> RenderedPart:
+        """One chunk's text (C renderer) from the last :meth:`read`; compiled on first use."""
+        program = self._programs[chunk]
+        if program is None:
+            program = self._programs[chunk] = self._compile(chunk)
+        text, marks = program.render_marked()
+        vm_member, members = self.chunks[chunk]
+        return RenderedPart(
+            self,
+            text,
+            marks,
+            self.vm_families if vm_member is not None else (),
+            self.vcpu_families if members else (),
+        )
+
+    def render(self) -> list[bytes]:
         """Per family (``self.families`` order), its sample text for this VM (C renderer)."""
-        text, marks = self.program.render_marked()
-        view = memoryview(text)
-        return [view[marks[i] : marks[i + 1]] for i in range(len(marks) - 1)]
+        pieces: list[list[bytes]] = [[] for _ in self.families]
+        for chunk in range(len(self.chunks)):
+            part = self.render_chunk(chunk)
+            first = 0 if part.vm_families else len(self.vm_families)
+            covered = len(part.vm_families) + len(part.vcpu_families)
+            for index in range(covered):
+                pieces[first + index].append(part.text[part.marks[index] : part.marks[index + 1]])
+        return [b"".join(family_pieces) for family_pieces in pieces]
 
     def render_reference(self) -> list[bytes]:
         """The same pieces written in plain Python from the same buffer (the reference)."""
@@ -207,9 +280,14 @@ class VmMetrics:
             "".join(
                 family.sample_lines(m.labels, _Offset(words, m.base_word)) for m in members
             ).encode()
-            for group_families, members in self.groups
+            for group_families, members in self._groups()
             for family in group_families
         ]
+
+    def _groups(self) -> list[tuple[tuple[Family, ...], list[FileSamples]]]:
+        vm_members = [m for m, _ in self.chunks if m is not None]
+        vcpu_members = [m for _, chunk in self.chunks for m in chunk]
+        return [(self.vm_families, vm_members), (self.vcpu_families, vcpu_members)]
 
 
 class _Offset(Sequence[int]):

@@ -216,7 +216,7 @@ def exposition_of(vm: VmStats, fmt: Any) -> str:
     exporter = Exporter(registry)
     from statsd_qmp.steps import finish
 
-    return finish(exporter.scrape()).body(fmt).decode()
+    return bytes(finish(exporter.scrape()).body(fmt)).decode()
 
 
 def test_both_formats_parse() -> None:
@@ -483,7 +483,7 @@ async def test_vm_vanishing_mid_scrape_is_left_out() -> None:
             raise AssertionError("more steps than VMs")
         except StopIteration as done:
             exposition = done.value
-    text = exposition.body("text").decode()
+    text = bytes(exposition.body("text")).decode()
     assert 'vm="syn"' in text
     assert 'vm="zzz"' not in text
     assert "statsd_qmp_vms 1\n" in text
@@ -499,7 +499,7 @@ def test_vm_whose_read_fails_is_left_out_and_counted() -> None:
         from statsd_qmp.steps import finish
 
         exposition = finish(Exporter(registry).scrape())
-    text = exposition.body("text").decode()
+    text = bytes(exposition.body("text")).decode()
     assert 'vm="syn"' in text
     assert 'vm="broken"' not in text
     assert 'statsd_qmp_read_errors_total{reason="bad_file_descriptor"} 1\n' in text
