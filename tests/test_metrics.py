@@ -652,3 +652,59 @@ def test_socket_activation_passes_the_metrics_socket(tmp_path: Path) -> None:
     finally:
         activator.terminate()
         activator.wait(10)
+
+
+def test_many_vcpus_are_rendered_in_chunks_in_order() -> None:
+    from statsd_qmp.metricsrender import CHUNK_VCPUS
+
+    with synthetic_vm(2 * CHUNK_VCPUS + 5) as vm:
+        metrics = VmMetrics(vm)
+        assert len(metrics.chunks) == 3
+        assert metrics.read() is None
+        assert metrics.render() == metrics.render_reference()
+        text = exposition_of(vm, "openmetrics")
+    exits = [
+        s.labels["vcpu"]
+        for f in parse_openmetrics(text)  # type: ignore[no-untyped-call]
+        if f.name == "kvm_vcpu_exits"
+        for s in f.samples
+    ]
+    assert exits == [str(i) for i in range(2 * CHUNK_VCPUS + 5)]
+
+
+def test_vms_with_and_without_parts_or_of_other_layouts_share_families() -> None:
+    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
+    with synthetic_vm(2) as full:
+        # A VMM holding only vCPU stats fds (QEMU >= 8.1 without the hold library).
+        vcpus_only = VmStats("b-vcpus-only", 3, "borrowed", None, full.vcpus)
+        registry._vms = {"a-full": full, "b-vcpus-only": vcpus_only}
+        full.name = "a-full"
+        from statsd_qmp.steps import finish
+
+        text = bytes(finish(Exporter(registry).scrape()).body("openmetrics")).decode()
+        fams = {f.name: f for f in parse_openmetrics(text)}  # type: ignore[no-untyped-call]
+        assert {s.labels["vm"] for s in fams["kvm_vcpu_exits"].samples} == {
+            "a-full",
+            "b-vcpus-only",
+        }
+        assert {s.labels["vm"] for s in fams["kvm_vm_pages_4k"].samples} == {"a-full"}
+        assert text.count("# TYPE kvm_vcpu_exits counter") == 1
+        # Another layout (a stat less): merged by family name on the slow path.
+        fd = memfd_with(build("kvm-9/vcpu-0", vcpu_stats()[:3]).data)
+        try:
+            odd = VmStats("c-odd", 9, "owned", None, (VcpuStats(0, 9, StatsFile.parse(fd)),))
+            registry._vms["c-odd"] = odd
+            text = bytes(finish(Exporter(registry).scrape()).body("openmetrics")).decode()
+        finally:
+            os.close(fd)
+        fams = {f.name: f for f in parse_openmetrics(text)}  # type: ignore[no-untyped-call]
+        assert {s.labels["vm"] for s in fams["kvm_vcpu_exits"].samples} == {
+            "a-full",
+            "b-vcpus-only",
+            "c-odd",
+        }
+        assert {s.labels["vm"] for s in fams["kvm_vcpu_blocking"].samples} == {
+            "a-full",
+            "b-vcpus-only",
+        }
+        assert text.count("# TYPE kvm_vcpu_exits counter") == 1
