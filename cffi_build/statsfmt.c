@@ -240,11 +240,14 @@ int64_t statsfmt_render_marked(const uint64_t *words, uint64_t n_words,
 int64_t statsfmt_gather(uint32_t n_texts, const uint8_t *const *texts,
                         const uint64_t *text_lens, const uint64_t *marks,
                         uint32_t n_families, const uint8_t *headers,
-                        const uint64_t *header_offsets, uint8_t *out, uint64_t out_cap)
+                        const uint64_t *header_offsets, uint32_t family_begin,
+                        uint32_t family_end, uint8_t *out, uint64_t out_cap)
 {
     uint64_t stride = (uint64_t)n_families + 1;
     uint64_t needed = 0;
 
+    if (family_begin > family_end || family_end > n_families)
+        return -1;
     for (uint32_t t = 0; t < n_texts; t++) {
         const uint64_t *m = marks + t * stride;
 
@@ -253,9 +256,9 @@ int64_t statsfmt_gather(uint32_t n_texts, const uint8_t *const *texts,
                 return -1;
         if (m[n_families] > text_lens[t])
             return -1;
-        needed += m[n_families] - m[0];
+        needed += m[family_end] - m[family_begin];
     }
-    for (uint32_t f = 0; f < n_families; f++) {
+    for (uint32_t f = family_begin; f < family_end; f++) {
         if (header_offsets[f] > header_offsets[f + 1])
             return -1;
         needed += header_offsets[f + 1] - header_offsets[f];
@@ -265,7 +268,7 @@ int64_t statsfmt_gather(uint32_t n_texts, const uint8_t *const *texts,
 
     uint8_t *p = out;
 
-    for (uint32_t f = 0; f < n_families; f++) {
+    for (uint32_t f = family_begin; f < family_end; f++) {
         uint64_t family_bytes = 0;
 
         for (uint32_t t = 0; t < n_texts; t++)

@@ -58,17 +58,19 @@ int64_t statsfmt_render_marked(const uint64_t *words, uint64_t n_words,
                                uint64_t *marks, uint32_t n_marks);
 
 /*
- * Interleave pieces of several rendered texts: for each family f (0..n_families-1), the
- * header bytes headers[header_offsets[f] .. header_offsets[f+1]) followed, for each text t,
- * by texts[t][marks[t*(n_families+1)+f] .. marks[t*(n_families+1)+f+1]).  A family whose
- * pieces are all empty is left out, header included.  Returns the bytes written, or
- * -(bytes needed) when out_cap is too small, or -1 when marks fall outside a text or go
- * backwards.  Never allocates.
+ * Interleave pieces of several rendered texts: for each family f from family_begin to
+ * family_end - 1 (of n_families), the header bytes headers[header_offsets[f] ..
+ * header_offsets[f+1]) followed, for each text t, by texts[t][marks[t*(n_families+1)+f] ..
+ * marks[t*(n_families+1)+f+1]).  A family whose pieces are all empty is left out, header
+ * included.  Returns the bytes written, or -(bytes needed) when out_cap is too small, or -1
+ * when marks fall outside a text or go backwards, or the range is not within the families.
+ * Never allocates.  (A caller writes a long page in several calls, a few families each.)
  */
 int64_t statsfmt_gather(uint32_t n_texts, const uint8_t *const *texts,
                         const uint64_t *text_lens, const uint64_t *marks,
                         uint32_t n_families, const uint8_t *headers,
-                        const uint64_t *header_offsets, uint8_t *out, uint64_t out_cap);
+                        const uint64_t *header_offsets, uint32_t family_begin,
+                        uint32_t family_end, uint8_t *out, uint64_t out_cap);
 /* cdef-end */
 
 #endif

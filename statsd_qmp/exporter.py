@@ -24,12 +24,12 @@ from typing import Final, Literal
 
 import trio
 
-from . import QEMU_VERSION, __version__
+from . import QEMU_VERSION, __version__, loopstats
 from ._native import native
 from .metricsmap import Family, escape_label_value
 from .metricsrender import RenderedPart, VmMetrics
 from .registry import Registry
-from .steps import Steps, run_in_slices
+from .steps import Steps, finish, run_in_slices
 from .vm import VmStats
 
 Format = Literal["text", "openmetrics"]
@@ -76,14 +76,20 @@ class Exposition:
     _bodies: dict[tuple[Format, bool], bytes | memoryview] = field(default_factory=dict)
 
     def body(self, fmt: Format) -> bytes | memoryview:
-        """The whole page (a view of a buffer this exposition keeps alive)."""
+        """The whole page at once (see :meth:`body_steps`)."""
+        return finish(self.body_steps(fmt))
+
+    def body_steps(self, fmt: Format) -> Steps[bytes | memoryview]:
+        """The whole page (a view of a buffer this exposition keeps alive), written a few
+        families per step."""
         cached = self._bodies.get((fmt, False))
         if cached is not None:
             return cached
         tail = "".join(own.render(fmt) for own in self.own)
         if fmt == "openmetrics":
             tail += "# EOF\n"
-        body = self._bodies[(fmt, False)] = _gather(self.vms, fmt, tail.encode())
+        body = yield from _gather(self.vms, fmt, tail.encode())
+        self._bodies[(fmt, False)] = body
         return body
 
     def gzip_steps(self, fmt: Format) -> Steps[bytes | memoryview]:
@@ -91,7 +97,7 @@ class Exposition:
         cached = self._bodies.get((fmt, True))
         if cached is not None:
             return cached
-        body = memoryview(self.body(fmt))
+        body = memoryview((yield from self.body_steps(fmt)))
         compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: gzip header
         out: list[bytes] = []
         for start in range(0, len(body), GZIP_CHUNK):
@@ -128,8 +134,12 @@ def _common_layout(
 _UNCLEARED = native()[0].new_allocator(should_clear_after_alloc=False)
 
 
-def _gather(vms: list[RenderedPart], fmt: Format, tail: bytes) -> memoryview:
-    """Every VM's samples grouped under one header per family (one C call), then ``tail``."""
+GATHER_STEP_BYTES: Final = 1 << 20  # page bytes written per step (~0.5 ms, page faults included)
+
+
+def _gather(vms: list[RenderedPart], fmt: Format, tail: bytes) -> Steps[memoryview]:
+    """Every VM's samples grouped under one header per family, then ``tail``: C calls of a
+    few families each, a step apart."""
     layout = _common_layout(vms)
     if layout is None:
         return memoryview(_group_by_name(vms, fmt) + tail)
@@ -160,9 +170,17 @@ def _gather(vms: list[RenderedPart], fmt: Format, tail: bytes) -> memoryview:
     )
     size = sum(len(rendered.text) for rendered in vms) + offsets[-1]
     out = _UNCLEARED("uint8_t[]", size + len(tail) + 1)
-    written = lib.statsfmt_gather(*args, out, size)
-    if written < 0:
-        raise RuntimeError(f"statsfmt_gather failed ({written}): a bug")
+    written = 0
+    # Families per call: an even share of the page per step of about GATHER_STEP_BYTES.
+    per_step = max(1, len(families) * GATHER_STEP_BYTES // max(size, 1))
+    for begin in range(0, len(families), per_step):
+        end = min(begin + per_step, len(families))
+        done = lib.statsfmt_gather(*args, begin, end, out + written, size - written)
+        if done < 0:
+            raise RuntimeError(f"statsfmt_gather failed ({done}): a bug")
+        written += done
+        if end < len(families):
+            yield None
     ffi.memmove(out + written, tail, len(tail))
     # The view keeps ``out`` alive (cffi buffers hold their cdata).
     return memoryview(ffi.buffer(out, written + len(tail)))
@@ -222,6 +240,7 @@ class Exporter:
 
     async def exposition(self) -> Exposition:
         """A fresh scrape; requests arriving while one is being made share it."""
+        loopstats.doing("metrics scrape")
         while True:
             if self._pending is not None:
                 done, box = self._pending

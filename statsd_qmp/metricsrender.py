@@ -125,26 +125,9 @@ class MarkedProgram(Program):
 
     def render_marked(self) -> tuple[bytes, list[int]]:
         """The text (a copy) and the output position of every mark."""
-        while True:
-            written = self._lib.statsfmt_render_marked(
-                self._words,
-                self._buffer_words,
-                self._literals,
-                self._n_literals,
-                self._ops,
-                self._n_ops,
-                self._out,
-                self._out_cap,
-                self._marks,
-                self.n_marks,
-            )
-            if written >= 0:
-                text = bytes(self.ffi.buffer(self._out, written))
-                return text, self.ffi.unpack(self._marks, self.n_marks)
-            if written == -1:
-                raise RuntimeError("metrics program out of bounds (a bug)")
-            self._out_cap = -written
-            self._out = self.ffi.new("uint8_t[]", self._out_cap)
+        written = self._run(self._marks, self.n_marks)
+        text = bytes(self.ffi.buffer(self._out, written))
+        return text, self.ffi.unpack(self._marks, self.n_marks)
 
 
 # vCPUs rendered by one C call: ~340 KB of text (~0.5 ms), and ~3 ms to compile the first

@@ -40,9 +40,10 @@ from statsd_qmp.schema import LINEAR_HISTOGRAM, LOG2_HISTOGRAM
 from statsd_qmp.sources.owned import OwnedVM
 from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.steps import run_in_slices
 from statsd_qmp.vm import VcpuStats, VmStats
 
-from .conftest import need, program_problem
+from .conftest import need, program_problem, stop_process
 
 CUMULATIVE, INSTANT, PEAK = 0, 1, 2
 UNIT_NONE, UNIT_BYTES, UNIT_SECONDS, UNIT_CYCLES, UNIT_BOOLEAN = 0, 1, 2, 3, 4
@@ -103,6 +104,14 @@ def synthetic_vm(vcpus: int, values: dict[str, tuple[int, ...]] | None = None) -
         for fd in fds:
             with suppress(OSError):  # a test may have closed it
                 os.close(fd)
+
+
+def registry_with(*vms: VmStats) -> Registry:
+    """A registry serving ``vms`` (no sockets, no discovery)."""
+    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
+    for vm in vms:
+        registry._vms[vm.name] = vm
+    return registry
 
 
 # --- names, units, values ------------------------------------------------------------------
@@ -211,8 +220,7 @@ def test_negotiation() -> None:
 
 
 def exposition_of(vm: VmStats, fmt: Any) -> str:
-    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
-    registry._vms[vm.name] = vm
+    registry = registry_with(vm)
     exporter = Exporter(registry)
     from statsd_qmp.steps import finish
 
@@ -280,9 +288,8 @@ def test_promtool_accepts_the_text_format(tmp_path: Path) -> None:
 async def metrics_server(
     vcpus: int = 2, limits: HttpLimits | None = None
 ) -> AsyncIterator[tuple[MetricsServer, Registry]]:
-    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
     with synthetic_vm(vcpus) as vm:
-        registry._vms[vm.name] = vm
+        registry = registry_with(vm)
         server = MetricsServer(Exporter(registry), [("127.0.0.1", 0)], limits=limits)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
@@ -398,37 +405,35 @@ async def test_connection_limit_gets_503() -> None:
         assert (await (await Client.connect(server)).request())[0] == 200
 
 
-async def test_slow_request_head_gets_408(autojump_clock: trio.testing.MockClock) -> None:
+@asynccontextmanager
+async def memory_connection(limits: HttpLimits) -> AsyncIterator[tuple[MetricsServer, Any]]:
+    """A metrics connection over an in-memory stream (timeouts run on a virtual clock)."""
     with synthetic_vm(1) as vm:
-        registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
-        registry._vms[vm.name] = vm
-        server = MetricsServer(Exporter(registry), [], limits=HttpLimits(header_timeout=5))
+        server = MetricsServer(Exporter(registry_with(vm)), [], limits=limits)
         client, ours = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server._handle, ours)
-            await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
-            started = trio.current_time()
-            reply = b""
-            while chunk := await client.receive_some():
-                reply += chunk
-            assert reply.startswith(b"HTTP/1.1 408 ")
-            assert 5 <= trio.current_time() - started < 6
+            yield server, client
+
+
+async def test_slow_request_head_gets_408(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_connection(HttpLimits(header_timeout=5)) as (_, client):
+        await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        started = trio.current_time()
+        reply = b""
+        while chunk := await client.receive_some():
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408 ")
+        assert 5 <= trio.current_time() - started < 6
 
 
 async def test_idle_keep_alive_connection_is_closed(autojump_clock: trio.testing.MockClock) -> None:
-    with synthetic_vm(1) as vm:
-        registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
-        registry._vms[vm.name] = vm
-        server = MetricsServer(Exporter(registry), [], limits=HttpLimits(idle_timeout=30))
-        client, ours = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server._handle, ours)
-            http = Client(client)
-            assert (await http.request())[0] == 200
-            started = trio.current_time()
-            assert await client.receive_some() == b""  # closed by the server
-            assert 30 <= trio.current_time() - started < 31
-            assert server.connections == 0
+    async with memory_connection(HttpLimits(idle_timeout=30)) as (server, client):
+        assert (await Client(client).request())[0] == 200
+        started = trio.current_time()
+        assert await client.receive_some() == b""  # closed by the server
+        assert 30 <= trio.current_time() - started < 31
+        assert server.connections == 0
 
 
 async def test_client_that_never_reads_is_dropped() -> None:
@@ -469,11 +474,9 @@ async def test_500_concurrent_scrapes() -> None:
 
 
 async def test_vm_vanishing_mid_scrape_is_left_out() -> None:
-    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
     with synthetic_vm(2) as first, synthetic_vm(2) as second:
         second.name = "zzz"  # another name, sorted after the first
-        registry._vms["syn"] = first
-        registry._vms["zzz"] = second
+        registry = registry_with(first, second)
         exporter = Exporter(registry)
         steps = exporter.scrape()
         next(steps)  # the first VM is read and rendered; pause
@@ -490,11 +493,9 @@ async def test_vm_vanishing_mid_scrape_is_left_out() -> None:
 
 
 def test_vm_whose_read_fails_is_left_out_and_counted() -> None:
-    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
     with synthetic_vm(2) as good, synthetic_vm(1) as broken:
         broken.name = "broken"
-        registry._vms["syn"] = good
-        registry._vms["broken"] = broken
+        registry = registry_with(good, broken)
         os.close(broken.vcpus[0].file.fd)  # as when a VMM's fd is gone
         from statsd_qmp.steps import finish
 
@@ -510,7 +511,7 @@ async def test_scrapes_disturb_no_guest() -> None:
     """A vCPU halted between two ticks of its 1 Hz timer makes no exit unless something
     disturbs it: 30 scrapes in that window leave its exit counters exactly as they were,
     while one interrupt sent to the guest (the control) moves them."""
-    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
+    registry = registry_with()
     owned = OwnedVM.create(1, tick_hz=1.0)
     registry.add_owned(owned, "quiet")
     server = MetricsServer(Exporter(registry), [("127.0.0.1", 0)])
@@ -585,7 +586,7 @@ def test_metrics_listen_flags_file_and_default(tmp_path: Path) -> None:
 
 
 async def test_a_busy_address_is_fatal_unless_it_is_the_default() -> None:
-    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
+    registry = registry_with()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -650,8 +651,7 @@ def test_socket_activation_passes_the_metrics_socket(tmp_path: Path) -> None:
             assert probe.connect_ex(("127.0.0.1", unused)) != 0  # nothing listens there
         assert "metrics sockets come from systemd" in log.read_text()
     finally:
-        activator.terminate()
-        activator.wait(10)
+        stop_process(activator)
 
 
 def test_many_vcpus_are_rendered_in_chunks_in_order() -> None:
@@ -673,12 +673,11 @@ def test_many_vcpus_are_rendered_in_chunks_in_order() -> None:
 
 
 def test_vms_with_and_without_parts_or_of_other_layouts_share_families() -> None:
-    registry = Registry(run_dir=Path("/nonexistent"), histogram_order="kernel", package="t")
     with synthetic_vm(2) as full:
         # A VMM holding only vCPU stats fds (QEMU >= 8.1 without the hold library).
         vcpus_only = VmStats("b-vcpus-only", 3, "borrowed", None, full.vcpus)
-        registry._vms = {"a-full": full, "b-vcpus-only": vcpus_only}
         full.name = "a-full"
+        registry = registry_with(full, vcpus_only)
         from statsd_qmp.steps import finish
 
         text = bytes(finish(Exporter(registry).scrape()).body("openmetrics")).decode()
@@ -708,3 +707,32 @@ def test_vms_with_and_without_parts_or_of_other_layouts_share_families() -> None
             "b-vcpus-only",
         }
         assert text.count("# TYPE kvm_vcpu_exits counter") == 1
+
+
+def test_the_page_written_in_many_steps_equals_one_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from statsd_qmp import exporter as exporter_module
+    from statsd_qmp.steps import finish
+
+    with synthetic_vm(3) as first, synthetic_vm(2) as second:
+        second.name = "zzz"
+        scrape = finish(Exporter(registry_with(first, second)).scrape())
+        whole = bytes(scrape.body("openmetrics"))
+        scrape._bodies.clear()
+        monkeypatch.setattr(exporter_module, "GATHER_STEP_BYTES", 100)
+        count = 0
+
+        def counted() -> None:
+            nonlocal count
+            count += 1
+
+        steps = scrape.body_steps("openmetrics")
+        paged = trio.run(run_in_slices, steps, 0.0, _count_pause(counted))
+        assert bytes(paged) == whole
+    assert count >= 10  # pieces of about 100 bytes: about one family a step
+
+
+def _count_pause(counted: Any) -> Any:
+    async def pause() -> None:
+        counted()
+
+    return pause

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import kvm_problem, need, program_problem
+from .conftest import kvm_problem, need, program_problem, stop_process
 from .test_clients import statsd_qmp
 from .test_metrics_qemu import free_port
 
@@ -44,16 +43,6 @@ class Stack:
             reply = json.loads(response.read())
         assert reply["status"] == "success", reply
         return list(reply["data"]["result"])
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def wait_for(check: Callable[[], bool], what: str, logs: list[Path]) -> None:
@@ -134,9 +123,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
             yield stack
         finally:
-            stop(server)
+            stop_process(server)
     finally:
-        stop(daemon)
+        stop_process(daemon)
 
 
 def per_vcpu(stack: Stack, promql: str, accept: Callable[[float], bool]) -> dict[str, float]:

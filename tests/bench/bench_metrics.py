@@ -47,6 +47,7 @@ from tests.bench.bench_qmp import (
     proc_cpu_ns,
     steal_pct,
 )
+from tests.conftest import stop_process
 from tests.test_metrics_qemu import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_metrics.json"
@@ -92,26 +93,27 @@ def scrape_once(conn: http.client.HTTPConnection, *, gzip_ok: bool) -> tuple[flo
     return elapsed, body
 
 
+def timed_scrapes(
+    conn: http.client.HTTPConnection, daemon: Daemon, count: int, *, gzip_ok: bool
+) -> tuple[list[float], bytes, float]:
+    """Round trips (us), the last body, and the daemon's CPU ms per scrape."""
+    cpu0 = proc_cpu_ns(daemon.pid)
+    latencies: list[float] = []
+    body = b""
+    for _ in range(count):
+        elapsed, body = scrape_once(conn, gzip_ok=gzip_ok)
+        latencies.append(elapsed)
+    return latencies, body, (proc_cpu_ns(daemon.pid) - cpu0) / count / 1e6
+
+
 def measure_scrapes(daemon: Daemon, port: int, opts: Options) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         for _ in range(3):
             scrape_once(conn, gzip_ok=False)  # warm-up: programs compiled
         steal0 = cpu_sample()
-        cpu0 = proc_cpu_ns(daemon.pid)
-        plain: list[float] = []
-        body = b""
-        for _ in range(opts.scrapes):
-            elapsed, body = scrape_once(conn, gzip_ok=False)
-            plain.append(elapsed)
-        cpu_plain = (proc_cpu_ns(daemon.pid) - cpu0) / opts.scrapes / 1e6
-        cpu0 = proc_cpu_ns(daemon.pid)
-        packed: list[float] = []
-        zipped = b""
-        for _ in range(opts.scrapes):
-            elapsed, zipped = scrape_once(conn, gzip_ok=True)
-            packed.append(elapsed)
-        cpu_gzip = (proc_cpu_ns(daemon.pid) - cpu0) / opts.scrapes / 1e6
+        plain, body, cpu_plain = timed_scrapes(conn, daemon, opts.scrapes, gzip_ok=False)
+        packed, zipped, cpu_gzip = timed_scrapes(conn, daemon, opts.scrapes, gzip_ok=True)
         steal = steal_pct(steal0, cpu_sample())
     finally:
         conn.close()
@@ -219,13 +221,7 @@ class Prometheus:
             return list(json.loads(response.read())["data"]["result"])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         self._log.close()
 
 
