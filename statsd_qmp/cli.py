@@ -226,6 +226,15 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         help="measure event-loop blocking; logged as 'loop stats' at exit",
     )
     run.add_argument(
+        "--metrics-listen",
+        type=config_flag("metrics_listen"),
+        action="append",
+        default=None,
+        metavar="ADDR",
+        help="serve Prometheus/OpenMetrics metrics over HTTP on HOST:PORT or [IPv6]:PORT; "
+        "repeatable; none: no endpoint (default 127.0.0.1:9632)",
+    )
+    run.add_argument(
         "--max-connections",
         type=config_flag("limits.max_connections"),
         default=None,
@@ -285,6 +294,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     defaults = Settings()
     limit_defaults = Limits()
     group = _first(args.socket_group, file.socket_group, "")
+    metrics_listen = _metrics_listen(args.metrics_listen, file.metrics_listen)
     return Settings(
         run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
         demo=_first(args.demo, file.demo, defaults.demo),
@@ -317,8 +327,32 @@ def build_settings(args: argparse.Namespace) -> Settings:
                 limit_defaults.max_output_bytes,
             ),
         ),
+        metrics_listen=metrics_listen if metrics_listen is not None else _default_metrics(),
+        metrics_listen_default=metrics_listen is None,
         reload=(lambda: build_settings(args)) if args.config is not None else None,
     )
+
+
+def _default_metrics() -> tuple[tuple[str, int], ...]:
+    from .metricsmap import DEFAULT_METRICS_LISTEN, parse_listen
+
+    address = parse_listen(DEFAULT_METRICS_LISTEN)
+    return (address,) if address is not None else ()
+
+
+def _metrics_listen(
+    flags: list[tuple[tuple[str, int], ...]] | None,
+    file: tuple[tuple[str, int], ...] | None,
+) -> tuple[tuple[str, int], ...] | None:
+    """The metrics addresses: the flags (``none`` among them: ()), else the file's; None
+    when neither sets them (then the built-in default, whose port may be busy)."""
+    if flags is not None:
+        if any(not addresses for addresses in flags):
+            return ()
+        return tuple(address for addresses in flags for address in addresses)
+    if file is not None:
+        return file
+    return None
 
 
 @subcommand(

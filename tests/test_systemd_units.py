@@ -31,6 +31,7 @@ from .conftest import need, program_problem
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE = SYSTEMD_DIR / "statsd-qmp.service"
 SOCKET = SYSTEMD_DIR / "statsd-qmp.socket"
+METRICS_SOCKET = SYSTEMD_DIR / "statsd-qmp-metrics.socket"
 SYSUSERS = SYSTEMD_DIR / "statsd-qmp.sysusers"
 README = SYSTEMD_DIR / "README.md"
 EXAMPLE_CONFIG = SYSTEMD_DIR / "statsd-qmp.toml"
@@ -83,11 +84,11 @@ def verify(units: list[Path], unit_dir: Path | None) -> str:
 
 
 def test_verify_is_clean(tmp_path: Path) -> None:
-    assert verify([SERVICE, SOCKET], stub_unit_dir(tmp_path)) == ""
+    assert verify([SERVICE, SOCKET, METRICS_SOCKET], stub_unit_dir(tmp_path)) == ""
 
 
 def test_verify_without_the_stub_misses_only_the_binary() -> None:
-    output = verify([SERVICE, SOCKET], None)
+    output = verify([SERVICE, SOCKET, METRICS_SOCKET], None)
     if os.access(INSTALLED_BINARY, os.X_OK):
         assert output == ""  # installed as the README says: the units verify as they are
     else:
@@ -204,6 +205,9 @@ def test_readme_explains_every_service_directive() -> None:
     readme = README.read_text()
     keys = {key.split(".", 1)[1] for key in directives(SERVICE) if key.startswith("Service.")}
     keys |= {key.split(".", 1)[1] for key in directives(SOCKET) if key.startswith("Socket.")}
+    keys |= {
+        key.split(".", 1)[1] for key in directives(METRICS_SOCKET) if key.startswith("Socket.")
+    }
     missing = sorted(key for key in keys if f"`{key}=" not in readme)
     assert not missing, f"systemd/README.md does not explain: {missing}"
 
@@ -261,3 +265,25 @@ def test_readme_explains_every_top_directive() -> None:
     keys = {key.split(".", 1)[1] for key in directives(TOP_SERVICE) if "." in key}
     missing = sorted(key for key in keys if f"`{key}=" not in readme)
     assert not missing, f"systemd/README.md does not explain: {missing}"
+
+
+def test_the_metrics_socket_is_named_loopback_and_filtered() -> None:
+    from statsd_qmp.app import METRICS_FD_NAME
+    from statsd_qmp.metricsmap import DEFAULT_METRICS_LISTEN
+
+    sock, service = directives(METRICS_SOCKET), directives(SERVICE)
+    assert one(sock, "Socket.ListenStream") == DEFAULT_METRICS_LISTEN
+    assert one(sock, "Socket.FileDescriptorName") == METRICS_FD_NAME
+    assert one(sock, "Socket.Service") == SERVICE.name
+    assert one(sock, "Socket.Accept") == "no"
+    # Loopback only, unless a drop-in names more peers (systemd/README.md says how).
+    assert one(sock, "Socket.IPAddressDeny") == "any"
+    assert one(sock, "Socket.IPAddressAllow") == "localhost"
+    # The service creates no IP socket itself: the passed one is all it has.
+    assert one(service, "Service.RestrictAddressFamilies") == "AF_UNIX"
+    assert one(service, "Service.IPAddressDeny") == "any"
+    assert one(service, "Service.PrivateNetwork") == "yes"
+    assert METRICS_SOCKET.name in one(service, "Unit.Wants").split()
+    assert METRICS_SOCKET.name in one(service, "Install.Also").split()
+    # Under the units the daemon binds nothing of its own: the example asks for no address.
+    assert load_config(EXAMPLE_CONFIG).metrics_listen == ()
