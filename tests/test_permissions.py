@@ -56,6 +56,7 @@ def wait_line(process: subprocess.Popen[str], expected: str) -> None:
 
 @pytest.mark.kvm
 @pytest.mark.ptrace
+@pytest.mark.root
 def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None:
     for program in ("setpriv", SYSTEM_PYTHON):
         if not shutil.which(program):
