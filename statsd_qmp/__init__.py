@@ -9,11 +9,11 @@ module needs its entry here. ::
 
     9 cli
         argparse -> settings -> the daemon, or a client subcommand
-        imports: app, client, config, errors, holdlib, logconfig, registry, schema, server,
-                 sources.owned, tuning
+        imports: app, client, config, errors, holdlib, install_check, logconfig, registry,
+                 schema, server, sources.owned, tuning
     8 app
         composition root: start-up order, signals, reload, watchdog, shutdown
-        imports: commands, discovery, errors, logconfig, loopstats, registry, schema,
+        imports: commands, config, discovery, errors, logconfig, loopstats, registry, schema,
                  sd_daemon, server, socketfiles, sources.kvm_abi, sources.owned, tuning
     7 server
         trio listeners (host socket, one per VM), one Connection per client, limits
@@ -52,6 +52,9 @@ module needs its entry here. ::
     2 sources.guest
         the owned VMs' guest: machine code, memory layout, initial registers
         imports: sources.kvm_abi
+    2 holdlib
+        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
+        imports: errors, install_check
     2 statsfile
         one stats fd: header, id and descriptors parsed once; data located
         imports: _native, errors, schema
@@ -67,8 +70,8 @@ module needs its entry here. ::
     1 hmp (pure)
         human-monitor-command: HMP parsing and QEMU's text of info stats/version
         imports: errors, schema
-    1 holdlib
-        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
+    1 install_check
+        what a user (libvirt's QEMU user) cannot reach of this install, and the fix
         imports: errors
     1 qjson.parser (pure)
         JSON tokens -> values, QEMU's parse errors

@@ -24,6 +24,7 @@ import trio
 
 from . import __version__, logconfig, sd_daemon
 from .commands import Commands
+from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
 from .errors import KvmError, StatsdQmpError
 from .logconfig import LogFormat
@@ -34,8 +35,6 @@ from .socketfiles import lock_run_dir
 from .tuning import raise_fd_limit
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_RUN_DIR = Path("/run/statsd-qmp")
 
 
 @dataclass(frozen=True)

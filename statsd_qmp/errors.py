@@ -145,7 +145,8 @@ class CommandNotFoundError(QmpError):
 
 
 class QmpClientError(Exception):
-    """The server closed the connection or sent something that is not a QMP reply.
+    """The socket cannot be reached, or the server closed the connection or sent something
+    that is not a QMP reply; the message names the path and what to check.
 
     Raised by ``client.QmpClient`` (the CLI's ``query``); not a daemon error, so not a
     :class:`StatsdQmpError`.

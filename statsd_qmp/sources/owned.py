@@ -431,6 +431,7 @@ class OwnedVM:
             slot.fd = None
         _close_quietly(self._vm_stats_fd)
         self._vm_stats_fd = None
+        had_vm = self._vm_fd is not None
         _close_quietly(self._vm_fd)
         self._vm_fd = None
         _close_quietly(self._kvm_fd)
@@ -438,7 +439,8 @@ class OwnedVM:
         if self._memory is not None and not stuck:
             self._memory.close()
             self._memory = None
-        log.debug("owned vm closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
+        if had_vm:  # a VM that never came to be (no /dev/kvm access) was not "closed"
+            log.debug("owned vm closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
 
     def _kick_vcpus(self) -> None:
         """Interrupt every vCPU now so the halted ones return to userspace (best effort)."""
