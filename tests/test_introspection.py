@@ -140,6 +140,17 @@ def calls(schema: Schema) -> Iterator[tuple[str, str | None, list[dict[str, Any]
             yield name, variant, members, required
 
 
+def each_member(
+    table: Commands, registry: Registry
+) -> Iterator[tuple[Scope, Schema, str, str | None, dict[str, Any], dict[str, Any]]]:
+    """Every (socket, its schema, command, variant, declared member, smallest valid call)."""
+    for scope in scopes(registry):
+        schema = schema_for(table, scope)
+        for name, variant, members, required in calls(schema):
+            for member in members:
+                yield scope, schema, name, variant, member, required
+
+
 # --- the checks ----------------------------------------------------------------------------
 
 
@@ -174,15 +185,13 @@ def test_required_members_are_missing_when_left_out(
 ) -> None:
     table, registry = commands
     checked = set()
-    for scope in scopes(registry):
-        for name, _, members, required in calls(schema_for(table, scope)):
-            for member in members:
-                if "default" in member:
-                    continue
-                arguments = {k: v for k, v in required.items() if k != member["name"]}
-                desc = argument_error(table, scope, name, arguments)
-                assert desc == f"Parameter '{member['name']}' is missing", (name, desc)
-                checked.add((name, member["name"]))
+    for scope, _, name, _, member, required in each_member(table, registry):
+        if "default" in member:
+            continue
+        arguments = {k: v for k, v in required.items() if k != member["name"]}
+        desc = argument_error(table, scope, name, arguments)
+        assert desc == f"Parameter '{member['name']}' is missing", (name, desc)
+        checked.add((name, member["name"]))
     assert {("query-stats", "target"), ("human-monitor-command", "command-line")} <= checked
 
 
@@ -191,18 +200,13 @@ def test_each_member_refuses_a_value_of_another_type(
 ) -> None:
     table, registry = commands
     checked = set()
-    for scope in scopes(registry):
-        schema = schema_for(table, scope)
-        for name, variant, members, required in calls(schema):
-            for member in members:
-                expected = schema.expected(member["type"])
-                arguments = dict(required)
-                arguments[member["name"]] = WRONG_VALUE[expected]
-                desc = argument_error(table, scope, name, arguments)
-                assert desc == (
-                    f"Invalid parameter type for '{member['name']}', expected: {expected}"
-                ), (name, variant, member, desc)
-                checked.add((name, member["name"], scope.host))
+    for scope, schema, name, variant, member, required in each_member(table, registry):
+        expected = schema.expected(member["type"])
+        arguments = {**required, member["name"]: WRONG_VALUE[expected]}
+        desc = argument_error(table, scope, name, arguments)
+        wanted = f"Invalid parameter type for '{member['name']}', expected: {expected}"
+        assert desc == wanted, (name, variant, member, desc)
+        checked.add((name, member["name"], scope.host))
     assert ("query-stats", "vm", True) in checked
     assert ("query-stats", "vcpus", False) in checked
     assert ("human-monitor-command", "cpu-index", False) in checked
@@ -213,16 +217,13 @@ def test_enum_members_refuse_values_outside_their_list(
 ) -> None:
     table, registry = commands
     checked = set()
-    for scope in scopes(registry):
-        schema = schema_for(table, scope)
-        for name, _, members, required in calls(schema):
-            for member in members:
-                if schema.types[member["type"]]["meta-type"] != "enum":
-                    continue
-                arguments = {**required, member["name"]: "no-such-value"}
-                desc = argument_error(table, scope, name, arguments)
-                assert desc == f"Parameter '{member['name']}' does not accept value 'no-such-value'"
-                checked.add((name, member["name"]))
+    for scope, schema, name, _, member, required in each_member(table, registry):
+        if schema.types[member["type"]]["meta-type"] != "enum":
+            continue
+        arguments = {**required, member["name"]: "no-such-value"}
+        desc = argument_error(table, scope, name, arguments)
+        assert desc == f"Parameter '{member['name']}' does not accept value 'no-such-value'"
+        checked.add((name, member["name"]))
     assert {("query-stats", "target"), ("query-stats-schemas", "provider")} <= checked
 
 
