@@ -105,34 +105,50 @@ class MiniVmm:
                 await pipe.aclose()
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def pidfds() -> int:
-    return sum(1 for link in fd_links() if link == "anon_inode:[pidfd]")
-
-
-def fd_links() -> list[str]:
-    links = []
+def pidfd_pids() -> list[int]:
+    """The process each of this process's pidfds refers to (``Pid:`` in its fdinfo)."""
+    pids = []
     for name in os.listdir("/proc/self/fd"):
         try:
-            links.append(os.readlink(f"/proc/self/fd/{name}"))
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[pidfd]":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as info:
+                fields = dict(line.split(":", 1) for line in info if ":" in line)
         except OSError:
             continue
-    return links
+        pids.append(int(fields["Pid"]))
+    return pids
 
 
-def kvm_fds() -> list[str]:
-    links = []
+def served_fds(server: Server, name: str | None = None) -> dict[int, str]:
+    """fd -> link of the stats fds the registry holds (of VM ``name`` only, if given).
+
+    Other VMMs on the host come and go during a test: assertions about this process's fds
+    are made against what the registry serves, never against the process's totals.
+    """
+    fds: dict[int, str] = {}
+    for vm in server.registry.all_vms():
+        if name is not None and vm.name != name:
+            continue
+        files = ([vm.vm_file] if vm.vm_file is not None else []) + [v.file for v in vm.vcpus]
+        for file in files:
+            fds[file.fd] = os.readlink(f"/proc/self/fd/{file.fd}")
+    return fds
+
+
+def stray_kvm_fds(server: Server) -> list[str]:
+    """KVM fds this process holds that no served VM accounts for (a leak), and any KVM fd
+    that is not a stats fd (the daemon must never hold a VM or vCPU fd)."""
+    served = served_fds(server)
+    stray = []
     for name in os.listdir("/proc/self/fd"):
         try:
             link = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
-        if link.startswith("anon_inode:kvm"):
-            links.append(link)
-    return links
+        if link.startswith("anon_inode:kvm") and (int(name) not in served or "-stats" not in link):
+            stray.append(link)
+    return stray
 
 
 @asynccontextmanager
@@ -164,9 +180,7 @@ def by_pid(vms: Sequence[Any], pid: int) -> Any:
 @pytest.mark.kvm
 async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        baseline = fd_count()
         client = await TrioQmp.connect(server.host_socket)
-        pidfds_before = pidfds()
         vmm = await MiniVmm.start("--vcpus", "3", "-name", "guest=web one,,x,debug-threads=on")
         try:
             with trio.fail_after(2):  # the periodic scan alone must find it within 2 s
@@ -184,10 +198,11 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
             }
             # 4 borrowed stats fds + 1 pidfd (trio holds another one for its child process),
             # and no kvm-vm or kvm-vcpu fd ever.
-            assert pidfds() == pidfds_before + 2
-            assert sorted(kvm_fds()) == sorted(
+            assert pidfd_pids().count(vmm.pid) == 2
+            assert sorted(served_fds(server, "web_one_x").values()) == sorted(
                 ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(3)]
             )
+            assert stray_kvm_fds(server) == []
             per_vm = await TrioQmp.connect(entry["socket"])
             (result,) = await per_vm.command("query-stats", {"target": "vm"})
             assert {s["name"] for s in result["stats"]} >= {"pages_4k", "remote_tlb_flush"}
@@ -197,13 +212,13 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
         finally:
             await vmm.kill()
         with trio.fail_after(1):  # the pidfd watch closes everything at once
-            while server.registry.find_vm("web_one_x") is not None or kvm_fds():
+            while server.registry.find_vm("web_one_x") is not None or stray_kvm_fds(server):
                 await trio.sleep(0.01)
         assert not (tmp_path / "vm" / "web_one_x.sock").exists()
-        assert pidfds() == pidfds_before
+        assert vmm.pid not in pidfd_pids()
         await client.aclose()
         with trio.fail_after(1):  # the server side of the connection closes too
-            while fd_count() != baseline:
+            while server.connections:
                 await trio.sleep(0.01)
 
 
@@ -248,7 +263,12 @@ async def test_hotplugged_vcpu_is_served_and_a_dropped_one_goes(tmp_path: Path) 
                     if [c["qom-path"] for c in cpus] == ["/kvm/vcpu[1]"]:
                         break
                     await trio.sleep(0.05)
-            assert len(kvm_fds()) == 2  # VM stats + vcpu 1: vcpu 0's copy was closed
+            # VM stats + vcpu 1: vcpu 0's copy was closed
+            assert sorted(served_fds(server, "hot").values()) == [
+                "anon_inode:kvm-vcpu-stats:1",
+                "anon_inode:kvm-vm-stats",
+            ]
+            assert stray_kvm_fds(server) == []
             await per_vm.aclose()
         finally:
             await vmm.kill()
@@ -279,18 +299,18 @@ async def test_fifty_vmm_lifetimes_leave_no_fds(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
         client = await TrioQmp.connect(server.host_socket)
         await client.command("query-vms")
-        baseline = fd_count()
+        pids = []
         for _ in range(50):
             vmm = await MiniVmm.start("--vcpus", "2")
+            pids.append(vmm.pid)
             await wait_for_vms(client, lambda v, pid=vmm.pid: by_pid(v, pid) is not None)
             await vmm.kill()
             with trio.fail_after(1):
                 while any(vm.pid == vmm.pid for vm in server.registry.all_vms()):
                     await trio.sleep(0.01)
         with trio.fail_after(1):  # the last VM's fds are closed in a worker thread
-            while fd_count() != baseline:
+            while stray_kvm_fds(server) or set(pids) & set(pidfd_pids()):
                 await trio.sleep(0.01)
-        assert kvm_fds() == []
         await client.aclose()
 
 
