@@ -16,6 +16,13 @@ class _Lib:
     STATSFMT_LIST: int
     STATSFMT_LIST_REVERSED: int
     STATSFMT_BASE: int
+    STATSFMT_SCALED: int
+    STATSFMT_CUMULATIVE: int
+    STATSFMT_TOTAL: int
+    STATSFMT_FLAG: int
+    STATSFMT_SET_LABELS: int
+    STATSFMT_LABELS: int
+    STATSFMT_MARK: int
     def statsread_bulk(
         self,
         count: int,

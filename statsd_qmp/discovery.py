@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,17 @@ def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -
     return name
 
 
+def failure_kind(problem: str) -> str:
+    """A VMM's read problem as a short, fixed label: what failed (no pids, no paths)."""
+    if problem.startswith("pidfd_getfd"):
+        return "pidfd_getfd_eperm" if "EPERM" in problem else "pidfd_getfd"
+    if problem.startswith("cannot list /proc/"):
+        return "list_fds"
+    if problem.startswith("/proc/"):
+        return "read_fd_links"
+    return "other"
+
+
 class Discovery:
     """Keeps the registry in step with the VMMs on the host."""
 
@@ -112,6 +124,8 @@ class Discovery:
         self.last_scan_finished = trio.current_time()
         self._lock = trio.Lock()
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
+        # VMMs found but not readable, by kind of problem (for the metrics endpoint).
+        self.failures: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         self._warned_multi: set[int] = set()
         # Processes holding copies of another live process's VM: pid -> (creator, signature).
@@ -209,6 +223,7 @@ class Discovery:
         if self._reported.get(pid) == problem:
             return
         self._reported[pid] = problem
+        self.failures[failure_kind(problem)] += 1
         log.warning(
             "cannot read vm",
             pid=pid,
@@ -291,6 +306,7 @@ class Discovery:
                 stats_file = StatsFile.parse(ours, origin=origin)
             except StatsFileError as exc:
                 log.warning("borrowed fd is not usable", vm=vmm.name, error=str(exc))
+                self.failures["bad_stats_file"] += 1
                 os.close(vmm.fds.pop(target_fd))
                 return None
             vmm.files[ours] = stats_file
