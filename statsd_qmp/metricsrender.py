@@ -18,22 +18,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._native import native
+from ._native import native, statsfmt_ops
 from .engine import BatchReader
 from .errors import StatsFileError
 from .metricsmap import Family, families, vcpu_labels, vm_labels
 from .render import _OP, BASE, LITERAL, Program, _Template
 from .vm import VmStats
 
-# The op kinds, as cffi exports the compiled header's #defines (never restated here).
-_LIB = native()[1]
-SCALED: int = _LIB.STATSFMT_SCALED
-CUMULATIVE: int = _LIB.STATSFMT_CUMULATIVE
-TOTAL: int = _LIB.STATSFMT_TOTAL
-FLAG: int = _LIB.STATSFMT_FLAG
-SET_LABELS: int = _LIB.STATSFMT_SET_LABELS
-LABELS: int = _LIB.STATSFMT_LABELS
-MARK: int = _LIB.STATSFMT_MARK
+# The exposition op kinds, from the compiled header.
+SCALED, CUMULATIVE, TOTAL, FLAG, SET_LABELS, LABELS, MARK = statsfmt_ops(
+    "SCALED", "CUMULATIVE", "TOTAL", "FLAG", "SET_LABELS", "LABELS", "MARK"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,20 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._native import native
+from ._native import native, statsfmt_ops
 from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder, ServedStat
 from .vm import VmStats, vcpu_path, vm_path
 
-# The op kinds, as cffi exports the compiled header's #defines (never restated here). Loading
-# the extension at import: this module is the C renderer's; without it nothing here works.
-_LIB = native()[1]
-LITERAL: int = _LIB.STATSFMT_LITERAL
-U64: int = _LIB.STATSFMT_U64
-BOOL: int = _LIB.STATSFMT_BOOL
-LIST: int = _LIB.STATSFMT_LIST
-LIST_REVERSED: int = _LIB.STATSFMT_LIST_REVERSED
-BASE: int = _LIB.STATSFMT_BASE
+# The op kinds, from the compiled header (loaded at import: this module is the C renderer's).
+LITERAL, U64, BOOL, LIST, LIST_REVERSED, BASE = statsfmt_ops(
+    "LITERAL", "U64", "BOOL", "LIST", "LIST_REVERSED", "BASE"
+)
 MAX_PROGRAMS_PER_VM = 64  # distinct filters cached per VM; beyond, the cache starts afresh
 MAX_TEMPLATES = 256  # distinct (descriptor layout, names, order) kept; beyond, start afresh
 _OP = struct.Struct("<IIQ")  # struct statsfmt_op: kind, count, arg
