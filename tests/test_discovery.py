@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -18,6 +17,7 @@ from statsd_qmp.discovery import UNIX_PATH_MAX, unique_name
 from statsd_qmp.server import Server
 from statsd_qmp.sources.borrowed import _LINKS_PER_STEP, ProcScanner, list_stats_fds, qemu_name
 
+from .fdcheck import pidfd_pids, served_fds, stray_kvm_fds
 from .trio_qmp import TrioQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
@@ -103,52 +103,6 @@ class MiniVmm:
         for pipe in (self.process.stdin, self.process.stdout):
             if pipe is not None:
                 await pipe.aclose()
-
-
-def pidfd_pids() -> list[int]:
-    """The process each of this process's pidfds refers to (``Pid:`` in its fdinfo)."""
-    pids = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[pidfd]":
-                continue
-            with open(f"/proc/self/fdinfo/{name}") as info:
-                fields = dict(line.split(":", 1) for line in info if ":" in line)
-        except OSError:
-            continue
-        pids.append(int(fields["Pid"]))
-    return pids
-
-
-def served_fds(server: Server, name: str | None = None) -> dict[int, str]:
-    """fd -> link of the stats fds the registry holds (of VM ``name`` only, if given).
-
-    Other VMMs on the host come and go during a test: assertions about this process's fds
-    are made against what the registry serves, never against the process's totals.
-    """
-    fds: dict[int, str] = {}
-    for vm in server.registry.all_vms():
-        if name is not None and vm.name != name:
-            continue
-        files = ([vm.vm_file] if vm.vm_file is not None else []) + [v.file for v in vm.vcpus]
-        for file in files:
-            fds[file.fd] = os.readlink(f"/proc/self/fd/{file.fd}")
-    return fds
-
-
-def stray_kvm_fds(server: Server) -> list[str]:
-    """KVM fds this process holds that no served VM accounts for (a leak), and any KVM fd
-    that is not a stats fd (the daemon must never hold a VM or vCPU fd)."""
-    served = served_fds(server)
-    stray = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("anon_inode:kvm") and (int(name) not in served or "-stats" not in link):
-            stray.append(link)
-    return stray
 
 
 @asynccontextmanager
