@@ -73,6 +73,9 @@ module needs its entry here. ::
     2 sources.guest
         the owned VMs' guest: machine code, memory layout, initial registers
         imports: sources.kvm_abi
+    2 holdlib
+        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
+        imports: errors, install_check
     2 statsfile
         one stats fd: header, id and descriptors parsed once; data located
         imports: _native, errors, schema

@@ -238,9 +238,10 @@ class Commands:
 
     def __init__(self, context: CommandContext) -> None:
         self.context = context
-        # Registration order; query-commands lists them reversed, as QEMU does.
-        self._table: dict[str, Callable[[Scope, Args], Any]] = {
-            "qmp_capabilities": self._qmp_capabilities,
+        # Registration order; query-commands lists them reversed, as QEMU does. None: the
+        # protocol core answers it (negotiation); a Request never names it.
+        self._table: dict[str, Callable[[Scope, Args], Any] | None] = {
+            "qmp_capabilities": None,
             "query-version": self._query_version,
             "query-commands": self._query_commands,
             "query-qmp-schema": self._query_qmp_schema,
@@ -278,10 +279,6 @@ class Commands:
         return handler(scope, arguments)
 
     # --- generic commands ----------------------------------------------------------------
-
-    def _qmp_capabilities(self, scope: Scope, args: Args) -> Any:
-        # Negotiation itself is the protocol core's; reaching here means it is complete.
-        raise CommandNotFoundError("Capabilities negotiation is already complete, command ignored")
 
     def _query_version(self, scope: Scope, args: Args) -> Any:
         _no_arguments(args)
@@ -398,9 +395,10 @@ class Commands:
         the renderers' buffers, valid until the next render.
         """
         target = stats_filter.target
-        rendered: dict[int, memoryview] = {}
-        read: set[int] = set()
-        failed: set[int] = set()
+        # VmStats and Program hash by identity: a view replaced meanwhile is another key.
+        rendered: dict[render.Program, memoryview] = {}
+        read: set[VmStats] = set()
+        failed: set[VmStats] = set()
         parts: list[bytes | memoryview] = [b"["]
         for request in requests_in_qemu_order(stats_filter):
             shape = render.Shape(
@@ -411,14 +409,14 @@ class Commands:
                 self.context.histogram_order,
             )
             for vm in vms:
-                if id(vm) in failed:
+                if vm in failed:
                     continue
                 program = render.program_for(vm, shape)
                 if program is None:
                     continue
-                if id(vm) not in read:
+                if vm not in read:
                     if sliced and self.context.find_vm(vm.name) is not vm:
-                        failed.add(id(vm))  # dropped or replaced meanwhile: as if gone before
+                        failed.add(vm)  # dropped or replaced meanwhile: as if gone before
                         continue
                     try:
                         if target == "vm":
@@ -429,14 +427,14 @@ class Commands:
                         self.context.read_failed(vm, error)
                         if not scope.host or stats_filter.vm is not None:
                             raise QmpError(f"KVM stats: {error}") from error
-                        failed.add(id(vm))
+                        failed.add(vm)
                         continue
-                    read.add(id(vm))
+                    read.add(vm)
                 # A shape repeated by duplicate requests renders the same text from the
                 # same snapshot: reuse it (a second render would overwrite the first).
-                text = rendered.get(id(program))
+                text = rendered.get(program)
                 if text is None:
-                    text = rendered[id(program)] = program.render()
+                    text = rendered[program] = program.render()
                 if len(parts) > 1:
                     parts.append(b", ")
                 parts.append(bytes(text) if sliced else text)
@@ -456,7 +454,7 @@ class Commands:
         """QEMU's query-stats over ``vms``: one pass per provider request, later ones first."""
         order = self.context.histogram_order
         results: list[dict[str, Any]] = []
-        per_vm_words: dict[int, Any] = {}
+        per_vm_words: dict[tuple[VmStats, str], Any] = {}
         for request in requests_in_qemu_order(stats_filter):
             for vm in vms:
                 try:
@@ -478,13 +476,13 @@ class Commands:
         stats_filter: StatsFilter,
         host_paths: bool,
         order: HistogramOrder,
-        cache: dict[int, Any],
+        cache: dict[tuple[VmStats, str], Any],
     ) -> None:
         names = request.names
         if stats_filter.target == "vm":
             if vm.vm_file is None:
                 return
-            key = id(vm) * 2
+            key = (vm, "vm")
             if key not in cache:
                 cache[key] = vm.read_vm()
             stats = vm.vm_file.stats(cache[key], order, names)
@@ -502,7 +500,7 @@ class Commands:
         ]
         if not chosen:
             return
-        key = id(vm) * 2 + 1
+        key = (vm, "vcpus")
         if key not in cache:
             cache[key] = vm.read_vcpus()
         blocks = cache[key]
