@@ -9,8 +9,6 @@ only entries naming our VMM or our daemons count.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,25 +18,13 @@ from typing import Any
 
 import pytest
 
+from .daemons import start_serve, stop
 from .qemu_helpers import RawQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
 TIMEOUT = 60.0  # a first scan meets every other VMM and daemon on this shared machine
 
 pytestmark = [pytest.mark.kvm, pytest.mark.ptrace]
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(TIMEOUT)
-    for pipe in (process.stdin, process.stdout):
-        if pipe is not None:
-            pipe.close()
 
 
 @pytest.fixture
@@ -54,24 +40,7 @@ def processes() -> Iterator[list[subprocess.Popen[Any]]]:
 def start_daemon(
     run_dir: Path, log: Path, processes: list[subprocess.Popen[Any]]
 ) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "statsd_qmp.cli",
-                "serve",
-                "--run-dir",
-                str(run_dir),
-                "--scan-interval",
-                "0.2",
-                "--log-format",
-                "json",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    daemon = start_serve(run_dir, log)
     processes.append(daemon)
     return daemon
 
