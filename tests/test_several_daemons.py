@@ -112,6 +112,10 @@ def test_two_daemons_serve_one_vm_once_each(
     stop(vmm)
     for run_dir, log, _ in daemons:
         wait_for(lambda run_dir=run_dir: our_vms(run_dir, pids) == [], log.read_text(), 2.0)
-    time.sleep(0.5)
-    for run_dir, _, _ in daemons:
+    time.sleep(1.0)  # several scans while the other daemon's copies go
+    for run_dir, log, daemon in daemons:
         assert our_vms(run_dir, pids) == []
+        added = [json.loads(line) for line in log.read_text().splitlines() if '"vm added"' in line]
+        # Never the other daemon as a VM, not even for one scan after the VMM exited.
+        assert [r["pid"] for r in added if r["pid"] in pids] == [vmm.pid], log.read_text()
+        assert daemon.poll() is None
