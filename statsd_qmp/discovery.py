@@ -11,7 +11,8 @@ A VM is served once, from its creator: every stats fd names the process that cre
 (``kvm-PID`` in the VM stats id string; a vCPU's ``kvm-TID/vcpu-N`` names a thread of it).
 Another statsd-qmp daemon holds copies of the same fds; a process whose VM was created by
 another live process that holds stats fds itself (or by this daemon) is only holding copies
-and is not served. When the creator is gone, a holder of copies is served as before.
+and is not served. When the creator is gone, copies still held a second later (another daemon
+closes its own at once) are served as before.
 
 One VM per VMM process is the supported case. A process holding several ``kvm-vm-stats`` fds
 of different VMs gets its lowest-numbered VM stats fd and all its vCPU stats fds served, and a
@@ -45,6 +46,10 @@ SCAN_SLICE = 0.0005
 
 # How long reading a VMM's command line (for its VM name) may take.
 CMDLINE_TIMEOUT = 2.0
+
+# How long copies of a VM whose creator is gone must stay held before they are served: another
+# daemon closes its copies within milliseconds of the creator's exit.
+ORPHAN_GRACE = 1.0
 
 # sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
@@ -131,6 +136,8 @@ class Discovery:
         # Processes holding copies of another live process's VM: pid -> (creator, signature).
         self._copies: dict[int, tuple[int, Any]] = {}
         self._holders: set[int] = set()  # pids holding stats fds in the latest scan
+        # Holders of copies whose creator is gone: pid -> when first seen so.
+        self._orphaned: dict[int, float] = {}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Scan now, report started, then rescan every ``scan_interval`` until cancelled."""
@@ -175,6 +182,9 @@ class Discovery:
         for pid in list(self._copies):
             if pid not in result.vmms:
                 del self._copies[pid]
+        for pid in list(self._orphaned):
+            if pid not in result.vmms:
+                del self._orphaned[pid]
         # A checkpoint after each VM added or dropped: a scan that finds 100 new VMMs must
         # not hold the event loop for the whole batch.
         for pid in list(self.vmms):
@@ -381,34 +391,41 @@ class Discovery:
         return os.path.exists(f"/proc/{pid}")
 
     def _copies_of_another(
-        self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, creator: int | None
+        self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, creator_id: int | None
     ) -> bool:
-        """True (and remembered) when ``vmm`` holds copies of a VM another process serves.
+        """True when ``vmm`` holds copies of a VM that another process serves, or whose
+        creator went less than ``ORPHAN_GRACE`` seconds ago; the former is remembered.
 
-        ``creator`` is the id the kernel wrote (the creating thread). The creator serves the
-        VM when it is this daemon (its own VM) or a live process that holds stats fds itself;
-        a process left holding copies after its creator exited keeps being served.
+        ``creator_id`` is the id the kernel wrote (the creating thread). The creator serves
+        the VM when it is this daemon (its own VM) or a live process holding stats fds itself.
+        When the creator is gone, another daemon still holds its copies for the few
+        milliseconds until its own exit watch closes them: serving them then would make two
+        daemons keep each other's copies, and the dead VM, alive for ever. Copies still held
+        after the grace period belong to a real holder and are served.
         """
-        if creator is None or creator == vmm.pid:
+        if creator_id is None or creator_id == vmm.pid:
             return False
-        if creator not in self._holders and creator != self.scanner.self_pid:
-            creator = borrowed.thread_group(creator)  # a thread id: its process
-            if creator is None or creator == vmm.pid:
+        creator: int | None = creator_id
+        if creator_id not in self._holders and creator_id != self.scanner.self_pid:
+            creator = borrowed.thread_group(creator_id)  # a thread id: its process, if any
+            if creator == vmm.pid:
                 return False
-        if creator != self.scanner.self_pid and not (
-            creator in self._holders and self._alive(creator)
+        if creator is not None and (
+            creator == self.scanner.self_pid or (creator in self._holders and self._alive(creator))
         ):
-            return False
-        if vmm.pid not in self._copies:
-            log.info(
-                "not serving copies of another process's VM",
-                pid=vmm.pid,
-                creator=creator,
-                hint="another statsd-qmp daemon, or a process given the fds; the VM is served "
-                "from its creator",
-            )
-        self._copies[vmm.pid] = (creator, found.signature())
-        return True
+            if vmm.pid not in self._copies:
+                log.info(
+                    "not serving copies of another process's VM",
+                    pid=vmm.pid,
+                    creator=creator,
+                    hint="another statsd-qmp daemon, or a process given the fds; the VM is "
+                    "served from its creator",
+                )
+            self._copies[vmm.pid] = (creator, found.signature())
+            return True
+        now = trio.current_time()
+        first_seen = self._orphaned.setdefault(vmm.pid, now)
+        return now - first_seen < ORPHAN_GRACE
 
     def _drop(self, pid: int, reason: str) -> None:
         self.scanner.forget(pid)
