@@ -38,12 +38,12 @@ from statsd_qmp.metricsrender import VmMetrics
 from statsd_qmp.registry import Registry
 from statsd_qmp.schema import LINEAR_HISTOGRAM, LOG2_HISTOGRAM
 from statsd_qmp.sources.owned import OwnedVM
-from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.steps import run_in_slices
 from statsd_qmp.vm import VcpuStats, VmStats
 
 from .conftest import need, program_problem, stop_process
+from .synthetic import SyntheticStat, build, make_flags, memfd_with
 
 CUMULATIVE, INSTANT, PEAK = 0, 1, 2
 UNIT_NONE, UNIT_BYTES, UNIT_SECONDS, UNIT_CYCLES, UNIT_BOOLEAN = 0, 1, 2, 3, 4
@@ -736,3 +736,20 @@ def _count_pause(counted: Any) -> Any:
         counted()
 
     return pause
+
+
+def test_a_query_stats_program_grows_its_buffer_on_first_render() -> None:
+    """render.Program and the metrics programs share one C entry point (statsfmt_render_marked):
+    a first reply larger than the initial output buffer must come out whole."""
+    from statsd_qmp import render
+
+    with synthetic_vm(8) as vm:
+        shape = render.Shape("vcpu", None, None, True, "kernel")
+        program = render.compile_shape(vm, shape)
+        assert program is not None
+        vm.vcpu_reader.read_all()
+        first = bytes(program.render())
+        assert len(first) > 4096
+        assert bytes(program.render()) == first
+        assert first.startswith(b'{"provider": "kvm"')
+        assert first.endswith(b'"qom-path": "/vm/syn/vcpu[0]"}')
