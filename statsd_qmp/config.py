@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from . import DEFAULT_RUN_DIR as PACKAGE_RUN_DIR
 from .errors import ConfigError
 from .logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat
 from .metricsmap import parse_listen
@@ -60,7 +61,7 @@ __all__ = [
     "resolve_group",
 ]
 
-DEFAULT_RUN_DIR: Final = Path("/run/statsd-qmp")
+DEFAULT_RUN_DIR: Final = Path(PACKAGE_RUN_DIR)
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,7 +160,7 @@ class Program:
 
         The view is into this program's own output buffer: valid until its next render.
         """
-        written = self._run(self.ffi.NULL, 0)  # first: it may replace self._out
+        written = self._run(self.ffi.NULL, 0)  # first: it may replace the output buffer
         return memoryview(self.ffi.buffer(self._out, written))
 
     def _run(self, marks: Any, n_marks: int) -> int:

@@ -212,6 +212,61 @@ def test_readme_explains_every_service_directive() -> None:
     assert not missing, f"systemd/README.md does not explain: {missing}"
 
 
+# --- statsd-qmp-top.service: kvm_stat.service's counterpart -----------------------------------
+
+TOP_SERVICE = SYSTEMD_DIR / "statsd-qmp-top.service"
+TOP_LOGROTATE = SYSTEMD_DIR / "statsd-qmp-top.logrotate"
+
+
+def top_arguments() -> list[str]:
+    """The arguments ExecStart= gives ``statsd-qmp`` (after the installed binary)."""
+    command = one(directives(TOP_SERVICE), "Service.ExecStart").split()
+    assert command[0] == INSTALLED_BINARY
+    return command[1:]
+
+
+def test_top_unit_verifies_and_is_safe(tmp_path: Path) -> None:
+    unit_dir = stub_unit_dir(tmp_path)
+    dropin = unit_dir / "statsd-qmp-top.service.d" / "ci.conf"
+    dropin.parent.mkdir()
+    stub = tmp_path / "bin" / "statsd-qmp"
+    dropin.write_text(f"[Service]\nExecStart=\nExecStart={stub} {' '.join(top_arguments())}\n")
+    assert verify([TOP_SERVICE, SERVICE, SOCKET], unit_dir) == ""
+    result = run(
+        [tool("systemd-analyze"), "security", "--offline=yes", "--no-pager", str(TOP_SERVICE)]
+    )
+    assert result.returncode == 0, result.stderr
+    found = re.search(
+        r"Overall exposure level for statsd-qmp-top\.service: (\d+\.\d)", result.stdout
+    )
+    assert found, result.stdout
+    assert float(found.group(1)) <= WORST_ACCEPTED
+
+
+def test_top_unit_logs_where_logrotate_rotates() -> None:
+    from statsd_qmp.cli import build_parser
+
+    service = directives(TOP_SERVICE)
+    args = build_parser().parse_args(top_arguments())  # the real command line accepts it
+    assert args.command == "top"
+    assert (args.csv, args.skip_zero_records, args.set_delay) == (True, True, 10.0)
+    log = Path(args.log_to_file)
+    assert log.parent == Path("/var/log") / one(service, "Service.LogsDirectory")
+    assert one(service, "Service.ExecReload") == "/bin/kill -HUP $MAINPID"  # reopens the file
+    assert one(service, "Service.User") == directives(SERVICE)["Service.User"][0]
+    assert one(service, "Service.CapabilityBoundingSet") == ""
+    rotate = TOP_LOGROTATE.read_text()
+    assert rotate.splitlines()[1] == f"{log} {{"
+    assert "systemctl reload statsd-qmp-top.service" in rotate
+
+
+def test_readme_explains_every_top_directive() -> None:
+    readme = README.read_text()
+    keys = {key.split(".", 1)[1] for key in directives(TOP_SERVICE) if "." in key}
+    missing = sorted(key for key in keys if f"`{key}=" not in readme)
+    assert not missing, f"systemd/README.md does not explain: {missing}"
+
+
 def test_the_metrics_socket_is_named_loopback_and_filtered() -> None:
     from statsd_qmp.app import METRICS_FD_NAME
     from statsd_qmp.metricsmap import DEFAULT_METRICS_LISTEN
