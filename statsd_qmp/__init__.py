@@ -18,7 +18,7 @@ module needs its entry here. ::
                  tuning
     8 metrics_http
         the HTTP/1.1 metrics endpoint on trio and h11: formats, gzip, limits
-        imports: errors, exporter, metricsmap, steps
+        imports: errors, exporter, loopstats, metricsmap, steps
     7 exporter
         a scrape of every VM in steps; the self-metrics
         imports: _native, loopstats, metricsmap, metricsrender, registry, steps, vm

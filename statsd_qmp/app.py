@@ -239,9 +239,12 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
             if instrument is not None:
                 daemon.on_stop.append(instrument.stop)
             async with trio.open_nursery() as nursery:
-                await nursery.start(server.run)
+                # The metrics listeners first: their start awaits, and a QMP client already
+                # served (a socket-activated host socket queues them) would see the daemon
+                # answer before it is ready.
                 if metrics_server is not None:
                     await nursery.start(metrics_server.run)
+                await nursery.start(server.run)
                 if settings.discover:
                     daemon.discovery = Discovery(registry, scan_interval=settings.scan_interval)
                     await nursery.start(daemon.discovery.run)
