@@ -160,8 +160,7 @@ class Program:
 
         The view is into this program's own output buffer: valid until its next render.
         """
-        # Run first: a run that outgrows the buffer replaces self._out.
-        written = self._run(self.ffi.NULL, 0)
+        written = self._run(self.ffi.NULL, 0)  # first: it may replace the output buffer
         return memoryview(self.ffi.buffer(self._out, written))
 
     def _run(self, marks: Any, n_marks: int) -> int:
