@@ -5,12 +5,15 @@ Layering (imports only go downwards; each module's docstring says what it must n
     cli                      argparse -> settings -> app / client
     app                      composition root: server, discovery, signals, watchdog
     server                   trio listeners, one task per connection, limits
+    discovery                /proc scans, borrowing, exit watches, when to adopt (trio)
     registry                 live VMs: sources -> VmStats, names, lifecycle (trio)
     commands, hmp            QMP commands: argument rules, filters, HMP text (pure)
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
+    adoption                 ptrace injection of KVM_GET_STATS_FD into a running VMM
     vm, engine, statsfile    parsed stats files and batched reads
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
+                             (the compiled ptrace helper _adopt is imported by adoption only)
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)
 """
 

@@ -18,6 +18,8 @@ can layer defaults < file < command-line flags. The file::
     log_format = "auto"                # auto | json | console
     demo = false
     demo_vcpus = 2                     # >= 1
+    adopt = "off"                      # "off" | "ptrace": adopt running VMMs without stats fds
+    adopt_any_client = false           # true: every host-socket client may send adopt-vm
 
     [limits]
     max_request_bytes = 1048576        # integers > 0
@@ -107,6 +109,8 @@ class FileConfig:
     log_format: LogFormat | None = None
     demo: bool | None = None
     demo_vcpus: int | None = None
+    adopt: str | None = None
+    adopt_any_client: bool | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
@@ -120,8 +124,11 @@ TOP_LEVEL_KEYS: Final = (
     "log_format",
     "demo",
     "demo_vcpus",
+    "adopt",
+    "adopt_any_client",
     "limits",
 )
+ADOPT_MODES: Final = ("off", "ptrace")
 LIMIT_KEYS: Final = (
     "max_request_bytes",
     "max_connections",
@@ -202,6 +209,8 @@ class _Checker:
             log_format=self.choice(document, "log_format", LOG_FORMATS),
             demo=self.boolean(document, "demo"),
             demo_vcpus=self.positive_int(document, "demo_vcpus"),
+            adopt=self.choice(document, "adopt", ADOPT_MODES),
+            adopt_any_client=self.boolean(document, "adopt_any_client"),
             limits=limits,
         )
 

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import structlog
 import trio
 
 from . import loopstats, protocol
-from .commands import Commands, RawJson, RawSteps, Scope
+from .commands import Commands, Pending, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .registry import Registry
 from .steps import run_in_slices
@@ -387,6 +387,7 @@ class Server:
 
     async def _connection(self, stream: trio.SocketStream, scope: Scope) -> None:
         peer = _peer_credentials(stream)
+        scope = replace(scope, peer_uid=peer.get("peer_uid"))
         self.connections += 1
         try:
             log.info("client connected", **peer, clients=self.connections)
@@ -536,6 +537,8 @@ class Server:
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
                 scope = Scope(host=False, vm=current)
             value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
+            if isinstance(value, Pending):
+                value = await value.run()
             if isinstance(value, RawSteps):
                 parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
                 value = RawJson(parts)

@@ -32,6 +32,7 @@ RANK = {
     "sources.owned": 3,
     "sources.borrowed": 3,
     "vm": 4,
+    "adoption": 4,
     "render": 5,
     "commands": 6,
     "config": 6,
