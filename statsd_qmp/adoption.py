@@ -68,7 +68,7 @@ _WORKER_FLAGS = PF_IO_WORKER | PF_USER_WORKER | PF_KTHREAD
 CAP_SYS_PTRACE = 19
 
 STOP_TIMEOUT = 2.0  # one thread's stop, and one injected syscall, at most
-PASSES = 3  # looks for vCPU threads inside KVM_RUN before stopping the whole VMM
+PASSES = 5  # looks for vCPU threads inside KVM_RUN before stopping the whole VMM
 PASS_PAUSE = 0.001
 ALL_STOP_ROUNDS = 5  # re-listings of the threads while stopping them all (new threads)
 

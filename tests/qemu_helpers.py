@@ -70,6 +70,7 @@ class QemuVm:
         machine: str = "pc",
         prefix: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.qmp_path = workdir / f"qemu-{name}.sock"
         cmd = [
@@ -88,6 +89,7 @@ class QemuVm:
             "none",
             "-qmp",
             f"unix:{self.qmp_path},server=on,wait=off",
+            *extra,
         ]
         if paused:
             cmd.append("-S")
