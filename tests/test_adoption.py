@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
@@ -173,9 +174,13 @@ def static_vmm_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def static_vmm(static_vmm_binary: Path) -> Iterator[subprocess.Popen[str]]:
+def static_vmm(
+    static_vmm_binary: Path, request: pytest.FixtureRequest
+) -> Iterator[subprocess.Popen[str]]:
+    """The static VMM with 3 vCPUs, running (or ``paused`` by indirect parametrization)."""
+    mode = getattr(request, "param", "running")
     process = subprocess.Popen(
-        [str(static_vmm_binary), "3"],
+        [str(static_vmm_binary), "3", mode],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -398,6 +403,54 @@ async def test_static_vmm_is_adopted_and_served(
     assert main_thread[0] == 0
     assert main_thread[1][0] == 0
     assert tracers(pid) == {0}
+    assert static_vmm.poll() is None
+
+
+def signal_state(pid: int) -> dict[int, tuple[str, str, str]]:
+    """Per thread: blocked mask, thread-pending and process-pending signal sets."""
+    state = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = adoption.read_status(f"/proc/{pid}/task/{tid}/status")
+        state[int(tid)] = (status["SigBlk"], status["SigPnd"], status["ShdPnd"])
+    return state
+
+
+@pytest.mark.kvm
+@pytest.mark.ptrace
+@pytest.mark.parametrize("static_vmm", ["running", "paused"], indirect=True)
+def test_adopted_threads_run_on_exactly_as_they_were(
+    static_vmm: subprocess.Popen[str],
+) -> None:
+    """Signal masks and pending signals unchanged, errno untouched, interrupted syscalls
+    restarted (read, and clock_nanosleep through restart_block), never a stray EINTR."""
+    assert static_vmm.stdin is not None
+    assert static_vmm.stdout is not None
+    pid = static_vmm.pid
+    os.kill(pid, signal.SIGUSR2)  # blocked in every thread: stays pending
+    before = signal_state(pid)
+    assert all(shared != "0000000000000000" for _, _, shared in before.values())
+    report = adoption.adopt(pid)
+    assert sorted(report.vcpu_stats_fds) == [0, 1, 2]
+    assert report.vm_stats_fd is not None
+    stopped = {stop.tid for stop in report.threads}
+    if static_vmm.args[-1] == "paused":  # type: ignore[index]
+        # No vCPU in KVM_RUN: every thread was stopped, the sleeper in its nanosleep too.
+        assert report.all_stopped
+        assert stopped == {thread.tid for thread in adoption.list_threads(pid)}
+    else:
+        assert not report.all_stopped
+    assert signal_state(pid) == before
+    assert tracers(pid) == {0}
+    time.sleep(0.7)  # the sleeper finishes sleeps that were interrupted, and more
+    static_vmm.stdin.write("go\n")
+    static_vmm.stdin.flush()
+    reply = static_vmm.stdout.readline().split()
+    assert reply[:4] == ["pong", "errno=4242", "sleep_eintr=0", "sleep_short=0"], reply
+    assert int(reply[4].split("=")[1]) >= 2
+    deadline = time.monotonic() + 5
+    while vcpus_in_kvm_run(pid) < 3:
+        assert time.monotonic() < deadline, "the vCPUs did not get back to KVM_RUN"
+        time.sleep(0.02)
     assert static_vmm.poll() is None
 
 
