@@ -54,6 +54,7 @@ class Settings:
     log_level: str = "info"
     log_format: LogFormat = "auto"
     adopt: str = "off"  # "ptrace": adopt running VMMs without stats fds (see adoption)
+    adopt_only: tuple[str, ...] = ("*",)  # glob patterns: QEMU -name or pid-PID
     adopt_any_client: bool = False  # adopt-vm from any host-socket client, not only the operator
     limits: Limits = field(default_factory=Limits)
     # Re-reads the configuration (file < flags) on SIGHUP; None: nothing to reload.
@@ -146,6 +147,7 @@ class Daemon:
         if self.discovery is not None:
             self.discovery.scan_interval = new.scan_interval
             self.discovery.adopt_mode = new.adopt
+            self.discovery.adopt_only = new.adopt_only
         self.server.commands.adopt_any_client = new.adopt_any_client
         self.settings = replace(
             new,
@@ -218,7 +220,10 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 await nursery.start(server.run)
                 if settings.discover:
                     daemon.discovery = Discovery(
-                        registry, scan_interval=settings.scan_interval, adopt=settings.adopt
+                        registry,
+                        scan_interval=settings.scan_interval,
+                        adopt=settings.adopt,
+                        adopt_only=settings.adopt_only,
                     )
                     commands.adopter = adopter(daemon.discovery)
                     await nursery.start(daemon.discovery.run)

@@ -19,6 +19,7 @@ can layer defaults < file < command-line flags. The file::
     demo = false
     demo_vcpus = 2                     # >= 1
     adopt = "off"                      # "off" | "ptrace": adopt running VMMs without stats fds
+    adopt_only = ["*"]                 # glob patterns: QEMU -name, or pid-PID
     adopt_any_client = false           # true: every host-socket client may send adopt-vm
 
     [limits]
@@ -110,6 +111,7 @@ class FileConfig:
     demo: bool | None = None
     demo_vcpus: int | None = None
     adopt: str | None = None
+    adopt_only: tuple[str, ...] | None = None
     adopt_any_client: bool | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -125,6 +127,7 @@ TOP_LEVEL_KEYS: Final = (
     "demo",
     "demo_vcpus",
     "adopt",
+    "adopt_only",
     "adopt_any_client",
     "limits",
 )
@@ -210,6 +213,7 @@ class _Checker:
             demo=self.boolean(document, "demo"),
             demo_vcpus=self.positive_int(document, "demo_vcpus"),
             adopt=self.choice(document, "adopt", ADOPT_MODES),
+            adopt_only=self.patterns(document, "adopt_only"),
             adopt_any_client=self.boolean(document, "adopt_any_client"),
             limits=limits,
         )
@@ -293,6 +297,16 @@ class _Checker:
         if not isinstance(value, bool):
             raise self.fail(key, f"expected true or false, got {_show(value)}")
         return value
+
+    def patterns(self, table: dict[str, Any], key: str) -> tuple[str, ...] | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise self.fail(
+                key, f'expected an array of glob patterns such as ["web*"], got {_show(value)}'
+            )
+        return tuple(value)
 
     def choice(self, table: dict[str, Any], key: str, choices: tuple[Any, ...]) -> Any:
         value = table.get(key)

@@ -8,7 +8,8 @@ alive), VM naming, permission messages once per VM, and when to adopt a VMM. May
 registry, sources, vm, statsfile, adoption and trio; must not import the server, app or cli.
 
 With ``adopt = "ptrace"`` a VMM found holding a KVM VM fd and vCPU fds but no stats fd (its
-KVM fd set unchanged over two scans, so it has finished creating its vCPUs) is adopted once
+KVM fd set unchanged over two scans, so it has finished creating its vCPUs) and named by
+``adopt_only`` (glob patterns over QEMU's -name or ``pid-PID``) is adopted once
 (see :mod:`adoption`), in a thread of its own; the next scan then borrows the stats fds it
 opened, as for any VMM. :meth:`Discovery.adopt` does the same for one process on request.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import gc
 import os
 import threading
@@ -140,11 +142,17 @@ class Discovery:
     """Keeps the registry in step with the VMMs on the host."""
 
     def __init__(
-        self, registry: Registry, *, scan_interval: float = 1.0, adopt: str = "off"
+        self,
+        registry: Registry,
+        *,
+        scan_interval: float = 1.0,
+        adopt: str = "off",
+        adopt_only: tuple[str, ...] = ("*",),
     ) -> None:
         self.registry = registry
         self.scan_interval = scan_interval
         self.adopt_mode = adopt
+        self.adopt_only = adopt_only
         self._adopting: set[int] = set()
         self._adoption_tried: set[int] = set()  # pids adopted (or refused) once: never again
         self._settling: dict[int, Any] = {}  # pid -> its KVM fd set at the last scan
@@ -254,6 +262,11 @@ class Discovery:
             self._nursery.start_soon(self._adopt_found, pid)
 
     async def _adopt_found(self, pid: int) -> None:
+        name = await self._qemu_name(pid)
+        names = [f"pid-{pid}"] + ([name] if name else [])
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.adopt_only):
+            log.debug("vmm left alone (adopt_only)", pid=pid, vm=name)
+            return
         try:
             await self.adopt(pid)
         except AdoptionError as exc:

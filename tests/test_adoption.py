@@ -29,9 +29,10 @@ from structlog.testing import capture_logs
 from statsd_qmp import adoption
 from statsd_qmp.app import Settings, serve
 from statsd_qmp.commands import Commands, Pending, Scope
-from statsd_qmp.errors import AdoptionError, QmpError
+from statsd_qmp.errors import AdoptionError, QmpError, StatsdQmpError
 from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.server import Server
+from statsd_qmp.statsfile import StatsFile
 
 from .qemu_helpers import QemuVm, RawQmp
 from .test_parity import kvm_stats_fds, unreverse_histograms
@@ -55,8 +56,19 @@ def kvm_fd_links(pid: int) -> list[str]:
     return sorted(link for link in links if link.startswith("anon_inode:kvm-"))
 
 
-def own_kvm_fds() -> list[str]:
-    return kvm_fd_links(os.getpid())
+def own_stats_fds_of(tids: set[int]) -> list[str]:
+    """Stats fds this process holds whose id string names one of ``tids`` (kvm-TID...)."""
+    names = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("anon_inode:kvm-"):
+                continue
+            ident = StatsFile.parse(int(name)).id
+        except (OSError, StatsdQmpError):
+            continue
+        if int(ident.split("/")[0].removeprefix("kvm-")) in tids:
+            names.append(ident)
+    return names
 
 
 def tracers(pid: int) -> set[int]:
@@ -212,7 +224,8 @@ async def test_running_qemu_is_adopted_and_served_like_qemu(tmp_path: Path) -> N
         # Read through QEMU first: its own query kicks each vCPU once (counted in the value).
         before = await their_vcpu_stat(theirs, "signal_exits")
         with capture_logs() as logs, closing(theirs):
-            async with daemon(tmp_path, adopt="ptrace") as server:
+            # Only this test's VMM: other VMMs on the host are not ours to adopt.
+            async with daemon(tmp_path, adopt="ptrace", adopt_only=("adoptrun",)) as server:
                 # adopt = "ptrace": found by a scan, adopted once, then served.
                 await wait_until(
                     lambda: (
@@ -379,8 +392,8 @@ async def test_static_vmm_is_adopted_and_served(
     tmp_path: Path, static_vmm: subprocess.Popen[str]
 ) -> None:
     pid = static_vmm.pid
-    async with daemon(tmp_path, adopt="ptrace") as server:
-        name = f"pid-{pid}"
+    name = f"pid-{pid}"
+    async with daemon(tmp_path, adopt="ptrace", adopt_only=(name,)) as server:
         await wait_until(
             lambda: (
                 (vm := server.registry.find_vm(name)) is not None
@@ -504,6 +517,7 @@ async def test_vmm_killed_mid_adoption_leaves_nothing_behind(
         return injected(self, nr, *args)
 
     monkeypatch.setattr(adoption._Tracee, "syscall", kill_first)
+    tids = {int(tid) for tid in os.listdir(f"/proc/{static_vmm.pid}/task")}
     async with daemon(tmp_path) as server:
         client = await host_client(tmp_path)
         reply = await adopt_vm(client, pid=static_vmm.pid)
@@ -513,7 +527,7 @@ async def test_vmm_killed_mid_adoption_leaves_nothing_behind(
         with trio.fail_after(10):
             await trio.to_thread.run_sync(static_vmm.wait)
         await wait_until(lambda: not adoption_threads(), 5, "the adoption thread to end")
-        assert own_kvm_fds() == []
+        assert own_stats_fds_of(tids) == []  # (other VMs of the host may be served)
         # The daemon goes on.
         vms = await client.command("query-vms")
         assert all(vm["pid"] != static_vmm.pid for vm in vms)
