@@ -2,7 +2,8 @@
 
 Layering (imports only go downwards; each module's docstring says what it must not import)::
 
-    cli                      argparse -> settings -> app / client
+    cli                      argparse, one registration per subcommand; each imports its own
+                             modules lazily (exec and query never import trio)
     app                      composition root: server, discovery, signals, watchdog
     server                   trio listeners, one task per connection, limits
     discovery                /proc scans, borrowing, exit watches, when to adopt (trio)
@@ -11,6 +12,7 @@ Layering (imports only go downwards; each module's docstring says what it must n
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
     adoption                 ptrace injection of KVM_GET_STATS_FD into a running VMM
     vm, engine, statsfile    parsed stats files and batched reads
+    install_check            what a user (libvirt's QEMU user) cannot reach of this install
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
                              (the compiled ptrace helper _adopt is imported by adoption only)

@@ -12,6 +12,7 @@ Tree::
     +-- NativeUnavailableError     the compiled ``_statsread`` extension is not built
     +-- KvmError                   an ioctl on /dev/kvm, a VM or a vCPU failed (owned VMs)
     +-- AdoptionError              a VMM cannot or must not be adopted, or adopting it failed
+    +-- RunDirBusyError            another daemon holds the run directory's lock
     +-- QmpError                   an error that becomes a QMP ``error`` reply
         +-- CommandNotFoundError   ``qmp_class`` is "CommandNotFound"
 """
@@ -88,6 +89,13 @@ class AdoptionError(StatsdQmpError):
     existing tracer, a stopped process, a seccomp filter that would not allow the ioctl) or a
     ptrace step fails; the message says which and why. The VMM is left running, every thread
     released.
+    """
+
+
+class RunDirBusyError(StatsdQmpError):
+    """Another daemon holds the run directory's lock.
+
+    Raised by ``socketfiles.lock_run_dir``, naming the other daemon's pid.
     """
 
 

@@ -538,35 +538,51 @@ async def test_vmm_killed_mid_adoption_leaves_nothing_behind(
 # --- permissions and refusals --------------------------------------------------------------
 
 
+def statsd_qmp_cli(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "statsd_qmp.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HOME": "/"},
+    )
+
+
+@pytest.mark.kvm
+@pytest.mark.ptrace
+def test_adopt_command(static_vmm: subprocess.Popen[str]) -> None:
+    pid = static_vmm.pid
+    done = statsd_qmp_cli("adopt", str(pid))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        f"adopted pid {pid} (static-vmm): VM stats yes, 3 vCPU stats fds; "
+    ), done.stdout
+    assert "threads stopped (one at a time), longest " in done.stdout
+    assert kvm_stats_fds(pid) == sorted(
+        ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(3)]
+    )
+    again = statsd_qmp_cli("adopt", str(pid), "--json")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["had-everything"] is True
+    assert report["threads-stopped"] == 0
+    missing = statsd_qmp_cli("adopt", "no-such-vmm-here")
+    assert missing.returncode == 1
+    assert "no VMM named 'no-such-vmm-here'" in missing.stderr
+
+
 @pytest.mark.kvm
 @pytest.mark.ptrace
 def test_unprivileged_adoption_names_the_missing_capability(
     static_vmm: subprocess.Popen[str],
 ) -> None:
     """As nobody (only CAP_DAC_READ_SEARCH kept, to reach this Python), a root VMM."""
-    done = subprocess.run(
-        [
-            *drop_to_nobody(keep_dac_read_search=True),
-            sys.executable,
-            "-c",
-            "import sys\n"
-            "from statsd_qmp.adoption import adopt\n"
-            "from statsd_qmp.errors import AdoptionError\n"
-            "try:\n"
-            "    adopt(int(sys.argv[1]))\n"
-            "except AdoptionError as exc:\n"
-            "    print(exc)\n"
-            "    sys.exit(3)\n",
-            str(static_vmm.pid),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "HOME": "/"},
+    done = statsd_qmp_cli(
+        "adopt", str(static_vmm.pid), prefix=tuple(drop_to_nobody(keep_dac_read_search=True))
     )
-    assert done.returncode == 3, done.stderr
-    assert "missing capability CAP_SYS_PTRACE" in done.stdout, done.stdout
-    assert f"uid {NOBODY}" in done.stdout
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "statsd-qmp: missing capability CAP_SYS_PTRACE" in done.stderr, done.stderr
+    assert f"this process as uid {NOBODY}" in done.stderr
     assert kvm_stats_fds(static_vmm.pid) == []
 
 
