@@ -196,10 +196,17 @@ static int reach_interrupt_stop(struct adopt_thread *t, uint64_t deadline, int d
     return 0;
 }
 
-int adopt_stop(struct adopt_thread *t, int tid, int64_t timeout_ns)
+int adopt_wait_stop(struct adopt_thread *t, int64_t timeout_ns)
 {
     uint64_t deadline = now_ns() + (uint64_t)(timeout_ns > 0 ? timeout_ns : 0);
 
+    if (t->state != ADOPT_RUNNING || t->stopped_ns != 0)
+        return fail(t, ADOPT_FAIL_STATE, t->state);
+    return reach_interrupt_stop(t, deadline, 0);
+}
+
+int adopt_interrupt(struct adopt_thread *t, int tid)
+{
     memset(t, 0, sizeof(*t));
     t->tid = tid;
     if (ptrace(PTRACE_SEIZE, tid, 0, 0) < 0)
@@ -213,7 +220,7 @@ int adopt_stop(struct adopt_thread *t, int tid, int64_t timeout_ns)
          * exit does it (exit_ptrace). */
         return fail(t, error == ESRCH ? ADOPT_FAIL_EXITED : ADOPT_FAIL_PTRACE, error);
     }
-    return reach_interrupt_stop(t, deadline, 0);
+    return 0;
 }
 
 /* Give the saved registers back and go on until the next interrupt stop, delivering
@@ -347,14 +354,21 @@ int adopt_seccomp_filter(struct adopt_thread *t, int index, uint8_t *program, in
 
 #else /* not x86-64: every call refuses, so the package still builds everywhere */
 
-int adopt_stop(struct adopt_thread *t, int tid, int64_t timeout_ns)
+int adopt_interrupt(struct adopt_thread *t, int tid)
 {
-    (void)timeout_ns;
     memset(t, 0, sizeof(*t));
     t->tid = tid;
     t->failure = ADOPT_FAIL_ARCH;
     return -1;
 }
+
+int adopt_wait_stop(struct adopt_thread *t, int64_t timeout_ns)
+{
+    (void)timeout_ns;
+    t->failure = ADOPT_FAIL_ARCH;
+    return -1;
+}
+
 
 int adopt_syscall(struct adopt_thread *t, uint64_t syscall_addr, int64_t nr, uint64_t arg0,
                   uint64_t arg1, uint64_t arg2, int64_t timeout_ns, int64_t *result)

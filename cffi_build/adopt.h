@@ -1,7 +1,8 @@
 /*
  * adopt: the ptrace mechanics of adopting a running VMM (x86-64).
  *
- * One thread of another process at a time: seize it and stop it (adopt_stop), make it run
+ * One thread of another process at a time: seize it and stop it (adopt_interrupt,
+ * adopt_wait_stop), make it run
  * system calls of our choosing (adopt_syscall), put every register back and let it go
  * (adopt_release). Every wait is bounded by a caller-given timeout. What to inject where is
  * decided by the caller (statsd_qmp/adoption.py); this file only knows ptrace.
@@ -18,7 +19,7 @@
 
 /* cdef-begin */
 /* Bumped when the C interface changes; the Python wrapper checks it. */
-#define ADOPT_ABI_VERSION 1
+#define ADOPT_ABI_VERSION 2
 
 /* adopt_thread.state */
 #define ADOPT_DETACHED 0   /* not traced by us (never seized, or released) */
@@ -59,10 +60,14 @@ struct adopt_thread {
     uint64_t saved_regs[32];
 };
 
-/* Seize thread `tid`, interrupt it and wait (at most timeout_ns) for its stop; save its
- * registers. 0 when stopped, else -1 with failure/error set (the thread is then detached,
- * or left to the tracer thread's exit when it never stopped). */
-int adopt_stop(struct adopt_thread *thread, int tid, int64_t timeout_ns);
+/* Seize thread `tid` and interrupt it, without waiting: many threads can be asked to stop
+ * before any is waited for (their stops then overlap). 0, or -1 with failure/error set. */
+int adopt_interrupt(struct adopt_thread *thread, int tid);
+
+/* Wait (at most timeout_ns) for the interrupted thread's stop and save its registers. 0 when
+ * stopped, else -1 with failure/error set (the thread is then detached, or, when it never
+ * stopped, left seized: the tracer thread's exit detaches it). */
+int adopt_wait_stop(struct adopt_thread *thread, int64_t timeout_ns);
 
 /* Run syscall `nr` with three arguments in the stopped thread, single-stepping the syscall
  * instruction at `syscall_addr` (bytes 0f 05 in the tracee). *result gets the raw return
@@ -70,7 +75,7 @@ int adopt_stop(struct adopt_thread *thread, int tid, int64_t timeout_ns);
 int adopt_syscall(struct adopt_thread *thread, uint64_t syscall_addr, int64_t nr, uint64_t arg0,
                   uint64_t arg1, uint64_t arg2, int64_t timeout_ns, int64_t *result);
 
-/* Put the registers saved by adopt_stop back and detach. 0, or -1 with failure/error set. */
+/* Put the registers saved at the stop back and detach. 0, or -1 with failure/error set. */
 int adopt_release(struct adopt_thread *thread);
 
 /* The seccomp filter `index` (0: the newest) of the stopped thread as classic BPF

@@ -23,7 +23,8 @@ class _Lib:
     ADOPT_FAIL_SIGNAL: int
     ADOPT_FAIL_STATE: int
     ADOPT_FAIL_ARCH: int
-    def adopt_stop(self, thread: Any, tid: int, timeout_ns: int) -> int: ...
+    def adopt_interrupt(self, thread: Any, tid: int) -> int: ...
+    def adopt_wait_stop(self, thread: Any, timeout_ns: int) -> int: ...
     def adopt_syscall(
         self,
         thread: Any,

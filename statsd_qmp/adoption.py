@@ -28,6 +28,7 @@ looks like one started under ``statsd-qmp exec``, the daemon borrows its fds wit
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import os
 import platform
@@ -52,7 +53,7 @@ from .steps import finish
 
 log = structlog.get_logger(__name__)
 
-EXPECTED_ABI_VERSION = 1
+EXPECTED_ABI_VERSION = 2
 
 SYS_IOCTL = 16  # x86-64
 KVM_RUN = 0xAE80
@@ -108,6 +109,7 @@ class ThreadStop:
     tid: int
     role: str  # "vcpu 3", "vm", "vm, vcpu 0", "probe" (stopped, nothing to do)
     stopped_us: float  # from PTRACE_INTERRUPT to the thread running again
+    reach_us: float = 0.0  # of which: from PTRACE_INTERRUPT until the stop was seen
 
 
 @dataclass
@@ -137,7 +139,12 @@ class AdoptionReport:
             "threads-stopped": len(self.threads),
             "max-stop-us": round(max(stops), 1) if stops else 0.0,
             "threads": [
-                {"tid": t.tid, "role": t.role, "stopped-us": round(t.stopped_us, 1)}
+                {
+                    "tid": t.tid,
+                    "role": t.role,
+                    "stopped-us": round(t.stopped_us, 1),
+                    "reach-us": round(t.reach_us, 1),
+                }
                 for t in self.threads
             ],
             "problems": list(self.problems),
@@ -461,23 +468,32 @@ def seccomp_action(programs: Iterable[bytes], nr: int, args: Iterable[int], ip: 
 class _Tracee:
     """One thread of the VMM under our ptrace, from its stop to its release."""
 
-    def __init__(self, session: _Session, tid: int) -> None:
+    def __init__(self, session: _Session, tid: int, seccomp: int = 0) -> None:
         self.session = session
         self.tid = tid
+        self.seccomp = seccomp  # its seccomp mode (2: filters), read from /proc beforehand
         self.state = session.ffi.new("struct adopt_thread *")
         self.roles: list[str] = []
 
-    def stop(self) -> bool:
-        """Stop the thread; False when it is gone. AdoptionError on anything else."""
-        lib = self.session.lib
-        if lib.adopt_stop(self.state, self.tid, self.session.timeout_ns) == 0:
+    def interrupt(self) -> bool:
+        """Ask the thread to stop without waiting (see :meth:`wait_stop`); False when gone."""
+        if self.session.lib.adopt_interrupt(self.state, self.tid) == 0:
             return True
+        return self._gone_or_raise("interrupting")
+
+    def wait_stop(self) -> bool:
+        if self.session.lib.adopt_wait_stop(self.state, self.session.timeout_ns) == 0:
+            return True
+        return self._gone_or_raise("stopping")
+
+    def _gone_or_raise(self, doing: str) -> bool:
+        lib = self.session.lib
         failure = self.state.failure
         if failure == lib.ADOPT_FAIL_EXITED or (
             failure == lib.ADOPT_FAIL_SEIZE and self.state.error == errno_mod.ESRCH
         ):
             return False
-        raise AdoptionError(self.describe_failure("stopping"))
+        raise AdoptionError(self.describe_failure(doing))
 
     def in_kvm_run(self) -> int | None:
         """The vCPU fd whose KVM_RUN this thread was stopped in, if any."""
@@ -535,6 +551,13 @@ class _Tracee:
             return 0.0
         return float(state.released_ns - state.interrupted_ns) / 1000.0
 
+    @property
+    def reach_us(self) -> float:
+        state = self.state
+        if not state.stopped_ns or not state.interrupted_ns:
+            return 0.0
+        return float(state.stopped_ns - state.interrupted_ns) / 1000.0
+
     def describe_failure(self, doing: str) -> str:
         lib = self.session.lib
         failure, error = self.state.failure, self.state.error
@@ -580,26 +603,55 @@ class _Session:
 
     # -- per thread --
 
-    def visit(self, tid: int, seccomp: int) -> bool:
-        """Stop one thread, let it issue what it may, release it. False when it was gone."""
-        tracee = _Tracee(self, tid)
-        if not tracee.stop():
-            return False
-        try:
-            self.work_in(tracee, seccomp, any_vcpu=False)
-        finally:
-            tracee.release()
-            self.record(tracee)
-        return True
+    def visit_in_turn(self, candidates: list[ThreadInfo]) -> None:
+        """Stop each thread in turn, let it issue what it may, release it.
 
-    def work_in(self, tracee: _Tracee, seccomp: int, *, any_vcpu: bool) -> None:
+        The next thread is asked to stop while the current one works: its stop then overlaps
+        the current one's syscall, which halves the whole on a busy machine (each stop and
+        each syscall waits for the thread to get a CPU) for about the same stop per thread.
+        """
+        queue = list(candidates)
+        outstanding: list[_Tracee] = []  # interrupted, not yet released
+
+        def ask_next() -> None:
+            while queue:
+                thread = queue.pop(0)
+                tracee = _Tracee(self, thread.tid, thread.seccomp)
+                if tracee.interrupt():
+                    outstanding.append(tracee)
+                    return
+
+        try:
+            ask_next()
+            while outstanding:
+                current = outstanding[0]
+                if not current.wait_stop():
+                    outstanding.pop(0)
+                    ask_next()
+                    continue
+                if self.vcpus_by_fd or self.vm_fd is not None:
+                    ask_next()
+                try:
+                    self.work_in(current, any_vcpu=False)
+                finally:
+                    outstanding.pop(0)
+                    current.release()
+                    self.record(current)
+        finally:
+            for tracee in outstanding:  # an error came first: let them go too
+                with contextlib.suppress(AdoptionError):
+                    tracee.wait_stop()
+                tracee.release()
+                self.record(tracee)
+
+    def work_in(self, tracee: _Tracee, *, any_vcpu: bool) -> None:
         """Issue, in this stopped thread, the vCPU ioctl of the KVM_RUN it was stopped in
         (or, with ``any_vcpu``, every vCPU ioctl left) and the VM's if still needed."""
         running = tracee.in_kvm_run()
         fds = [fd for fd in self.vcpus_by_fd if any_vcpu or fd == running]
         if not fds and self.vm_fd is None:
             return
-        if seccomp == 2:
+        if tracee.seccomp == 2:
             self.check_seccomp(tracee)
         for fd in fds:
             vcpu_id = self.vcpus_by_fd.pop(fd)
@@ -635,7 +687,9 @@ class _Session:
 
     def record(self, tracee: _Tracee) -> None:
         self.report.threads.append(
-            ThreadStop(tracee.tid, ", ".join(tracee.roles) or "probe", tracee.stopped_us)
+            ThreadStop(
+                tracee.tid, ", ".join(tracee.roles) or "probe", tracee.stopped_us, tracee.reach_us
+            )
         )
 
     # -- strategies --
@@ -643,61 +697,68 @@ class _Session:
     def by_thread(self, threads: list[ThreadInfo]) -> None:
         """Each vCPU through its own thread, caught inside KVM_RUN; the VM through the first
         thread stopped (the leader). A thread is stopped only if it may be in KVM_RUN."""
-        seccomp = {t.tid: t.seccomp for t in threads}
-        leader = threads[0]
-        if self.vm_fd is not None:
-            self.visit(leader.tid, leader.seccomp)
         for attempt in range(PASSES):
-            if not self.vcpus_by_fd:
+            if not self.vcpus_by_fd and self.vm_fd is None:
                 return
             if attempt:
                 time.sleep(PASS_PAUSE)
-                seccomp.update((t.tid, t.seccomp) for t in list_threads(self.pid))
-            for tid in list(seccomp):
-                if not self.vcpus_by_fd:
-                    return
-                call = current_syscall(self.pid, tid)
-                if call is None:
-                    # On a CPU (a vCPU running guest code shows "running") or blocked
-                    # outside a syscall: only a stop tells.
-                    if not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
-                        seccomp.pop(tid)
-                        continue
-                elif not (
-                    call[0] == SYS_IOCTL
-                    and call[1][1] == KVM_RUN
-                    and call[1][0] in self.vcpus_by_fd
-                ):
+                threads = list_threads(self.pid)
+            candidates = [threads[0]] if self.vm_fd is not None and threads else []
+            for thread in threads:
+                if thread in candidates:
                     continue
-                if not self.visit(tid, seccomp[tid]):
-                    seccomp.pop(tid)
+                call = current_syscall(self.pid, thread.tid)
+                # None: on a CPU (a vCPU running guest code shows "running") or blocked
+                # outside a syscall: only a stop tells.
+                if (call is None and os.path.exists(f"/proc/{self.pid}/task/{thread.tid}")) or (
+                    call is not None and self.runs_needed_vcpu(call)
+                ):
+                    candidates.append(thread)
+            self.visit_in_turn(candidates)
+
+    def runs_needed_vcpu(self, call: tuple[int, list[int]]) -> bool:
+        number, args = call
+        return number == SYS_IOCTL and args[1] == KVM_RUN and args[0] in self.vcpus_by_fd
 
     def all_stopped(self) -> None:
         """Every user thread stopped at once; then none is inside KVM_RUN (a ptrace stop is
-        always outside any syscall), so any of them may issue the vCPU ioctls left."""
+        always outside any syscall), so any of them may issue the vCPU ioctls left.
+
+        All are interrupted before any is waited for: their stops overlap, so the whole
+        costs about one stop, not one per thread (which a busy machine makes milliseconds).
+        """
         self.report.all_stopped = True
         stopped: dict[int, _Tracee] = {}
-        seccomp: dict[int, int] = {}
+        asked: list[_Tracee] = []
         try:
             for _ in range(ALL_STOP_ROUNDS):
                 fresh = [t for t in list_threads(self.pid) if t.tid not in stopped]
                 if not fresh:
                     break
                 for thread in fresh:
-                    tracee = _Tracee(self, thread.tid)
-                    if tracee.stop():
-                        stopped[thread.tid] = tracee
-                        seccomp[thread.tid] = thread.seccomp
+                    tracee = _Tracee(self, thread.tid, thread.seccomp)
+                    if tracee.interrupt():
+                        asked.append(tracee)
+                while asked:
+                    tracee = asked.pop(0)
+                    if tracee.wait_stop():
+                        stopped[tracee.tid] = tracee
             else:
                 raise AdoptionError(f"pid {self.pid} kept creating threads while being stopped")
             if not stopped:
                 raise AdoptionError(f"pid {self.pid} has no thread left")
-            for tid, tracee in stopped.items():
+            for tracee in stopped.values():
                 if tracee.in_kvm_run() in self.vcpus_by_fd:
-                    self.work_in(tracee, seccomp[tid], any_vcpu=False)
-            first = next(iter(stopped))
-            self.work_in(stopped[first], seccomp[first], any_vcpu=True)
+                    self.work_in(tracee, any_vcpu=False)
+            self.work_in(next(iter(stopped.values())), any_vcpu=True)
         finally:
+            # Interrupted but not yet waited for (an error came first): seized and running,
+            # or stopped by now; a stopped one is released, one still running is detached
+            # by the kernel when the adopting thread ends (exit_ptrace).
+            for tracee in asked:
+                with contextlib.suppress(AdoptionError):
+                    if tracee.wait_stop():
+                        stopped[tracee.tid] = tracee
             for tracee in stopped.values():
                 tracee.release()
                 self.record(tracee)

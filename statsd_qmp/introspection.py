@@ -159,7 +159,11 @@ def schema(*, host: bool, commands: list[str]) -> list[Entry]:
         ),
         _array("52"),
         _object(
-            "52", _member("tid", "int"), _member("role", "str"), _member("stopped-us", "number")
+            "52",
+            _member("tid", "int"),
+            _member("role", "str"),
+            _member("stopped-us", "number"),
+            _member("reach-us", "number"),
         ),
         _array("str"),
         _array("int"),

@@ -111,6 +111,9 @@ def one_run(workdir: Path, vcpus: int, paused: bool) -> dict[str, Any]:
         "threads_stopped": len(report.threads),
         "vcpu_stop_p50_us": statistics.median(vcpu_stops) if vcpu_stops else 0.0,
         "vcpu_stop_max_us": max(vcpu_stops, default=0.0),
+        "vcpu_reach_p50_us": statistics.median(
+            [t.reach_us for t in report.threads if t.role.startswith("vcpu")] or [0.0]
+        ),
         "thread_stop_max_us": max((t.stopped_us for t in report.threads), default=0.0),
         "whole_ms": report.duration_ms,
         "adoption_exits_max": max(adoption_exits, default=0),
