@@ -17,7 +17,8 @@ is issued by the thread that was stopped inside ``ioctl(<that vcpu fd>, KVM_RUN)
 takes it out of ``KVM_RUN``: one ``signal_exits``, once), and the VM fd's by the first
 thread stopped (the VM ioctl takes no vCPU lock). vCPUs not found in ``KVM_RUN`` after a few
 passes (a paused VM, or a vCPU busy in the VMM's user space) are done with every thread of
-the VMM stopped: then no thread can be inside ``KVM_RUN``, and any thread may issue them.
+the VMM stopped, but for the threads of vCPUs already done that sit in their own ``KVM_RUN``:
+then no thread can hold a remaining vCPU's mutex, and any stopped thread may issue them.
 Kernel worker threads in the VMM's thread group (``kvm-nx-lpage-recovery``, PF_USER_WORKER)
 are never touched.
 
@@ -69,8 +70,9 @@ _WORKER_FLAGS = PF_IO_WORKER | PF_USER_WORKER | PF_KTHREAD
 CAP_SYS_PTRACE = 19
 
 STOP_TIMEOUT = 2.0  # one thread's stop, and one injected syscall, at most
-PASSES = 5  # looks for vCPU threads inside KVM_RUN before stopping the whole VMM
-PASS_PAUSE = 0.001
+# Looks for vCPU threads inside KVM_RUN before stopping the whole VMM, with these pauses
+# before each (a vCPU thread waiting for the VMM's lock after an exit is back in KVM_RUN soon).
+PASS_PAUSES = (0.0, 0.001, 0.002, 0.004, 0.008, 0.008)
 ALL_STOP_ROUNDS = 5  # re-listings of the threads while stopping them all (new threads)
 
 _SYSCALL_INSTRUCTION = b"\x0f\x05"
@@ -176,24 +178,35 @@ class ThreadInfo:
     tracer: int
 
 
-def list_threads(pid: int) -> list[ThreadInfo]:
-    """The VMM's user threads, the thread-group leader first; kernel workers left out."""
+def list_threads(pid: int, known: dict[int, ThreadInfo | None] | None = None) -> list[ThreadInfo]:
+    """The VMM's user threads, the thread-group leader first; kernel workers left out.
+
+    ``known`` caches what was read of each thread (None: a kernel worker): a thread's
+    ``status`` costs tens of microseconds to produce, and a VMM has one thread per vCPU.
+    """
+    cache: dict[int, ThreadInfo | None] = {} if known is None else known
     threads: list[ThreadInfo] = []
     try:
         tids = sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError:
         return []
     for tid in tids:
-        if _is_kernel_worker(pid, tid):
-            continue
-        status = read_status(f"/proc/{pid}/task/{tid}/status")
-        if not status:
-            continue  # exited meanwhile
-        threads.append(
-            ThreadInfo(tid, int(status.get("Seccomp", "0")), int(status.get("TracerPid", "0")))
-        )
+        if tid not in cache:
+            cache[tid] = _thread_info(pid, tid)
+        info = cache[tid]
+        if info is not None:
+            threads.append(info)
     threads.sort(key=lambda t: (t.tid != pid, t.tid))
     return threads
+
+
+def _thread_info(pid: int, tid: int) -> ThreadInfo | None:
+    if _is_kernel_worker(pid, tid):
+        return None
+    status = read_status(f"/proc/{pid}/task/{tid}/status")
+    if not status:
+        return None  # exited meanwhile
+    return ThreadInfo(tid, int(status.get("Seccomp", "0")), int(status.get("TracerPid", "0")))
 
 
 def _is_kernel_worker(pid: int, tid: int) -> bool:
@@ -600,6 +613,10 @@ class _Session:
         self.vm_fd: int | None = None
         self.vcpus_by_fd: dict[int, int] = {}  # kvm-vcpu fd -> vCPU id, still to do
         self.allowed_filters: set[tuple[bytes, ...]] = set()
+        # Threads caught in KVM_RUN of a vCPU done here: never stopped again (each stop of
+        # a vCPU thread inside KVM_RUN costs the guest an exit).
+        self.owners: dict[int, int] = {}
+        self.known: dict[int, ThreadInfo | None] = {}  # list_threads' cache
 
     # -- per thread --
 
@@ -629,8 +646,8 @@ class _Session:
                     outstanding.pop(0)
                     ask_next()
                     continue
-                if self.vcpus_by_fd or self.vm_fd is not None:
-                    ask_next()
+                if set(self.vcpus_by_fd) - {current.in_kvm_run()}:
+                    ask_next()  # work left after this thread's
                 try:
                     self.work_in(current, any_vcpu=False)
                 finally:
@@ -657,6 +674,8 @@ class _Session:
             vcpu_id = self.vcpus_by_fd.pop(fd)
             result = tracee.syscall(SYS_IOCTL, fd, KVM_GET_STATS_FD, 0)
             tracee.roles.append(f"vcpu {vcpu_id}")
+            if fd == running:
+                self.owners[tracee.tid] = fd
             if result < 0:
                 self.report.problems.append(
                     f"KVM_GET_STATS_FD on vCPU {vcpu_id}: {_errno_text(-result)}"
@@ -696,16 +715,19 @@ class _Session:
 
     def by_thread(self, threads: list[ThreadInfo]) -> None:
         """Each vCPU through its own thread, caught inside KVM_RUN; the VM through the first
-        thread stopped (the leader). A thread is stopped only if it may be in KVM_RUN."""
-        for attempt in range(PASSES):
+        thread stopped (the leader). A thread is stopped only if it may be in KVM_RUN: its
+        ``syscall`` file shows KVM_RUN on a vCPU still to do, or it is on a CPU. Two passes
+        in a row with no such thread (a paused VM) end the search early."""
+        idle_passes = 0
+        for pause in PASS_PAUSES:
             if not self.vcpus_by_fd and self.vm_fd is None:
                 return
-            if attempt:
-                time.sleep(PASS_PAUSE)
-                threads = list_threads(self.pid)
+            if pause:
+                time.sleep(pause)
+                threads = list_threads(self.pid, self.known)
             candidates = [threads[0]] if self.vm_fd is not None and threads else []
             for thread in threads:
-                if thread in candidates:
+                if thread.tid in self.owners or (candidates and thread is candidates[0]):
                     continue
                 call = current_syscall(self.pid, thread.tid)
                 # None: on a CPU (a vCPU running guest code shows "running") or blocked
@@ -714,7 +736,20 @@ class _Session:
                     call is not None and self.runs_needed_vcpu(call)
                 ):
                     candidates.append(thread)
+            idle_passes = 0 if candidates else idle_passes + 1
+            if idle_passes == 2:
+                return
             self.visit_in_turn(candidates)
+
+    def inside_own_kvm_run(self, tid: int) -> bool:
+        """A thread whose vCPU was done here, now inside KVM_RUN of that same vCPU: it holds
+        no other vCPU's mutex and is left running (one vCPU per thread, as every VMM runs
+        them); a thread shown anywhere else, or on a CPU, is stopped like any other."""
+        own = self.owners.get(tid)
+        if own is None:
+            return False
+        call = current_syscall(self.pid, tid)
+        return call is not None and call[0] == SYS_IOCTL and call[1][:2] == [own, KVM_RUN]
 
     def runs_needed_vcpu(self, call: tuple[int, list[int]]) -> bool:
         number, args = call
@@ -732,7 +767,11 @@ class _Session:
         asked: list[_Tracee] = []
         try:
             for _ in range(ALL_STOP_ROUNDS):
-                fresh = [t for t in list_threads(self.pid) if t.tid not in stopped]
+                fresh = [
+                    t
+                    for t in list_threads(self.pid, self.known)
+                    if t.tid not in stopped and not self.inside_own_kvm_run(t.tid)
+                ]
                 if not fresh:
                     break
                 for thread in fresh:
@@ -773,7 +812,8 @@ def adopt(pid: int, *, timeout: float = STOP_TIMEOUT) -> AdoptionReport:
     if not status:
         raise AdoptionError(f"no process {pid}")
     report = AdoptionReport(pid, qemu_name(read_cmdline(pid)) or status.get("Name"))
-    threads = list_threads(pid)
+    known: dict[int, ThreadInfo | None] = {}
+    threads = list_threads(pid, known)
     check_adoptable(pid, status, threads)
     try:
         fds = kvm_fds(pid)
@@ -799,6 +839,7 @@ def adopt(pid: int, *, timeout: float = STOP_TIMEOUT) -> AdoptionReport:
     session = _Session(pid, find_syscall_instruction(pid), timeout, report)
     session.vm_fd = needed_vm
     session.vcpus_by_fd = needed_vcpus
+    session.known = known
     try:
         session.by_thread(threads)
         if session.vcpus_by_fd or session.vm_fd is not None:
