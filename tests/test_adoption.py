@@ -419,6 +419,18 @@ async def test_static_vmm_is_adopted_and_served(
     assert static_vmm.poll() is None
 
 
+@pytest.mark.kvm
+@pytest.mark.ptrace
+async def test_adopt_only_leaves_other_vmms_alone(
+    tmp_path: Path, static_vmm: subprocess.Popen[str]
+) -> None:
+    async with daemon(tmp_path, adopt="ptrace", adopt_only=("web*", "pid-1")) as server:
+        await trio.sleep(0.6)  # six scans: seen twice unchanged, then judged by adopt_only
+        assert server.registry.find_vm(f"pid-{static_vmm.pid}") is None
+    assert kvm_stats_fds(static_vmm.pid) == []
+    assert tracers(static_vmm.pid) == {0}
+
+
 def signal_state(pid: int) -> dict[int, tuple[str, str, str]]:
     """Per thread: blocked mask, thread-pending and process-pending signal sets."""
     state = {}
