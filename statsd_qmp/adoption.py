@@ -559,17 +559,13 @@ class _Tracee:
 
     @property
     def stopped_us(self) -> float:
-        state = self.state
-        if not state.released_ns or not state.interrupted_ns:
-            return 0.0
-        return float(state.released_ns - state.interrupted_ns) / 1000.0
+        """From PTRACE_INTERRUPT to the thread running again (0 when it never did both)."""
+        return _since_interrupt_us(self.state, self.state.released_ns)
 
     @property
     def reach_us(self) -> float:
-        state = self.state
-        if not state.stopped_ns or not state.interrupted_ns:
-            return 0.0
-        return float(state.stopped_ns - state.interrupted_ns) / 1000.0
+        """From PTRACE_INTERRUPT until its stop was seen."""
+        return _since_interrupt_us(self.state, self.state.stopped_ns)
 
     def describe_failure(self, doing: str) -> str:
         lib = self.session.lib
@@ -595,6 +591,12 @@ class _Tracee:
         if failure == lib.ADOPT_FAIL_ARCH:
             return f"{where}: the thread does not run 64-bit x86 code"
         return f"{where}: ptrace failed: {_errno_text(error)} (failure {failure})"
+
+
+def _since_interrupt_us(state: Any, until_ns: int) -> float:
+    if not until_ns or not state.interrupted_ns:
+        return 0.0
+    return float(until_ns - state.interrupted_ns) / 1000.0
 
 
 def _errno_text(code: int) -> str:

@@ -132,3 +132,15 @@ class QemuVm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def vcpus_in_kvm_run(pid: int) -> int:
+    """Threads of ``pid`` shown inside ioctl(fd, KVM_RUN), kernel workers left out."""
+    from statsd_qmp import adoption
+
+    count = 0
+    for thread in adoption.list_threads(pid):
+        call = adoption.current_syscall(pid, thread.tid)
+        if call and call[0] == adoption.SYS_IOCTL and call[1][1] == adoption.KVM_RUN:
+            count += 1
+    return count

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, closing
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,14 @@ import trio
 from structlog.testing import capture_logs
 
 from statsd_qmp import adoption
-from statsd_qmp.app import Settings, serve
 from statsd_qmp.commands import Commands, Pending, Scope
 from statsd_qmp.errors import AdoptionError, QmpError, StatsdQmpError
 from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.server import Server
 from statsd_qmp.statsfile import StatsFile
 
-from .qemu_helpers import QemuVm, RawQmp
+from .qemu_helpers import QemuVm, RawQmp, vcpus_in_kvm_run
+from .test_discovery import daemon as discovery_daemon
 from .test_parity import kvm_stats_fds, unreverse_histograms
 from .test_permissions import NOBODY, drop_to_nobody
 from .trio_qmp import TrioQmp
@@ -92,16 +92,6 @@ async def qemu_call(qmp: RawQmp, command: str, arguments: dict[str, Any] | None 
         return await trio.to_thread.run_sync(qmp.command, command, arguments)
 
 
-def vcpus_in_kvm_run(pid: int) -> int:
-    """vCPU threads of ``pid`` shown inside ioctl(fd, KVM_RUN), kernel workers left out."""
-    count = 0
-    for thread in adoption.list_threads(pid):
-        call = adoption.current_syscall(pid, thread.tid)
-        if call and call[0] == adoption.SYS_IOCTL and call[1][1] == adoption.KVM_RUN:
-            count += 1
-    return count
-
-
 @asynccontextmanager
 async def started_qemu(tmp_path: Path, **options: Any) -> AsyncIterator[QemuVm]:
     qemu = await trio.to_thread.run_sync(lambda: QemuVm(tmp_path, **options))
@@ -121,17 +111,9 @@ async def started_qemu(tmp_path: Path, **options: Any) -> AsyncIterator[QemuVm]:
         await trio.to_thread.run_sync(qemu.close)
 
 
-@asynccontextmanager
-async def daemon(tmp_path: Path, **settings: Any) -> AsyncIterator[Server]:
-    async with trio.open_nursery() as nursery:
-        run_dir = tmp_path / "run"
-        server: Server = await nursery.start(
-            serve, Settings(run_dir=run_dir, scan_interval=0.1, **settings)
-        )
-        try:
-            yield server
-        finally:
-            nursery.cancel_scope.cancel()
+def daemon(tmp_path: Path, **settings: Any) -> AbstractAsyncContextManager[Server]:
+    """The daemon in this process, scanning every 0.2 s, its run dir in ``tmp_path``."""
+    return discovery_daemon(tmp_path / "run", **settings)
 
 
 async def host_client(tmp_path: Path) -> TrioQmp:
@@ -202,11 +184,15 @@ def static_vmm(
         assert process.stdout.readline().strip() == "ready"
         yield process
     finally:
-        process.kill()
-        process.wait(10)
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                pipe.close()
+        kill_and_close(process)
+
+
+def kill_and_close(process: subprocess.Popen[str]) -> None:
+    process.kill()
+    process.wait(10)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 # --- QEMU ----------------------------------------------------------------------------------
@@ -425,7 +411,7 @@ async def test_adopt_only_leaves_other_vmms_alone(
     tmp_path: Path, static_vmm: subprocess.Popen[str]
 ) -> None:
     async with daemon(tmp_path, adopt="ptrace", adopt_only=("web*", "pid-1")) as server:
-        await trio.sleep(0.6)  # six scans: seen twice unchanged, then judged by adopt_only
+        await trio.sleep(1.0)  # five scans: seen twice unchanged, then judged by adopt_only
         assert server.registry.find_vm(f"pid-{static_vmm.pid}") is None
     assert kvm_stats_fds(static_vmm.pid) == []
     assert tracers(static_vmm.pid) == {0}
@@ -509,11 +495,7 @@ async def test_traced_vmm_is_refused(
             await client.aclose()
         assert kvm_stats_fds(static_vmm.pid) == []
     finally:
-        tracer.kill()
-        tracer.wait(10)
-        for pipe in (tracer.stdin, tracer.stdout):
-            if pipe is not None:
-                pipe.close()
+        kill_and_close(tracer)
 
 
 @pytest.mark.kvm

@@ -28,7 +28,7 @@ from statsd_qmp import adoption
 from statsd_qmp.sources.borrowed import pidfd_getfd
 from statsd_qmp.statsfile import StatsFile, words_of
 
-from ..qemu_helpers import QemuVm
+from ..qemu_helpers import QemuVm, vcpus_in_kvm_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STOP_TARGET_US = 1000.0
@@ -38,15 +38,6 @@ WHOLE_TARGET_MS_64 = 200.0
 def loadavg() -> str:
     with open("/proc/loadavg") as handle:
         return " ".join(handle.read().split()[:3])
-
-
-def vcpus_in_kvm_run(pid: int) -> int:
-    count = 0
-    for thread in adoption.list_threads(pid):
-        call = adoption.current_syscall(pid, thread.tid)
-        if call and call[0] == adoption.SYS_IOCTL and call[1][1] == adoption.KVM_RUN:
-            count += 1
-    return count
 
 
 def their_signal_exits(qemu: QemuVm) -> dict[int, int]:
