@@ -160,9 +160,7 @@ class Program:
 
         The view is into this program's own output buffer: valid until its next render.
         """
-        # _run first: it may replace self._out with a larger buffer (arguments are evaluated
-        # left to right, so a buffer over self._out taken before would be the old, small one).
-        written = self._run(self.ffi.NULL, 0)
+        written = self._run(self.ffi.NULL, 0)  # first: it may replace the output buffer
         return memoryview(self.ffi.buffer(self._out, written))
 
     def _run(self, marks: Any, n_marks: int) -> int:
