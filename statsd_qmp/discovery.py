@@ -4,8 +4,15 @@ Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new 
 borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
 dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
 then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
-alive), VM naming, and permission messages once per VM. May import errors, registry,
-sources.borrowed, statsfile, steps, vm and trio; must not import the server, app or cli.
+alive), VM naming, permission messages once per VM, and when to adopt a VMM. May import
+adoption, errors, registry, sources.borrowed, statsfile, steps, vm and trio; must not import
+the server, app or cli.
+
+With ``adopt = "ptrace"`` a VMM found holding a KVM VM fd and vCPU fds but no stats fd (its
+KVM fd set unchanged over two scans, so it has finished creating its vCPUs) and named by
+``adopt_only`` (glob patterns over QEMU's -name or ``pid-PID``) is adopted once
+(see :mod:`adoption`), in a thread of its own; the next scan then borrows the stats fds it
+opened, as for any VMM. :meth:`Discovery.adopt` does the same for one process on request.
 
 A VM is served once, from its creator: every stats fd names the process that created the VM
 (``kvm-PID`` in the VM stats id string; a vCPU's ``kvm-TID/vcpu-N`` names a thread of it).
@@ -22,9 +29,13 @@ vCPUs cannot be told apart by VM).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fnmatch
 import os
+import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +43,8 @@ from typing import Any
 import structlog
 import trio
 
-from .errors import StatsFileError
+from . import adoption
+from .errors import AdoptionError, StatsFileError
 from .registry import DEMO_NAME, Registry, sanitize_name
 from .sources import borrowed
 from .statsfile import StatsFile
@@ -107,6 +119,37 @@ def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -
     return name
 
 
+async def run_in_own_thread(work: Callable[[int], adoption.AdoptionReport], pid: int) -> Any:
+    """``work(pid)`` in a new thread that ends with it; its result (or its exception).
+
+    ptrace requests must come from the thread that attached, and a tracer thread's exit
+    detaches whatever it still traces (exit_ptrace): a thread per adoption, never a pooled
+    one, so nothing can stay attached after it. The wait is shielded: the work is bounded
+    (every ptrace wait has a timeout), and a daemon stopping meanwhile must not exit while a
+    VMM thread is stopped with injected registers.
+    """
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            outcome["result"] = work(pid)
+        except BaseException as exc:  # handed over to the awaiting task
+            outcome["error"] = exc
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+    thread = threading.Thread(target=body, name=f"adopt-{pid}")
+    thread.start()
+    with trio.CancelScope(shield=True):
+        await done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def failure_kind(problem: str) -> str:
     """A VMM's read problem as a short, fixed label: what failed (no pids, no paths)."""
     if problem.startswith("pidfd_getfd"):
@@ -121,9 +164,21 @@ def failure_kind(problem: str) -> str:
 class Discovery:
     """Keeps the registry in step with the VMMs on the host."""
 
-    def __init__(self, registry: Registry, *, scan_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        scan_interval: float = 1.0,
+        adopt: str = "off",
+        adopt_only: tuple[str, ...] = ("*",),
+    ) -> None:
         self.registry = registry
         self.scan_interval = scan_interval
+        self.adopt_mode = adopt
+        self.adopt_only = adopt_only
+        self._adopting: set[int] = set()
+        self._adoption_tried: set[int] = set()  # pids adopted (or refused) once: never again
+        self._settling: dict[int, Any] = {}  # pid -> its KVM fd set at the last scan
         self.scanner = borrowed.ProcScanner()
         self.vmms: dict[int, BorrowedVm] = {}
         self.last_scan_finished = trio.current_time()
@@ -213,6 +268,57 @@ class Discovery:
         for pid in list(self._reported):
             if pid not in result.vmms and pid not in result.denied:
                 del self._reported[pid]
+        self._consider_adoption(result)
+
+    # --- adoption ------------------------------------------------------------------------
+
+    def _consider_adoption(self, result: borrowed.ScanResult) -> None:
+        """``adopt = "ptrace"``: start adopting each VMM without stats fds, once."""
+        for pid in list(self._adoption_tried):
+            if pid not in result.unadopted and pid not in result.vmms:
+                self._adoption_tried.discard(pid)  # exited: its pid may come back as another
+        for pid in list(self._settling):
+            if pid not in result.unadopted:
+                del self._settling[pid]
+        if self.adopt_mode != "ptrace" or self._nursery is None:
+            return
+        for pid, found in result.unadopted.items():
+            if pid in self._adoption_tried or pid in self._adopting:
+                continue
+            signature = found.kvm_signature()
+            if self._settling.get(pid) != signature:
+                self._settling[pid] = signature  # still creating vCPUs, perhaps: next scan
+                continue
+            del self._settling[pid]
+            self._adoption_tried.add(pid)
+            self._nursery.start_soon(self._adopt_found, pid)
+
+    async def _adopt_found(self, pid: int) -> None:
+        name = await self._qemu_name(pid)
+        names = [f"pid-{pid}"] + ([name] if name else [])
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.adopt_only):
+            log.debug("vmm left alone (adopt_only)", pid=pid, vm=name)
+            return
+        try:
+            await self.adopt(pid)
+        except AdoptionError as exc:
+            log.warning("vmm not adopted", pid=pid, reason=str(exc))
+
+    async def adopt(self, pid: int) -> adoption.AdoptionReport:
+        """Adopt process ``pid`` now (see :mod:`adoption`), then rescan to serve it.
+
+        AdoptionError when refused or failed; the VMM runs on either way.
+        """
+        if pid in self._adopting:
+            raise AdoptionError(f"pid {pid} is being adopted already")
+        self._adopting.add(pid)
+        try:
+            report: adoption.AdoptionReport = await run_in_own_thread(adoption.adopt, pid)
+        finally:
+            self._adopting.discard(pid)
+        self._adoption_tried.add(pid)
+        await self.scan_once()
+        return report
 
     @staticmethod
     async def _qemu_name(pid: int) -> str | None:

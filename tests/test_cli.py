@@ -111,7 +111,9 @@ def test_every_subcommand_is_registered_once_and_listed() -> None:
     parser = cli.build_parser()
     (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(cli.SUBCOMMANDS)
-    assert {"serve", "query", "exec", "demo-stats", "check-install"} <= set(cli.SUBCOMMANDS)
+    assert {"serve", "query", "exec", "adopt", "demo-stats", "check-install"} <= set(
+        cli.SUBCOMMANDS
+    )
     with pytest.raises(ValueError, match="registered twice"):
         cli.subcommand("query", help="x", arguments=lambda parser: None)(lambda args: 0)
 
