@@ -14,9 +14,13 @@ import json
 import os
 import socket
 import stat
-from typing import Any
 
 from .errors import QmpClientError
+
+# Not typing.TYPE_CHECKING: ``statsd-qmp query`` should not pay for importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["QmpClient", "QmpClientError", "connect_error"]
 

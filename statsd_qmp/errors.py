@@ -23,7 +23,11 @@ Tree::
 
 from __future__ import annotations
 
-from pathlib import Path
+# Not typing.TYPE_CHECKING, and no pathlib at run time: ``statsd-qmp exec`` imports this module
+# before every VMM start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class StatsdQmpError(Exception):
