@@ -18,7 +18,11 @@ class RawQmp:
     def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(os.fspath(path))
+        try:
+            self.sock.connect(os.fspath(path))
+        except OSError:
+            self.sock.close()  # not left for the collector to find in a later test
+            raise
         self.file = self.sock.makefile("rb")
         self.greeting = self.file.readline()
 
@@ -112,7 +116,17 @@ class QemuVm:
         self.pid = self.process.pid
 
     def connect(self) -> RawQmp:
-        qmp = RawQmp(self.qmp_path)
+        # QEMU creates the socket file at bind() and listens just after: on a loaded machine
+        # a connect can fall between the two.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                qmp = RawQmp(self.qmp_path)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         qmp.negotiate()
         return qmp
 

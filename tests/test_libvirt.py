@@ -1,12 +1,12 @@
 """End to end under a real libvirtd: a domain whose ``<emulator>`` is the README's wrapper.
 
-The session starts virtlogd and libvirtd by hand (no systemd; see the project notes on libvirt)
+The module starts virtlogd and libvirtd by hand (no systemd; see the project notes on libvirt)
 with libvirt's default settings: no ``qemu.conf``, so QEMU runs as ``libvirt-qemu`` with
 seccomp ``-sandbox on`` and the DAC security driver. What this machine lacks stays untested:
 it has no LSM, so AppArmor (Debian's ``virt-aa-helper`` profiles) and SELinux labelling cannot
 be exercised; there is no systemd-machined (libvirt places the domain's cgroups itself).
 
-Set up for the session, and undone at its end: the ``libvirt-qemu`` user and group (created if
+Set up once for this module, and undone at its end: the ``libvirt-qemu`` user and group (created if
 missing, and left: they are what the package's own postinst creates), ``/dev/kvm`` given to
 that group with mode 0660 as udev's ``kvm`` rule would (owner and mode put back exactly), the
 directories libvirt creates (removed again if they did not exist before), and both daemons,
@@ -153,7 +153,10 @@ class Libvirt:
     log: Path
 
 
-@pytest.fixture(scope="session")
+# Module scope: this module is libvirt's only user, and its end is where the daemons stop,
+# /dev/kvm goes back and the machine-wide lock is released (a session fixture would hold
+# all three until the whole test run ends, keeping other runs on this machine waiting).
+@pytest.fixture(scope="module")
 def libvirt() -> Iterator[Libvirt]:
     need(kvm_problem())
     missing = [p for p in (LIBVIRTD, VIRTLOGD) if not os.access(p, os.X_OK)]
@@ -161,8 +164,8 @@ def libvirt() -> Iterator[Libvirt]:
     if missing or os.geteuid() != 0:
         need(f"libvirt tests need root and {', '.join(missing) or 'nothing else'}")
     Path(LOCK).parent.mkdir(parents=True, exist_ok=True)
-    lock = open(LOCK, "w")  # noqa: SIM115 - held for the whole session
-    fcntl.flock(lock, fcntl.LOCK_EX)  # one libvirtd test session at a time on this machine
+    lock = open(LOCK, "w")  # noqa: SIM115 - held until the module ends
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one libvirtd test at a time on this machine
     workdir = Path(tempfile.mkdtemp(prefix="statsd-qmp-libvirt-"))
     workdir.chmod(0o755)
     kvm = os.stat("/dev/kvm")
