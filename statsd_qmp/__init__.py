@@ -12,6 +12,7 @@ Layering (imports only go downwards; each module's docstring says what it must n
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)
+    access                   who may see which VM: root, the admin group, the VMM's owner (pure)
 """
 
 __version__ = "0.1.0"

@@ -51,6 +51,7 @@ class BorrowedVm:
     pid: int
     pidfd: int
     name: str
+    owner_uid: int  # the VMM's real uid when it was adopted: whose VM this is
     signature: Any = None
     fds: dict[int, int] = field(default_factory=dict)  # the VMM's fd number -> our copy
     files: dict[int, StatsFile] = field(default_factory=dict)  # our fd -> parsed file
@@ -222,8 +223,12 @@ class Discovery:
         except OSError as exc:
             self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}", wanted)
             return
+        owner_uid = borrowed.real_uid(pid, pidfd)
+        if owner_uid is None:  # exited meanwhile
+            os.close(pidfd)
+            return
         name = unique_name(wanted, pid, self.registry.names_in_use(), self.registry.run_dir)
-        vmm = BorrowedVm(pid, pidfd, name)
+        vmm = BorrowedVm(pid, pidfd, name, owner_uid)
         try:
             built = await self._build(vmm, found)
         except BaseException:
@@ -340,7 +345,10 @@ class Discovery:
                 vmm.files.pop(ours, None)
                 stale.append(ours)
         vmm.signature = found.signature()
-        return VmStats(vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus)), stale
+        view = VmStats(
+            vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus), owner_uid=vmm.owner_uid
+        )
+        return view, stale
 
     def _drop(self, pid: int, reason: str) -> None:
         self.scanner.forget(pid)

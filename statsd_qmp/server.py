@@ -33,6 +33,7 @@ import structlog
 import trio
 
 from . import loopstats, protocol
+from .access import EVERYTHING
 from .commands import Commands, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .registry import Registry
@@ -278,7 +279,7 @@ class Server:
                 self._nursery = nursery
                 await nursery.start(
                     trio.serve_listeners,
-                    self._handler(lambda: Scope(host=True), vm_name=None),
+                    self._handler(lambda: Scope(host=True, viewer=EVERYTHING), vm_name=None),
                     [host_listener],
                 )
                 self.registry.subscribe(added=self._vm_added, removed=self._vm_removed)
@@ -336,7 +337,9 @@ class Server:
             async with trio.open_nursery() as handlers:
                 with listening:
                     await trio.serve_listeners(
-                        self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name),
+                        self._handler(
+                            lambda: Scope(host=False, viewer=EVERYTHING, vm=vm), vm_name=vm.name
+                        ),
                         [listener],
                         handler_nursery=handlers,
                     )
@@ -534,7 +537,7 @@ class Server:
                 if current is None or current.pid != scope.vm.pid:
                     vm_gone = True
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
-                scope = Scope(host=False, vm=current)
+                scope = Scope(host=False, viewer=EVERYTHING, vm=current)
             value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
             if isinstance(value, RawSteps):
                 parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)

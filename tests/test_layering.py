@@ -10,13 +10,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "statsd_qmp"
 
 # Modules that must stay pure: no I/O, no event loop, no logging.
-PURE = {"errors", "schema", "protocol", "jsonstream", "hmp", "introspection"}
+PURE = {"errors", "schema", "protocol", "jsonstream", "hmp", "introspection", "access"}
 FORBIDDEN_IN_PURE = {"trio", "os", "structlog", "socket", "subprocess", "fcntl", "select"}
 
 # Each module may import only modules of a strictly lower rank (sd_daemon and logconfig are
 # leaves used by the top; the package root only holds constants).
 RANK = {
     "errors": 0,
+    "access": 0,
     "schema": 1,
     "jsonstream": 1,
     "logconfig": 1,
