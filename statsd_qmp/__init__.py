@@ -10,7 +10,8 @@ Layering (imports only go downwards; each module's docstring says what it must n
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
     vm, engine, statsfile    parsed stats files and batched reads
     sources.*                owned VMs, borrowed fds, synthetic files
-    _native, steps           the compiled bulk pread helper; long work run in time slices
+    _native, steps, peers    the compiled bulk pread helper; long work run in time slices;
+                             a unix-socket client's credentials
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)
     access                   who may see which VM: root, the admin group, the VMM's owner (pure)
 """

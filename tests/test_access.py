@@ -1,4 +1,5 @@
-"""Per-user access: the policy, and every command answering each client with its own VMs only.
+"""Per-user access: the policy, the credentials it works on, and every command answering each
+client with its own VMs only.
 
 The VMs here are real :class:`VmStats` over memfd stats files in the KVM layout, owned by two
 made-up users; the end-to-end test with real VMMs of two system users is in
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +29,9 @@ from statsd_qmp.access import (
 )
 from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope
 from statsd_qmp.errors import QmpError, StatsFileError
+from statsd_qmp.peers import peer_of
 from statsd_qmp.schema import HistogramOrder
+from statsd_qmp.sources import borrowed
 from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.steps import finish
@@ -73,6 +78,35 @@ def test_unknown_credentials_see_nothing() -> None:
     assert viewer == NOTHING
     assert not viewer.may_see(0)
     assert not Viewer(uid=None, sees_all=False).may_see(ALICE)
+
+
+def test_peer_credentials_of_a_unix_socket() -> None:
+    first, second = socket.socketpair()
+    with first, second:
+        assert peer_of(first) == Peer(
+            pid=os.getpid(), uid=os.geteuid(), gid=os.getegid(), groups=frozenset(os.getgroups())
+        )
+
+
+def test_a_socket_without_peer_credentials() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert peer_of(sock) is None
+
+
+def test_real_uid_of_a_live_and_of_an_exited_process() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    pidfd = borrowed.pidfd_open(child.pid)
+    try:
+        assert borrowed.real_uid(child.pid, pidfd) == os.getuid()
+        child.kill()
+        child.wait()
+        # Exited (and reaped: its pid may belong to another process by now).
+        assert borrowed.real_uid(child.pid, pidfd) is None
+    finally:
+        os.close(pidfd)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 # --- the commands ----------------------------------------------------------------------------

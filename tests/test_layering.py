@@ -22,6 +22,7 @@ RANK = {
     "jsonstream": 1,
     "logconfig": 1,
     "sd_daemon": 1,
+    "peers": 1,
     "introspection": 1,
     "_native": 1,
     "steps": 1,
