@@ -38,6 +38,7 @@ RANK = {
     "commands": 6,
     "config": 6,
     "loopstats": 6,
+    "install_check": 5,
     "holdlib": 6,
     "registry": 7,
     "discovery": 8,
