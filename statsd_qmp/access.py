@@ -24,6 +24,17 @@ ROOT_UID = 0
 NOT_YOURS = "Permission denied: this VM's statistics are served to its owner and admins only"
 
 
+def vm_socket_mode(socket_mode: int) -> int:
+    """The mode of a per-VM socket: its owner (the VMM's user) may always connect, the group
+    as ``socket_mode`` says, others never (they could not see the VM anyway)."""
+    return 0o600 | (socket_mode & 0o070)
+
+
+# The per-VM socket directory: everyone may reach a socket whose name it knows (its own VMs',
+# from query-vms); nobody but the daemon may list which VMs exist.
+VM_DIR_MODE = 0o711
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """A unix-socket client as the kernel recorded it at ``connect()``.

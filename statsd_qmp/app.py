@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from . import __version__, logconfig, sd_daemon
+from .access import AccessPolicy
 from .commands import Commands
 from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
@@ -48,6 +49,7 @@ class Settings:
     histogram_order: HistogramOrder = "kernel"
     socket_mode: int = 0o660
     socket_gid: int | None = None
+    admin_gid: int | None = None  # members see every VM (root always does); see access
     scan_interval: float = 1.0
     discover: bool = True
     measure_loop: bool = False
@@ -139,6 +141,8 @@ class Daemon:
         logconfig.configure(new.log_level, new.log_format)
         self.registry.histogram_order = new.histogram_order
         self.server.limits = new.limits
+        if new.admin_gid != old.admin_gid:
+            self.server.policy = AccessPolicy(admin_gid=new.admin_gid)
         if (new.socket_mode, new.socket_gid) != (old.socket_mode, old.socket_gid):
             self.server.apply_socket_settings(new.socket_mode, new.socket_gid)
         if self.discovery is not None:
@@ -201,6 +205,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 socket_mode=settings.socket_mode,
                 socket_gid=settings.socket_gid,
                 activated=activated,
+                policy=AccessPolicy(admin_gid=settings.admin_gid),
             )
             daemon = Daemon(settings, registry, server)
             if instrument is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from typing import Protocol
 
 from .access import Peer
 
@@ -26,7 +27,16 @@ _GROUPS_GUESS = 256
 _NO_CREDENTIALS = (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL, errno.ENODATA)
 
 
-def peer_of(sock: socket.socket) -> Peer | None:
+class UnixSocket(Protocol):
+    """What is needed of a socket: the stdlib's, or trio's wrapper of it."""
+
+    @property
+    def family(self) -> socket.AddressFamily: ...
+
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
+
+
+def peer_of(sock: UnixSocket) -> Peer | None:
     """The credentials of ``sock``'s peer, or None when it has none (not a unix socket).
 
     Other families answer ``SO_PEERCRED`` too, with the overflow uid: never trusted.
@@ -43,7 +53,7 @@ def peer_of(sock: socket.socket) -> Peer | None:
     return Peer(pid=pid, uid=uid, gid=gid, groups=frozenset(_peer_groups(sock)))
 
 
-def _peer_groups(sock: socket.socket) -> list[int]:
+def _peer_groups(sock: UnixSocket) -> list[int]:
     """The peer's supplementary groups (``SO_PEERGROUPS``); ERANGE says how many there are."""
     size = _GROUPS_GUESS * _GID.size
     for _ in range(2):

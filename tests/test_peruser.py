@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -107,6 +108,9 @@ class Host:
     run_dir: Path
     vms: dict[str, int]  # VM name -> owner uid
     pids: dict[str, int]
+    config: Path
+    daemon: subprocess.Popen[str]
+    log: Path
 
 
 def wait_line(process: subprocess.Popen[str], expected: str) -> None:
@@ -195,7 +199,7 @@ def host(accounts: tuple[Account, Account, int]) -> Iterator[Host]:
                 if set(vms) <= listed:
                     break
             time.sleep(0.1)
-        yield Host(run_dir, vms, pids)
+        yield Host(run_dir, vms, pids, config, daemon, shared / "daemon.log")
     finally:
         for process in reversed(processes):
             stop(process)
@@ -389,3 +393,68 @@ def test_a_per_vm_socket_opened_to_all_still_serves_its_owner_only(
     assert done.stdout == (
         b'{"error": {"class": "GenericError", "desc": ' + json.dumps(NOT_YOURS).encode() + b"}}\r\n"
     )
+
+
+# A client that keeps its connection: one request per stdin line, one reply line back.
+PERSISTENT_CLIENT = """\
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+replies = s.makefile("rb")
+print(replies.readline().decode().strip(), flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    print(replies.readline().decode().strip(), flush=True)
+"""
+
+
+def test_a_reload_that_removes_the_admin_group_applies_to_open_connections(
+    host: Host, accounts: tuple[Account, Account, int]
+) -> None:
+    first, _, admin_gid = accounts
+    client = subprocess.Popen(
+        [
+            *as_user(first.uid, first.gid, (admin_gid,)),
+            SYSTEM_PYTHON,
+            "-c",
+            PERSISTENT_CLIENT,
+            str(host.run_dir / "qmp.sock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None
+    assert client.stdout is not None
+    original = host.config.read_text()
+
+    def ask(request: dict[str, Any]) -> Any:
+        assert client.stdin is not None
+        assert client.stdout is not None
+        client.stdin.write(json.dumps(request) + "\n")
+        client.stdin.flush()
+        return json.loads(client.stdout.readline())
+
+    def reload_with(text: str) -> None:
+        reloads = host.log.read_text().count('"configuration reloaded"')
+        host.config.write_text(text)
+        host.daemon.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while host.log.read_text().count('"configuration reloaded"') == reloads:
+            assert time.monotonic() < deadline, "the daemon did not reload"
+            time.sleep(0.05)
+
+    try:
+        assert "QMP" in json.loads(client.stdout.readline())
+        assert ask({"execute": "qmp_capabilities"}) == {"return": {}}
+        seen = {vm["name"] for vm in ask({"execute": "query-vms"})["return"]}
+        assert ours(host, seen) == set(host.vms)
+        reload_with(original.replace(f'admin_group = "{ADMIN_GROUP}"\n', ""))
+        own = {name for name, uid in host.vms.items() if uid == first.uid}
+        seen = {vm["name"] for vm in ask({"execute": "query-vms"})["return"]}
+        assert seen == own  # the same connection, no longer an admin
+    finally:
+        if host.config.read_text() != original:
+            reload_with(original)
+        stop(client)
