@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -40,6 +41,26 @@ def need(problem: str | None) -> None:
 
 def program_problem(name: str) -> str | None:
     return None if shutil.which(name) else f"{name} is not installed"
+
+
+def wait_line(process: subprocess.Popen[str], expected: str) -> None:
+    """Read one line of ``process``'s stdout; it must be ``expected`` (a child says "ready")."""
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    assert line == expected, line
+
+
+def stop_process(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; close the pipes the test opened to it."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,7 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,14 +27,14 @@ from statsd_qmp.access import (
     Viewer,
 )
 from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope
-from statsd_qmp.errors import QmpError, StatsFileError
+from statsd_qmp.errors import QmpError
 from statsd_qmp.peers import peer_of
-from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.sources import borrowed
-from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
-from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.sources.synthetic import SyntheticStat, make_flags
 from statsd_qmp.steps import finish
-from statsd_qmp.vm import VcpuStats, VmStats
+from statsd_qmp.vm import VmStats
+
+from .synthetic_vms import Context, synthetic_vm
 
 ALICE = 1501
 BOB = 1502
@@ -112,37 +111,17 @@ def test_real_uid_of_a_live_and_of_an_exited_process() -> None:
 # --- the commands ----------------------------------------------------------------------------
 
 
-@dataclass
-class Context:
-    vms: list[VmStats]
-    histogram_order: HistogramOrder = "kernel"
-    package: str = "statsd-qmp test"
-
-    def all_vms(self) -> Sequence[VmStats]:
-        return sorted(self.vms, key=lambda vm: vm.name)
-
-    def find_vm(self, name: str) -> VmStats | None:
-        return next((vm for vm in self.vms if vm.name == name), None)
-
-    def read_failed(self, vm: VmStats, error: StatsFileError) -> None:
-        raise AssertionError(f"{vm.name}: {error}")
-
-
 def make_vm(name: str, owner_uid: int, pid: int, fds: list[int]) -> VmStats:
-    cumulative = make_flags(0)
-
-    def parsed(ident: str, value: int) -> StatsFile:
-        fd = memfd_with(build(ident, [SyntheticStat("exits", cumulative, (value,))]).data)
-        fds.append(fd)
-        return StatsFile.parse(fd)
-
-    vcpus = tuple(
-        VcpuStats(
-            index, pid + 1 + index, parsed(f"kvm-{pid + 1 + index}/vcpu-{index}", pid + index)
-        )
-        for index in range(2)
+    """Its ``exits`` (the value ``pid``) tells the VMs apart."""
+    return synthetic_vm(
+        name,
+        pid,
+        owner_uid=owner_uid,
+        vm_stats=[SyntheticStat("exits", make_flags(0), (pid,))],
+        vcpu_stats=[SyntheticStat("exits", make_flags(0), (pid,))],
+        vcpus=2,
+        fds=fds,
     )
-    return VmStats(name, pid, "borrowed", parsed(f"kvm-{pid}", pid), vcpus, owner_uid=owner_uid)
 
 
 @pytest.fixture

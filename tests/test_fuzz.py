@@ -9,12 +9,12 @@ fixed number of inputs from a fixed seed (about a minute for all three); the lon
 from __future__ import annotations
 
 import base64
-import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.fuzz.__main__ import CASES, SEEDS, engine_command, engine_environment, executed
+from tests.fuzz.__main__ import CASES, SEEDS, executed, run_engine
 from tests.fuzz.targets import TARGETS
 
 # Inputs per target for the short run, sized to ~10-20 s of CPU each on a 2-core machine
@@ -22,6 +22,13 @@ from tests.fuzz.targets import TARGETS
 # under coverage instrumentation).
 SHORT_RUNS = {"protocol": 3000, "hmp": 10000, "statsfile": 6000}
 SHORT_SEED = 1
+
+# Kept cases of bugs found by fuzzing whose fix is being made elsewhere: each fails until then
+# (strict: once fixed, its entry must go, and the case passes like the others).
+KNOWN = {
+    "protocol/non-finite-id": "issue 15 item 8: a non-finite id (1e999) is echoed as inf, "
+    "which no JSON parser accepts",
+}
 
 KEPT = sorted(
     path
@@ -31,9 +38,15 @@ KEPT = sorted(
 )
 
 
-@pytest.mark.parametrize(
-    "path", KEPT, ids=lambda path: f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
-)
+def _kept_param(path: Path) -> Any:
+    reason = KNOWN.get(f"{path.parent.name}/{path.name}")
+    marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+    return pytest.param(
+        path, marks=marks, id=f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
+    )
+
+
+@pytest.mark.parametrize("path", [_kept_param(path) for path in KEPT])
 def test_kept_input_passes(path: Path) -> None:
     TARGETS[path.parent.name](path.read_bytes())
 
@@ -51,15 +64,7 @@ def test_short_fuzzing_run(target: str, tmp_path: Path) -> None:
     corpus.mkdir()
     artifacts.mkdir()
     options = [f"-runs={SHORT_RUNS[target]}", f"-seed={SHORT_SEED}", "-timeout=10"]
-    process = subprocess.run(
-        engine_command(target, corpus=corpus, artifacts=artifacts, options=options),
-        env=engine_environment(),
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=600,
-        check=False,
-    )
+    process = run_engine(target, corpus=corpus, artifacts=artifacts, options=options)
     found = [
         f"{path.name} (base64 {base64.b64encode(path.read_bytes()).decode()})"
         for path in sorted(artifacts.iterdir())

@@ -29,7 +29,7 @@ import pytest
 
 from statsd_qmp.access import NOT_YOURS
 
-from .conftest import need, program_problem
+from .conftest import need, program_problem, stop_process, wait_line
 from .qemu_helpers import RawQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
@@ -113,24 +113,6 @@ class Host:
     log: Path
 
 
-def wait_line(process: subprocess.Popen[str], expected: str) -> None:
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    assert line == expected, line
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
-    for pipe in (process.stdin, process.stdout):
-        if pipe is not None:
-            pipe.close()
-
-
 @pytest.fixture(scope="module")
 def host(accounts: tuple[Account, Account, int]) -> Iterator[Host]:
     """Both users' VMMs and a root daemon serving them (admin group: ADMIN_GROUP)."""
@@ -202,7 +184,7 @@ def host(accounts: tuple[Account, Account, int]) -> Iterator[Host]:
         yield Host(run_dir, vms, pids, config, daemon, shared / "daemon.log")
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process(process)
         if "log" in locals():
             log.close()
         shutil.rmtree(shared, ignore_errors=True)
@@ -457,4 +439,4 @@ def test_a_reload_that_removes_the_admin_group_applies_to_open_connections(
     finally:
         if host.config.read_text() != original:
             reload_with(original)
-        stop(client)
+        stop_process(client)

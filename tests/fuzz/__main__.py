@@ -60,6 +60,20 @@ def engine_environment() -> dict[str, str]:
     }
 
 
+def run_engine(
+    target: str, *, corpus: Path, artifacts: Path, options: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """Run ``target`` under atheris to the end; its libFuzzer report is in ``stderr``."""
+    return subprocess.run(
+        engine_command(target, corpus=corpus, artifacts=artifacts, options=options),
+        env=engine_environment(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+    )
+
+
 def executed(output: str) -> int:
     found = re.findall(r"stat::number_of_executed_units:\s*(\d+)", output)
     return int(found[-1]) if found else 0
@@ -75,14 +89,7 @@ def fuzz_target(target: str, seconds: float, corpus: Path, timeout: int, seed: i
     restarts = 0
     while (left := deadline - time.monotonic()) > 1:
         options = [f"-max_total_time={int(left)}", f"-timeout={timeout}", f"-seed={seed}"]
-        process = subprocess.run(
-            engine_command(target, corpus=corpus, artifacts=artifacts, options=options),
-            env=engine_environment(),
-            capture_output=True,
-            text=True,
-            errors="replace",
-            check=False,
-        )
+        process = run_engine(target, corpus=corpus, artifacts=artifacts, options=options)
         runs += executed(process.stderr)
         if process.returncode == 0:
             break
