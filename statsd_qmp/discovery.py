@@ -4,8 +4,8 @@ Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new 
 borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
 dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
 then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
-alive), VM naming, and permission messages once per VM. May import registry, sources, vm,
-statsfile and trio; must not import the server, app or cli.
+alive), VM naming, and permission messages once per VM. May import errors, registry,
+sources.borrowed, statsfile, steps, vm and trio; must not import the server, app or cli.
 
 A VM is served once, from its creator: every stats fd names the process that created the VM
 (``kvm-PID`` in the VM stats id string; a vCPU's ``kvm-TID/vcpu-N`` names a thread of it).
@@ -22,8 +22,8 @@ vCPUs cannot be told apart by VM).
 from __future__ import annotations
 
 import errno
-import gc
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,17 @@ def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -
     return name
 
 
+def failure_kind(problem: str) -> str:
+    """A VMM's read problem as a short, fixed label: what failed (no pids, no paths)."""
+    if problem.startswith("pidfd_getfd"):
+        return "pidfd_getfd_eperm" if "EPERM" in problem else "pidfd_getfd"
+    if problem.startswith("cannot list /proc/"):
+        return "list_fds"
+    if problem.startswith("/proc/"):
+        return "read_fd_links"
+    return "other"
+
+
 class Discovery:
     """Keeps the registry in step with the VMMs on the host."""
 
@@ -114,6 +125,8 @@ class Discovery:
         self.last_scan_finished = trio.current_time()
         self._lock = trio.Lock()
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
+        # VMMs found but not readable, by kind of problem (for the metrics endpoint).
+        self.failures: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         self._warned_multi: set[int] = set()
         # Processes holding copies of another live process's VM: pid -> (creator, signature).
@@ -159,7 +172,6 @@ class Discovery:
     # --- applying a scan -----------------------------------------------------------------
 
     async def _apply(self, result: borrowed.ScanResult) -> None:
-        changed = False
         self._holders = set(result.vmms)
         for pid in list(self._copies):
             if pid not in result.vmms:
@@ -181,18 +193,11 @@ class Discovery:
                 if copy is not None and copy[1] == found.signature() and self._alive(copy[0]):
                     continue  # still a holder of copies; its creator still serves the VM
                 await self._adopt(found)
-                changed = True
             elif known.signature != found.signature():
                 await self._refresh(known, found)
-                changed = True
             else:
                 continue
             await trio.lowlevel.checkpoint()
-        if changed:
-            # The new views live as long as their VMs: keep them out of the cyclic
-            # collector's way, or each full collection walks every served descriptor (tens
-            # of ms with 100 VMs) while all clients wait.
-            gc.freeze()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
                 self._report(pid, reason, await self._qemu_name(pid))
@@ -219,6 +224,7 @@ class Discovery:
         if self._reported.get(pid) == problem:
             return
         self._reported[pid] = problem
+        self.failures[failure_kind(problem)] += 1
         log.warning(
             "cannot read vm",
             pid=pid,
@@ -305,6 +311,7 @@ class Discovery:
                 stats_file = StatsFile.parse(ours, origin=origin)
             except StatsFileError as exc:
                 log.warning("borrowed fd is not usable", vm=vmm.name, error=str(exc))
+                self.failures["bad_stats_file"] += 1
                 os.close(vmm.fds.pop(target_fd))
                 return None
             vmm.files[ours] = stats_file

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -50,19 +51,6 @@ def wait_line(process: subprocess.Popen[str], expected: str) -> None:
     assert line == expected, line
 
 
-def stop_process(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, then SIGKILL after 10 s; close the pipes the test opened to it."""
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
-    for pipe in (process.stdin, process.stdout):
-        if pipe is not None:
-            pipe.close()
-
-
 @pytest.fixture(autouse=True)
 def _real_requirements(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("kvm") or request.node.get_closest_marker("qemu"):
@@ -87,3 +75,18 @@ def owned_vm() -> Iterator[object]:
         yield vm
     finally:
         vm.close()
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: a test stops what it started, by its pid.
+    The pipes the test opened to it are closed."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()

@@ -1,6 +1,6 @@
 """Served VMs over synthetic stats files, and a command context holding them (tests, fuzzing).
 
-Each VM is a real :class:`VmStats` over memfds in the KVM layout (``sources.synthetic``); the
+Each VM is a real :class:`VmStats` over memfds in the KVM layout (``tests.synthetic``); the
 context is what the registry is to the commands. A file failing to read is a test failure.
 """
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
-from statsd_qmp.sources.synthetic import SyntheticStat, build, memfd_with
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.vm import VcpuStats, VmStats
+from tests.synthetic import SyntheticStat, build, memfd_with
 
 
 @dataclass

@@ -30,10 +30,10 @@ from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope
 from statsd_qmp.errors import QmpError
 from statsd_qmp.peers import peer_of
 from statsd_qmp.sources import borrowed
-from statsd_qmp.sources.synthetic import SyntheticStat, make_flags
 from statsd_qmp.steps import finish
 from statsd_qmp.vm import VmStats
 
+from .synthetic import SyntheticStat, make_flags
 from .synthetic_vms import Context, synthetic_vm
 
 ALICE = 1501

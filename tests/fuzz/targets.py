@@ -36,7 +36,10 @@ from statsd_qmp.access import EVERYTHING
 from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope, parse_stats_filter
 from statsd_qmp.errors import QmpError, StatsdQmpError, StatsFormatError
 from statsd_qmp.schema import HistogramOrder
-from statsd_qmp.sources.synthetic import (
+from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.steps import finish
+from statsd_qmp.vm import VcpuStats, VmStats
+from tests.synthetic import (
     BlockName,
     Layout,
     SyntheticStat,
@@ -44,9 +47,6 @@ from statsd_qmp.sources.synthetic import (
     make_flags,
     memfd_with,
 )
-from statsd_qmp.statsfile import StatsFile
-from statsd_qmp.steps import finish
-from statsd_qmp.vm import VcpuStats, VmStats
 from tests.synthetic_vms import Context, synthetic_vm
 
 VERSION: Final = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "statsd-qmp fuzz"}
