@@ -160,7 +160,8 @@ class Program:
 
         The view is into this program's own output buffer: valid until its next render.
         """
-        return memoryview(self.ffi.buffer(self._out, self._run(self.ffi.NULL, 0)))
+        written = self._run(self.ffi.NULL, 0)  # first: it may replace the output buffer
+        return memoryview(self.ffi.buffer(self._out, written))
 
     def _run(self, marks: Any, n_marks: int) -> int:
         """Run the program into the output buffer (grown as needed); the bytes written.
