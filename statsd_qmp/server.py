@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import trio
 
 from . import loopstats, protocol
 from .access import VM_DIR_MODE, AccessPolicy, Peer, Viewer, vm_socket_mode
-from .commands import Commands, RawJson, RawSteps, Scope
+from .commands import Commands, Pending, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .outbox import Outbox
 from .peers import peer_of
@@ -250,7 +250,10 @@ class Server:
         self, stream: trio.SocketStream, scope_factory: Callable[[Viewer], Scope]
     ) -> None:
         peer = peer_of(stream.socket)
-        scope = scope_factory(self.policy.viewer(peer))
+        scope = replace(
+            scope_factory(self.policy.viewer(peer)),
+            peer_uid=peer.uid if peer is not None else None,
+        )
         self.connections += 1
         try:
             log.info(
@@ -403,7 +406,7 @@ class Connection:
         loopstats.doing(request.command)
         registry, commands = self.server.registry, self.server.commands
         # What this client may see under the policy in force now (a reload may change it).
-        scope = Scope(self.scope.host, self.server.policy.viewer(self.peer), self.scope.vm)
+        scope = replace(self.scope, viewer=self.server.policy.viewer(self.peer))
         arguments = request.arguments
         if commands.needs_rescan(scope, request.command, arguments):
             await registry.rescan()
@@ -418,8 +421,10 @@ class Connection:
                 if current is None or current.pid != scope.vm.pid:
                     vm_gone = True
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
-                scope = Scope(host=False, viewer=scope.viewer, vm=current)
+                scope = replace(scope, vm=current)
             value = commands.execute(scope, request.command, arguments, oob=request.oob)
+            if isinstance(value, Pending):
+                value = await value.run()
             if isinstance(value, RawSteps):
                 parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
                 value = RawJson(parts)

@@ -29,7 +29,7 @@ import pytest
 
 from statsd_qmp.access import NOT_YOURS
 
-from .conftest import need, program_problem, stop_process, wait_line
+from .conftest import need, program_problem, root_problem, stop_process, wait_line
 from .qemu_helpers import RawQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
@@ -37,7 +37,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # reachable by any user, unlike a venv under
 USERS = ("statsd-qmp-t1", "statsd-qmp-t2")
 ADMIN_GROUP = "statsd-qmp-tadm"
 
-pytestmark = [pytest.mark.kvm, pytest.mark.ptrace]
+pytestmark = [pytest.mark.kvm, pytest.mark.ptrace, pytest.mark.root]
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class Account:
 
 
 def _root_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "creating users and dropping to them needs root"
+    if problem := root_problem():
+        return problem
     for program in ("useradd", "groupadd", "setpriv", "socat", SYSTEM_PYTHON):
         if problem := program_problem(program):
             return problem
