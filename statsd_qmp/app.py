@@ -10,6 +10,7 @@ the CLI. May import everything below it; nothing imports it but the CLI and test
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import signal
@@ -295,16 +296,21 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
             log.info("stopped")
 
 
-def adopter(discovery: Discovery) -> Callable[[int | None, str | None], Awaitable[Any]]:
-    """``adopt-vm``'s work: find the process (a pid, or a QEMU -name), adopt it, report."""
+def adopter(
+    discovery: Discovery,
+) -> Callable[[int | None, str | None, int | None], Awaitable[Any]]:
+    """``adopt-vm``'s work: find the process (a pid, or a QEMU -name), adopt it, report.
+    With ``owner_uid`` (a client that is not an admin) only that user's processes count."""
 
-    async def adopt(pid: int | None, name: str | None) -> Any:
+    async def adopt(pid: int | None, name: str | None, owner_uid: int | None) -> Any:
         from .adoption import resolve
 
         if pid is None:
             assert name is not None
-            pid = await trio.to_thread.run_sync(resolve, name)
-        report = await discovery.adopt(pid)
+            pid = await trio.to_thread.run_sync(
+                functools.partial(resolve, name, owner_uid=owner_uid)
+            )
+        report = await discovery.adopt(pid, owner_uid)
         return report.as_dict()
 
     return adopt

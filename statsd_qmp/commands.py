@@ -83,7 +83,8 @@ class Pending:
 
 
 # adopt-vm's work, given by the composition root: (pid, or None and a QEMU -name) -> report.
-Adopter = Callable[[int | None, str | None], Awaitable[Any]]
+# (pid, QEMU -name, owner uid the process must have: None for an admin) -> the report.
+Adopter = Callable[[int | None, str | None, int | None], Awaitable[Any]]
 
 
 class CommandContext(Protocol):
@@ -415,10 +416,15 @@ class Commands:
         adopter = self.adopter
         if adopter is None:
             raise QmpError("adopt-vm needs discovery of the host's VMs, which is off")
+        # Like seeing, adopting: a client that is not an admin may adopt only its own VMMs.
+        viewer = scope.viewer
+        owner_uid = None if viewer.sees_all else viewer.uid
+        if not viewer.sees_all and owner_uid is None:
+            raise QmpError("adopt-vm: the client's credentials are unknown")
 
         async def run() -> Any:
             try:
-                return await adopter(pid, name)
+                return await adopter(pid, name, owner_uid)
             except StatsdQmpError as exc:  # AdoptionError: refused or failed
                 raise QmpError(str(exc)) from exc
 

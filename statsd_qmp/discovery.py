@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import functools
 import os
 import threading
 from collections import Counter
@@ -305,16 +306,19 @@ class Discovery:
         except AdoptionError as exc:
             log.warning("vmm not adopted", pid=pid, reason=str(exc))
 
-    async def adopt(self, pid: int) -> adoption.AdoptionReport:
+    async def adopt(self, pid: int, owner_uid: int | None = None) -> adoption.AdoptionReport:
         """Adopt process ``pid`` now (see :mod:`adoption`), then rescan to serve it.
 
-        AdoptionError when refused or failed; the VMM runs on either way.
+        AdoptionError when refused or failed; the VMM runs on either way. ``owner_uid``: only
+        a process of that real uid (asked for by a client that is not an admin).
         """
         if pid in self._adopting:
             raise AdoptionError(f"pid {pid} is being adopted already")
         self._adopting.add(pid)
         try:
-            report: adoption.AdoptionReport = await run_in_own_thread(adoption.adopt, pid)
+            report: adoption.AdoptionReport = await run_in_own_thread(
+                functools.partial(adoption.adopt, owner_uid=owner_uid), pid
+            )
         finally:
             self._adopting.discard(pid)
         self._adoption_tried.add(pid)

@@ -595,7 +595,7 @@ def test_adopt_vm_is_for_the_operator_only() -> None:
         def read_failed(self, vm: Any, error: Any) -> None:
             raise AssertionError
 
-    async def adopter(pid: int | None, name: str | None) -> Any:
+    async def adopter(pid: int | None, name: str | None, owner_uid: int | None) -> Any:
         return {"pid": pid}
 
     commands = Commands(NoVms(), adopter=adopter, operator_uids=frozenset({0, 1000}))

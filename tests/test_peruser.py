@@ -129,6 +129,7 @@ def host(accounts: tuple[Account, Account, int]) -> Iterator[Host]:
         'socket_mode = "0666"\n'
         f'socket_group = "{ADMIN_GROUP}"\n'
         f'admin_group = "{ADMIN_GROUP}"\n'
+        "adopt_any_client = true\n"
         "scan_interval = 0.2\n"
         'log_format = "json"\n'
     )
@@ -440,3 +441,31 @@ def test_a_reload_that_removes_the_admin_group_applies_to_open_connections(
         if host.config.read_text() != original:
             reload_with(original)
         stop_process(client)
+
+
+def test_adopt_vm_of_another_users_vmm_answers_like_a_missing_one(
+    host: Host, accounts: tuple[Account, Account, int]
+) -> None:
+    first, second, _ = accounts
+    (own,) = [name for name, uid in host.vms.items() if uid == first.uid]
+    (theirs,) = [name for name, uid in host.vms.items() if uid == second.uid]
+    missing_pid = 4194304 + 1  # above pid_max's ceiling: never a process
+    requests = [
+        {"execute": "adopt-vm", "arguments": {"pid": host.pids[theirs]}},
+        {"execute": "adopt-vm", "arguments": {"pid": missing_pid}},
+        {"execute": "adopt-vm", "arguments": {"name": theirs}},
+        {"execute": "adopt-vm", "arguments": {"name": "no-such-vm"}},
+        {"execute": "adopt-vm", "arguments": {"name": own}},
+    ]
+    hidden_pid, missing, hidden_name, unknown_name, mine = answers(
+        converse(host.run_dir / "qmp.sock", requests, uid=first.uid, gid=first.gid)
+    )
+    assert hidden_pid == {
+        "class": "GenericError",
+        "desc": missing["desc"].replace(str(missing_pid), str(host.pids[theirs])),
+    }
+    assert hidden_name == {
+        "class": "GenericError",
+        "desc": unknown_name["desc"].replace("no-such-vm", theirs),
+    }
+    assert mine["pid"] == host.pids[own]  # its own VMM: adopted (it held its fds already)
