@@ -33,10 +33,11 @@ import structlog
 import trio
 
 from . import loopstats, protocol
-from .commands import Commands, RawJson, RawSteps, Scope
+from .commands import Commands, PlannedReply, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .registry import Registry
-from .steps import run_in_slices
+from .replymemory import ReplyMemory
+from .steps import finish, run_in_slices
 from .vm import VmStats
 
 log = structlog.get_logger(__name__)
@@ -58,8 +59,13 @@ class Limits:
     max_connections: int = 1000
     negotiation_timeout: float = 30.0
     max_output_bytes: int = 16 << 20
-    # How long replies may stay above max_output_bytes before the client counts as not
-    # reading, and how long a closing connection may take to flush its last line.
+    # The most bytes one query-stats reply may take (its bound, checked before it is made)
+    # and all replies being made or waiting to be read, across connections.
+    max_reply_bytes: int = 32 << 20
+    max_reply_memory: int = 128 << 20
+    # How long a client may read none of its waiting replies (while over max_output_bytes,
+    # or while others wait for reply memory) before it counts as not reading, and how long
+    # a closing connection may take to flush its last line.
     output_stall_timeout: float = 2.0
     close_grace: float = 2.0
     # How long a removed VM's connections have to receive their last replies.
@@ -136,8 +142,10 @@ def bind_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> trio.Soc
 class Outbox:
     """Replies waiting to be written to one client, and the writer's side of it."""
 
-    def __init__(self, direct_fd: int | None = None) -> None:
+    def __init__(self, direct_fd: int | None = None, memory: ReplyMemory | None = None) -> None:
         self.size = 0
+        # The daemon's reply budget, told of every byte queued here and every byte sent.
+        self._memory = memory
         self.closing = False
         self._chunks: deque[bytes | memoryview] = deque()
         self._wakeup = trio.Event()
@@ -148,6 +156,10 @@ class Outbox:
         self._drained = trio.Event()
         self.shield: trio.CancelScope | None = None
         self.stop_deadline = math.inf
+        # When the client last took bytes (any send that made progress), and an event set
+        # when replies start waiting: a client that reads, however slowly, is never cut.
+        self.last_progress = trio.current_time()
+        self._pending = trio.Event()
 
     def end_writes_by(self, deadline: float) -> None:
         """Give the write in progress (and any later one) until ``deadline`` to finish."""
@@ -171,9 +183,21 @@ class Outbox:
         self._queue(data)
 
     def _queue(self, data: bytes | memoryview) -> None:
+        if not self._chunks:
+            self.last_progress = trio.current_time()  # the wait for the client starts now
+            self._pending.set()
         self._chunks.append(data)
         self.size += len(data)
+        if self._memory is not None:
+            self._memory.add(len(data))
         self._wakeup.set()
+
+    def discard(self) -> None:
+        """The connection is gone: what was never sent leaves the budget."""
+        if self._memory is not None:
+            self._memory.release(self.size)
+        self._chunks.clear()
+        self.size = 0
 
     def finish(self, data: bytes = b"") -> None:
         """Queue a last line; the writer ends once everything is written."""
@@ -181,13 +205,26 @@ class Outbox:
             self.put(data)
         self.closing = True
         self._wakeup.set()
+        self._drained.set()
 
     async def wait_below(self, limit: int) -> None:
-        while self.size > limit:
+        while self.size > limit and not self.closing:
             self._drained = trio.Event()
             await self._drained.wait()
 
-    async def drain_to(self, stream: trio.abc.SendStream) -> None:
+    async def wait_stalled(self, stall: float) -> None:
+        """Return once replies have waited ``stall`` seconds without the client taking a
+        byte of them."""
+        while True:
+            if not self._chunks:
+                self._pending = trio.Event()
+                await self._pending.wait()
+            deadline = self.last_progress + stall
+            if self._chunks and trio.current_time() >= deadline:
+                return
+            await trio.sleep_until(deadline)
+
+    async def drain_to(self, stream: trio.SocketStream) -> None:
         while True:
             while not self._chunks:
                 if self.closing:
@@ -202,9 +239,15 @@ class Outbox:
             # sees a partial line; the server puts a deadline on this shield when it stops.
             with trio.CancelScope(shield=True, deadline=self.stop_deadline) as self.shield:
                 while self._chunks:
-                    data = self._take(WRITE_CHUNK)
-                    await stream.send_all(data)
-                    self.size -= len(data)
+                    data = memoryview(self._take(WRITE_CHUNK))
+                    while data:
+                        # send_all's loop, each partial send counting as progress.
+                        sent = await stream.socket.send(data)
+                        data = data[sent:]
+                        self.last_progress = trio.current_time()
+                        self.size -= sent
+                        if self._memory is not None:
+                            self._memory.release(sent)
                     self._drained.set()
             self.shield = None
             if self._chunks:
@@ -249,7 +292,7 @@ class Server:
     ) -> None:
         self.registry = registry
         self.commands = commands
-        self.limits = limits or Limits()
+        self._limits = limits or Limits()
         self.socket_mode = socket_mode
         self.socket_gid = socket_gid
         # A host socket handed over by systemd (LISTEN_FDS): used as it is, never unlinked.
@@ -260,6 +303,17 @@ class Server:
         self._vm_scopes: dict[str, tuple[trio.CancelScope, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self._outboxes: set[Outbox] = set()
+        self.reply_memory = ReplyMemory(self._limits.max_reply_memory)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        """New limits (on reload): they apply to every request from now on."""
+        self._limits = limits
+        self.reply_memory.limit = limits.max_reply_memory
 
     @property
     def host_socket(self) -> Path:
@@ -405,12 +459,13 @@ class Server:
 
     async def _converse(self, stream: trio.SocketStream, scope: Scope) -> None:
         conn = protocol.QmpConnection(max_request_bytes=self.limits.max_request_bytes)
-        outbox = Outbox(stream.socket.fileno())
+        outbox = Outbox(stream.socket.fileno(), self.reply_memory)
         self._outboxes.add(outbox)
         try:
             await self._converse_with(stream, scope, conn, outbox)
         finally:
             self._outboxes.discard(outbox)
+            outbox.discard()
 
     async def _converse_with(
         self,
@@ -456,8 +511,32 @@ class Server:
                         "no negotiation in time",
                     )
 
+            async def stall_watch() -> None:
+                # A client that reads is never cut, however slowly it reads. One that takes
+                # nothing for the stall timeout is cut if it holds more than its share of
+                # replies, or holds any while other connections wait for reply memory.
+                limit = limits.max_output_bytes
+                while True:
+                    await outbox.wait_stalled(limits.output_stall_timeout)
+                    if outbox.size > limit:
+                        desc = (
+                            f"More than {limit} bytes of replies are waiting for this "
+                            "client to read them, closing"
+                        )
+                    elif self.reply_memory.waiting:
+                        desc = (
+                            f"{outbox.size} bytes of replies are waiting for this client to "
+                            "read them while others wait for reply memory, closing"
+                        )
+                    else:
+                        await trio.sleep(limits.output_stall_timeout)
+                        continue
+                    close(_error_line(desc), "client does not read")
+                    return
+
             nursery.start_soon(writer)
             nursery.start_soon(negotiation_deadline)
+            nursery.start_soon(stall_watch)
             try:
                 await self._reader(stream, scope, conn, outbox, close)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -494,8 +573,7 @@ class Server:
                 if isinstance(event, protocol.SendBytes):
                     outbox.put(event.data)
                 else:
-                    reply, vm_gone = await self._execute(scope, event)
-                    outbox.put(reply)
+                    vm_gone = await self._execute(scope, event, outbox)
                     if vm_gone:
                         close(b"", "the VM of this socket is gone")
                         return
@@ -504,20 +582,14 @@ class Server:
                 if index != last:
                     await trio.lowlevel.checkpoint()
                 if outbox.size > limit:
-                    with trio.move_on_after(self.limits.output_stall_timeout):
-                        await outbox.wait_below(limit)
-                    if outbox.size > limit:
-                        close(
-                            _error_line(
-                                f"More than {limit} bytes of replies are waiting for this "
-                                "client to read them, closing"
-                            ),
-                            "client does not read",
-                        )
+                    # No more requests until the client has read most of its replies; a
+                    # client that reads nothing is cut by the stall watch.
+                    await outbox.wait_below(limit)
+                    if outbox.closing:
                         return
 
-    async def _execute(self, scope: Scope, request: protocol.Request) -> tuple[bytes, bool]:
-        """Run one request: its reply, and whether this per-VM socket's VM is gone."""
+    async def _execute(self, scope: Scope, request: protocol.Request, outbox: Outbox) -> bool:
+        """Run one request and queue its reply; whether this per-VM socket's VM is gone."""
         started = time.perf_counter()
         loopstats.doing(request.command)
         arguments = request.arguments
@@ -535,25 +607,41 @@ class Server:
                     vm_gone = True
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
                 scope = Scope(host=False, vm=current)
-            value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
+            value = self.commands.execute(
+                scope,
+                request.command,
+                arguments,
+                oob=request.oob,
+                max_reply_bytes=self.limits.max_reply_bytes,
+            )
             if isinstance(value, RawSteps):
-                parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
-                value = RawJson(parts)
-            if isinstance(value, RawJson):
-                # Splice the pre-rendered text in place of a placeholder: the id is then
-                # written by the protocol core exactly as for any other reply.
-                template = protocol.reply_return(request, 0)
-                reply = b"".join(
-                    (_RETURN_PREFIX, *value.parts, template[len(_RETURN_PREFIX) + 1 :])
-                )
+                value = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
+            if isinstance(value, PlannedReply):
+                # Made only once the daemon's reply budget has room for its bound; queued
+                # before the reservation ends, the outbox then holds its bytes to account.
+                async with self.reply_memory.reserve(value.bound):
+                    if value.sliced:
+                        parts = await run_in_slices(
+                            value.steps, STEP_SLICE, trio.lowlevel.checkpoint
+                        )
+                    else:
+                        parts = finish(value.steps)
+                    reply = _splice(request, parts)
+                    outbox.put(reply)
+            elif isinstance(value, RawJson):
+                reply = _splice(request, value.parts)
+                outbox.put(reply)
             else:
                 reply = protocol.reply_return(request, value)
+                outbox.put(reply)
             outcome = "ok"
         except QmpError as exc:
             reply = protocol.reply_error(request, exc.qmp_class, exc.desc)
+            outbox.put(reply)
             outcome = exc.qmp_class
         except StatsdQmpError as exc:  # a source failed in a way the command did not map
             reply = protocol.reply_error(request, exc.qmp_class, str(exc))
+            outbox.put(reply)
             outcome = exc.qmp_class
         if scope.vm is not None and self.registry.find_vm(scope.vm.name) is not scope.vm:
             vm_gone = True  # this very request found the VM's fds dead and dropped it
@@ -567,7 +655,14 @@ class Server:
             outcome=outcome,
             reply_bytes=len(reply),
         )
-        return reply, vm_gone
+        return vm_gone
+
+
+def _splice(request: protocol.Request, parts: tuple[bytes | memoryview, ...]) -> bytes:
+    """The reply to ``request`` with pre-rendered return text: spliced in place of a
+    placeholder, the id written by the protocol core exactly as for any other reply."""
+    template = protocol.reply_return(request, 0)
+    return b"".join((_RETURN_PREFIX, *parts, template[len(_RETURN_PREFIX) + 1 :]))
 
 
 def _error_line(desc: str) -> bytes:

@@ -36,6 +36,7 @@ RANK = {
     "commands": 6,
     "config": 6,
     "loopstats": 6,
+    "replymemory": 6,
     "holdlib": 6,
     "registry": 7,
     "discovery": 8,

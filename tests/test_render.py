@@ -14,11 +14,18 @@ from hypothesis import strategies as st
 
 from statsd_qmp import protocol, render
 from statsd_qmp._native import native
-from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope, parse_stats_filter
+from statsd_qmp.commands import (
+    Commands,
+    PlannedReply,
+    RawJson,
+    Scope,
+    parse_stats_filter,
+)
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.steps import finish
 from statsd_qmp.vm import VcpuStats, VmStats
 
 
@@ -153,8 +160,11 @@ def test_execute_returns_raw_json_that_splices_into_qemus_reply(opened: list[int
     vm = make_vm("a", [SyntheticStat("x", 0, (7,))], [], opened)
     commands = Commands(Context([vm]))
     value = commands.execute(Scope(host=False, vm=vm), "query-stats", {"target": "vm"}, oob=False)
-    assert isinstance(value, RawJson)
-    assert value.text == b'[{"provider": "kvm", "stats": [{"name": "x", "value": 7}]}]'
+    assert isinstance(value, PlannedReply)
+    assert not value.sliced
+    text = RawJson(finish(value.steps)).text
+    assert len(text) <= value.bound
+    assert text == b'[{"provider": "kvm", "stats": [{"name": "x", "value": 7}]}]'
     template = protocol.reply_return(protocol.Request("query-stats", {}, "i", True, False), 0)
     assert template.startswith(b'{"return": 0')
 
@@ -251,8 +261,9 @@ def test_a_template_cache_emptied_mid_compile_changes_nothing(
 # --- host-wide query-stats in steps ---------------------------------------------------------
 
 
-def _drive(raw: RawSteps, pause_at: Callable[[int], bool]) -> bytes:
+def _drive(raw: PlannedReply, pause_at: Callable[[int], bool]) -> bytes:
     """Run a stepped reply as the server does; ``pause_at(n)``: pause after the n-th step."""
+    assert raw.sliced
     steps = raw.steps
     sent: bool | None = None
     count = 0
@@ -265,7 +276,9 @@ def _drive(raw: RawSteps, pause_at: Callable[[int], bool]) -> bytes:
         count += 1
         sent = pause_at(count)
     assert all(isinstance(part, bytes) for part in parts)  # copies: they outlive renders
-    return b"".join(parts)
+    text = b"".join(parts)
+    assert len(text) <= raw.bound
+    return text
 
 
 @pytest.mark.parametrize("pause", [False, True])
@@ -279,7 +292,7 @@ def test_host_wide_query_stats_in_steps_equals_the_python_path(
     providers = [{"provider": "kvm", "names": ["b"]}, {"provider": "kvm"}]  # two passes
     for arguments in ({"target": "vcpu"}, {"target": "vm", "providers": providers}):
         value = commands.execute(host, "query-stats", arguments, oob=False)
-        assert isinstance(value, RawSteps)
+        assert isinstance(value, PlannedReply)
         stepped = _drive(value, lambda n: pause)
         stats_filter = parse_stats_filter(arguments, host=True)
         python_text = protocol.encode(commands.query_stats(host, vms, stats_filter, True))
@@ -292,7 +305,7 @@ def test_a_vm_dropped_during_a_stepped_reply_is_left_out_unread(opened: list[int
     context = Context(list(vms))
     commands = Commands(context)
     value = commands.execute(Scope(host=True), "query-stats", {"target": "vcpu"}, oob=False)
-    assert isinstance(value, RawSteps)
+    assert isinstance(value, PlannedReply)
 
     def drop_vm1_after_the_first(step: int) -> bool:
         if step == 1:

@@ -1,0 +1,206 @@
+"""Hostile clients and shared hosts: each attack of issue 15's "What broke", replayed.
+
+Every test drives the daemon from outside, through its sockets (in-process where a synthetic
+VM or a virtual clock is needed, as a subprocess where the process itself is judged: its RSS,
+its exit, its signals), and keeps a *canary*: another client polling the whole time, which
+must get every answer. Timeouts run on trio's ``autojump_clock`` where the clock can be
+virtual. The speed figures themselves are judged by the benchmarks (tests/bench/), not here:
+the bounds below are an order of magnitude away from both the broken and the fixed figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from statsd_qmp.server import Limits
+
+from .test_server import (
+    Conn,
+    SyntheticVms,
+    daemon,
+    open_unix,
+    reply,
+    request,
+)
+
+DAEMON = [sys.executable, "-m", "statsd_qmp.cli", "serve"]
+
+
+@pytest.fixture
+def synthetic() -> Iterator[SyntheticVms]:
+    vms = SyntheticVms()
+    try:
+        yield vms
+    finally:
+        vms.close()
+
+
+@dataclass
+class Canary:
+    """Another client polling ``query-stats`` on a small VM: it must get every answer."""
+
+    interval: float
+    expected: bytes
+    asked: int = 0
+    answered: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    async def run(self, conn: Conn) -> None:
+        while True:
+            self.asked += 1
+            started = trio.current_time()
+            got = await conn.call("query-stats", {"target": "vm"}, self.asked)
+            assert got == reply(json.loads(self.expected), self.asked), got[:200]
+            self.latencies.append(trio.current_time() - started)
+            self.answered += 1
+            await trio.sleep(self.interval)
+
+    def check(self, minimum: int = 3) -> None:
+        # The request in flight when the test stopped it may be the only one unanswered.
+        assert self.answered >= self.asked - 1, (self.asked, self.answered)
+        assert self.answered >= minimum, self.answered
+
+
+async def connect(path: Path, *, negotiate: bool = True) -> Conn:
+    """A client of a daemon this test does not hold (a subprocess)."""
+    conn = Conn(await open_unix(path))
+    conn.greeting = await conn.readline()
+    if negotiate:
+        assert await conn.call("qmp_capabilities") == b'{"return": {}}\r\n'
+    return conn
+
+
+async def start_canary(nursery: trio.Nursery, conn: Conn, interval: float) -> Canary:
+    expected = await conn.call("query-stats", {"target": "vm"})
+    canary = Canary(interval, json.dumps(json.loads(expected)["return"]).encode())
+    nursery.start_soon(canary.run, conn)
+    return canary
+
+
+def duplicate_providers(count: int, **arguments: Any) -> dict[str, Any]:
+    """query-stats asking ``count`` times for the same thing (QEMU repeats the results)."""
+    return {"target": "vcpu", "providers": [{"provider": "kvm"}] * count, **arguments}
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Amplification: a reply's size is bounded before it is made
+
+
+async def test_duplicate_providers_are_refused_before_the_reply_is_made(
+    tmp_path: Path, synthetic: SyntheticVms
+) -> None:
+    wide = synthetic.make("wide", tuple(range(16)), hist_size=16)
+    other = synthetic.make("other", tuple(range(16)), hist_size=16)
+    small = synthetic.make("small", (0,))
+    # 1 MiB of request: 45,000 providers. Each repeats the 16 vCPUs' results (~7 KB):
+    # about 300 MB of reply, per VM.
+    attack = duplicate_providers(45_000)
+    one = len(reply(wide.vcpu_results(host=False)))
+    assert one * 45_000 > 200_000_000
+    with trio.fail_after(60):
+        async with daemon(tmp_path, vms=[wide, other, small]) as d, trio.open_nursery() as n:
+            canary = await start_canary(n, await d.connect(d.vm_socket("small")), 0.02)
+            conn = await d.connect(d.vm_socket("wide"))
+            host = await d.connect(d.host)
+            for round_ in range(3):
+                got = json.loads(await conn.call("query-stats", attack, round_))
+                assert got["id"] == round_
+                assert got["error"]["class"] == "GenericError"
+                assert "reply" in got["error"]["desc"], got
+                # The whole host, every VM at once: the same.
+                got = json.loads(await host.call("query-stats", attack, round_))
+                assert got["error"]["class"] == "GenericError", str(got)[:200]
+                # Both connections go on.
+                assert await conn.call("query-stats", {"target": "vcpu"}, "ok") == reply(
+                    wide.vcpu_results(host=False), "ok"
+                )
+            # A repetition that fits is answered, as QEMU would (duplicates duplicated).
+            got = await conn.call("query-stats", duplicate_providers(3), "three")
+            assert got == reply(wide.vcpu_results(host=False) * 3, "three")
+            n.cancel_scope.cancel()
+    canary.check()
+
+
+async def test_total_reply_memory_is_bounded_across_connections(
+    tmp_path: Path, synthetic: SyntheticVms
+) -> None:
+    """Connections that ask for big replies and do not read hold one budget, not one each;
+    while others wait for it, those that read nothing are cut."""
+    wide = synthetic.make("wide", tuple(range(16)), hist_size=16)
+    small = synthetic.make("small", (0,))
+    one = len(reply(wide.vcpu_results(host=False)))
+    repeat = (3 << 20) // one  # ~3 MB replies
+    expected = reply(wide.vcpu_results(host=False) * repeat, "mine")
+    budget = 8 << 20
+    limits = Limits(max_reply_bytes=16 << 20, max_reply_memory=budget, output_stall_timeout=0.5)
+    with trio.fail_after(60), capture_logs() as logs:
+        async with (
+            daemon(tmp_path, limits=limits, vms=[wide, small]) as d,
+            trio.open_nursery() as n,
+        ):
+            canary = await start_canary(n, await d.connect(d.vm_socket("small")), 0.02)
+            hogs = [await d.connect(d.vm_socket("wide")) for _ in range(6)]
+            for index, hog in enumerate(hogs):
+                await hog.send(request("query-stats", duplicate_providers(repeat), index))
+            await trio.sleep(0.3)
+            # Nobody reads: what the daemon holds for them stays within the budget (plus
+            # one reply's bound: a reply is admitted while the budget is not yet full).
+            held = d.server.reply_memory.in_use
+            assert held <= budget + 2 * len(expected), held
+            # A client that reads gets its whole reply: the hogs holding the budget and
+            # reading nothing are cut to make room.
+            reader = await d.connect(d.vm_socket("wide"))
+            assert await reader.call("query-stats", duplicate_providers(repeat), "mine") == expected
+            cut = 0
+            for hog in hogs:
+                with trio.move_on_after(1):
+                    await hog.read_to_eof()
+                    cut += 1  # closed by the daemon
+            assert cut >= 1
+            n.cancel_scope.cancel()
+    canary.check()
+    reasons = [e.get("reason") for e in logs if e["event"] == "closing"]
+    assert reasons.count("client does not read") >= cut, reasons
+
+
+# --------------------------------------------------------------------------------------------
+# 4. A client that reads is never cut
+
+
+async def test_reading_client_gets_a_reply_far_over_the_output_limit(
+    tmp_path: Path, synthetic: SyntheticVms
+) -> None:
+    wide = synthetic.make("wide", tuple(range(16)), hist_size=16)
+    small = synthetic.make("small", (0,))
+    one = len(reply(wide.vcpu_results(host=False)))
+    repeat = (4 << 20) // one  # a 4 MB reply; 256 KiB may wait unread
+    limits = Limits(max_output_bytes=256 << 10, output_stall_timeout=0.5)
+    with trio.fail_after(60):
+        async with (
+            daemon(tmp_path, limits=limits, vms=[wide, small]) as d,
+            trio.open_nursery() as n,
+        ):
+            canary = await start_canary(n, await d.connect(d.vm_socket("small")), 0.02)
+            conn = await d.connect(d.vm_socket("wide"))
+            await conn.send(request("query-stats", duplicate_providers(repeat), 1))
+            # Reads at ~1.3 MB/s: 3 s for the whole reply, 6 times the stall timeout.
+            received = bytearray()
+            while not received.endswith(b"\r\n"):
+                data = await conn.stream.receive_some(64 << 10)
+                assert data, f"cut after {len(received)} bytes"
+                received += data
+                await trio.sleep(0.05)
+            assert bytes(received) == reply(wide.vcpu_results(host=False) * repeat, 1)
+            assert await conn.call("query-version", request_id=2) != b""
+            n.cancel_scope.cancel()
+    canary.check()
