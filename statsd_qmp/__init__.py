@@ -5,7 +5,7 @@ Layering (imports only go downwards; each module's docstring says what it must n
     cli                      argparse -> settings -> app / client
     app                      composition root: server, discovery, signals, watchdog
     server                   trio listeners, one task per connection, limits
-    replymemory              the daemon's budget of reply bytes across connections (trio)
+    replymemory, memtrim     the budget of reply bytes; giving memory back after bursts
     registry                 live VMs: sources -> VmStats, names, lifecycle (trio)
     commands, hmp            QMP commands: argument rules, filters, HMP text (pure)
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)

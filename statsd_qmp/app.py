@@ -26,11 +26,12 @@ from typing import Any
 import structlog
 import trio
 
-from . import __version__, logconfig, sd_daemon
+from . import __version__, logconfig, render, sd_daemon
 from .commands import Commands
 from .discovery import Discovery
 from .errors import KvmError, StatsdQmpError
 from .logconfig import LogFormat
+from .memtrim import MemoryTrimmer
 from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
 from .server import Limits, Server, lock_run_dir
@@ -211,6 +212,8 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                     daemon.discovery = Discovery(registry, scan_interval=settings.scan_interval)
                     await nursery.start(daemon.discovery.run)
                 nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)
+                trimmer = MemoryTrimmer(lambda: render.release_buffers(registry.all_vms()))
+                nursery.start_soon(trimmer.run)
                 interval = sd_daemon.watchdog_interval()
                 if interval is not None:
                     nursery.start_soon(daemon.watchdog, interval)

@@ -176,6 +176,12 @@ class Program:
         self._out_cap = 4096
         self._out = ffi.new("uint8_t[]", self._out_cap)
 
+    def release_buffer(self, keep: int) -> None:
+        """Drop an output buffer grown past ``keep`` bytes (the next render regrows it)."""
+        if self._out_cap > keep:
+            self._out_cap = 4096
+            self._out = self.ffi.new("uint8_t[]", self._out_cap)
+
     def render(self) -> memoryview:
         """Render from the current contents of the VM's read buffer (read it first).
 
@@ -346,6 +352,18 @@ def shape_bound(vm: VmStats, shape: Shape) -> int:
             bound = measure.bound if _emit(vm, shape, measure) is not None else 0
         cache[key] = bound
     return bound
+
+
+KEEP_BUFFER = 64 << 10  # output buffers up to this size survive release_buffers()
+
+
+def release_buffers(vms: Sequence[VmStats]) -> None:
+    """Shrink the big output buffers of every cached program (after a burst of big replies:
+    a program keeps the buffer of its largest render)."""
+    for vm in vms:
+        for program in vm.render_cache.values():
+            if isinstance(program, Program):
+                program.release_buffer(KEEP_BUFFER)
 
 
 def program_for(vm: VmStats, shape: Shape) -> Program | None:

@@ -11,6 +11,7 @@ the bounds below are an order of magnitude away from both the broken and the fix
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -204,3 +205,85 @@ async def test_reading_client_gets_a_reply_far_over_the_output_limit(
             assert await conn.call("query-version", request_id=2) != b""
             n.cancel_scope.cancel()
     canary.check()
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Memory is given back after a burst (a subprocess: its own RSS)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.kvm
+async def test_memory_comes_back_after_a_burst(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            [
+                *DAEMON,
+                "--run-dir",
+                str(run_dir),
+                "--no-discovery",
+                "--demo",
+                "--log-format",
+                "json",
+            ],
+            stdout=out,
+            stderr=out,
+        )
+    conns: list[Conn] = []
+    try:
+        with trio.fail_after(120):
+            socket_path = run_dir / "vm" / "demo.sock"
+            while not socket_path.exists():
+                assert process.poll() is None, log.read_text()
+                await trio.sleep(0.05)
+            async with trio.open_nursery() as n:
+                canary_conn = await connect(socket_path)
+                conns.append(canary_conn)
+                canary = await start_canary(n, canary_conn, 0.1)
+                first = await connect(socket_path)
+                conns.append(first)
+                one = len(await first.call("query-stats", {"target": "vcpu"}))
+                repeat = (12 << 20) // one
+                peak = 0
+
+                async def burst(number: int) -> None:
+                    nonlocal peak
+                    conn = await connect(socket_path)
+                    conns.append(conn)
+                    for index in range(4):
+                        got = await conn.call("query-stats", duplicate_providers(repeat), index)
+                        assert got.startswith(b'{"return": [{"provider": "kvm"')
+                        peak = max(peak, rss_bytes(process.pid))
+                    await conn.aclose()
+
+                async with trio.open_nursery() as bursts:
+                    for number in range(4):
+                        bursts.start_soon(burst, number)
+                assert peak > 100 << 20, peak  # the burst did cost memory
+                idle_since = trio.current_time()
+                while rss_bytes(process.pid) >= 64 << 20:
+                    assert trio.current_time() - idle_since < 10, rss_bytes(process.pid)
+                    await trio.sleep(0.2)
+                n.cancel_scope.cancel()
+            canary.check()
+        trims = [
+            json.loads(line) for line in log.read_text().splitlines() if "memory given back" in line
+        ]
+        assert trims, log.read_text()[-2000:]
+    finally:
+        for conn in conns:
+            await trio.aclose_forcefully(conn.stream)
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(20):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -37,6 +37,7 @@ RANK = {
     "config": 6,
     "loopstats": 6,
     "replymemory": 6,
+    "memtrim": 6,
     "holdlib": 6,
     "registry": 7,
     "discovery": 8,
