@@ -2,7 +2,8 @@
 
 Layering (imports only go downwards; each module's docstring says what it must not import)::
 
-    cli                      argparse -> settings -> app / client
+    cli                      argparse, one registration per subcommand; each imports its own
+                             modules lazily (exec and query never import trio)
     app                      composition root: server, discovery, signals, watchdog
     server                   trio listeners, one task per connection, limits
     replymemory, memtrim     the budget of reply bytes; giving memory back after bursts
@@ -10,6 +11,7 @@ Layering (imports only go downwards; each module's docstring says what it must n
     commands, hmp            QMP commands: argument rules, filters, HMP text (pure)
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
     vm, engine, statsfile    parsed stats files and batched reads
+    install_check            what a user (libvirt's QEMU user) cannot reach of this install
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)

@@ -28,6 +28,7 @@ import trio
 
 from . import __version__, logconfig, render, sd_daemon
 from .commands import Commands
+from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
 from .errors import KvmError, StatsdQmpError
 from .logconfig import LogFormat
@@ -37,8 +38,6 @@ from .schema import HistogramOrder
 from .server import Limits, Server, lock_run_dir
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_RUN_DIR = Path("/run/statsd-qmp")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ RANK = {
     "loopstats": 6,
     "replymemory": 6,
     "memtrim": 6,
+    "install_check": 5,
     "holdlib": 6,
     "registry": 7,
     "discovery": 8,

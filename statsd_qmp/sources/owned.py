@@ -742,6 +742,7 @@ class OwnedVM:
             slot.fd = None
         _close_quietly(self._vm_stats_fd)
         self._vm_stats_fd = None
+        had_vm = self._vm_fd is not None
         _close_quietly(self._vm_fd)
         self._vm_fd = None
         _close_quietly(self._kvm_fd)
@@ -749,7 +750,8 @@ class OwnedVM:
         if self._memory is not None and not stuck:
             self._memory.close()
             self._memory = None
-        _log.debug("owned_vm_closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
+        if had_vm:  # a VM that never came to be (no /dev/kvm access) was not "closed"
+            _log.debug("owned_vm_closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
 
     def _kick_vcpus(self) -> None:
         """Interrupt every vCPU now so the halted ones return to userspace (best effort)."""
