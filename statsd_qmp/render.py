@@ -21,7 +21,7 @@ from typing import Any
 
 from ._native import native
 from .engine import BatchReader
-from .jsonstream import dumps
+from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder, ServedStat
 from .vm import VmStats, vcpu_path, vm_path
 
