@@ -11,6 +11,7 @@ the bounds below are an order of magnitude away from both the broken and the fix
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -22,8 +23,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from statsd_qmp.loopstats import LoopLagInstrument
+from statsd_qmp.protocol import QmpConnection, Request
+from statsd_qmp.qjson.writer import write_exact
 from statsd_qmp.server import Limits
 
 from .test_server import (
@@ -315,3 +321,121 @@ async def test_long_number_in_small_chunks_is_parsed_in_linear_time(
     # 400k digits cost 6.9 s of CPU when each chunk re-scanned the number; the benchmark
     # judges the linear figure (1 MiB in 1 KB chunks under 50 ms).
     assert cpu < 1.5, cpu
+
+
+# --------------------------------------------------------------------------------------------
+# 3. A huge structured id does not hold the event loop
+
+
+def structured_id(size: int) -> list[Any]:
+    """An id of about ``size`` bytes: many small objects with keys out of QDict order."""
+    item = {"z": 1, "a": [True, None, "x"], "m": {"k": -2.5}}
+    per_item = len(json.dumps(item)) + 2
+    return [item] * (size // per_item)
+
+
+async def test_huge_structured_id_does_not_block_the_loop(
+    tmp_path: Path, synthetic: SyntheticVms
+) -> None:
+    small = synthetic.make("small", (0,))
+    instrument = LoopLagInstrument()
+    big_id = structured_id(900_000)
+    message = request("query-version", request_id=big_id)
+    assert 800_000 < len(message) < 1 << 20
+    with trio.fail_after(120):
+        async with daemon(tmp_path, vms=[small]) as d, trio.open_nursery() as n:
+            canary = await start_canary(n, await d.connect(d.vm_socket("small")), 0.01)
+            conn = await d.connect(d.host)
+            trio.lowlevel.add_instrument(instrument)
+            try:
+                # Echoed as QEMU writes it (object keys in QDict order), as for a small id.
+                echo = await conn.call("query-version", request_id=[big_id[0]])
+                item = echo[echo.index(b'"id": [') + 7 : -4]
+                for _ in range(5):
+                    await conn.send(message)
+                    got = await conn.readline()
+                    assert got.endswith(b'"id": [' + b", ".join([item] * len(big_id)) + b"]}\r\n")
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
+                instrument.close()
+            n.cancel_scope.cancel()
+    canary.check()
+    # CPU time of the longest step (load on the host does not count): the echo of such an
+    # id took 270-380 ms on the loop; the benchmark judges the 5 ms target.
+    assert instrument.max_cpu_ms < 50, instrument.summary()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Ids that are numbers no double holds are echoed as valid JSON
+
+
+def strict_json(text: bytes) -> Any:
+    def refuse(name: str) -> Any:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "id_text", [b"1e999999", b"-1e400", b"9" * 100_000, b"-" + b"1" * 400, b"[1, 2e500]"]
+)
+async def test_ids_beyond_a_double_are_echoed_as_valid_json(
+    tmp_path: Path, synthetic: SyntheticVms, id_text: bytes
+) -> None:
+    small = synthetic.make("small", (0,))
+    with trio.fail_after(30):
+        async with daemon(tmp_path, vms=[small]) as d:
+            conn = await d.connect(d.host)
+            await conn.send(b'{"execute": "query-version", "id": ' + id_text + b"}")
+            got = await conn.readline()
+            assert got.endswith(b', "id": ' + id_text + b"}\r\n"), got[-200:]
+            # A strict parser takes it (Python's int() caps digits: read it as text).
+            if len(id_text) < 4000:
+                assert "return" in strict_json(got)
+            await conn.send(b'{"execute": "nosuch", "id": ' + id_text + b"}")
+            got = await conn.readline()
+            assert got.startswith(b'{"id": ' + id_text + b', "error": ')
+            # Finite numbers keep QEMU's form (%.17g, also for integers beyond 64 bits).
+            got = await conn.call("query-version", request_id=1e300)
+            assert got.endswith(b', "id": 1.0000000000000001e+300}\r\n'), got
+            await conn.send(b'{"execute": "query-version", "id": ' + b"9" * 25 + b"}")
+            assert (await conn.readline()).endswith(b', "id": 1.0000000000000001e+25}\r\n')
+
+
+json_ids = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=20,
+)
+overflowing = st.builds(
+    lambda sign, digits, exponent: sign + digits + exponent,
+    st.sampled_from(["", "-"]),
+    st.from_regex(r"[1-9][0-9]{0,30}", fullmatch=True),
+    st.from_regex(r"e[+]?[4-9][0-9]{2,5}", fullmatch=True),
+) | st.from_regex(r"-?[1-9][0-9]{310,400}", fullmatch=True)
+
+
+@given(request_id=json_ids, overflow=overflowing)
+def test_id_echo_is_qemus_text_or_the_overflowing_number(request_id: Any, overflow: str) -> None:
+    """The echo made where a message is parsed is QEMU's serialisation (keys in QDict order)
+    for any id a double holds, and the number as sent for one it does not."""
+    qmp = QmpConnection()
+    qmp.greeting({}, ["oob"])
+    qmp.receive_data(b'{"execute": "qmp_capabilities"}')
+    message = json.dumps({"execute": "x", "id": request_id}).encode()
+    for split in (len(message), 7):  # in one piece, and in small chunks
+        events = []
+        for start in range(0, len(message), split):
+            events += qmp.receive_data(message[start : start + split])
+        (request,) = events
+        assert isinstance(request, Request)
+        assert request.id_json == write_exact(request.id, qdict_order=True)
+    text = f'{{"execute": "x", "id": [{overflow}, {{"k": {overflow}}}]}}'.encode()
+    (request,) = qmp.receive_data(text)
+    assert isinstance(request, Request)
+    assert request.id_json == f'[{overflow}, {{"k": {overflow}}}]'
+    assert math.isinf(request.id[0])  # the value itself stays QEMU's (strtod's infinity)

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any, Final
 
-from .parser import parse_integer
+from .parser import parse_float, parse_integer
 
 __all__ = ["INCOMPLETE", "NOT_PLAIN", "Prescan", "parse_plain"]
 
@@ -48,6 +48,7 @@ _DECODER: Final = json.JSONDecoder(
     object_pairs_hook=_pairs_without_duplicates,
     parse_constant=_reject_constant,
     parse_int=parse_integer,
+    parse_float=parse_float,
 )
 # "0e5" is one number for Python but three tokens for QEMU ("0", "e", "5").
 _ZERO_EXPONENT_RE: Final = re.compile(r"(?<![0-9.])0[eE]")
