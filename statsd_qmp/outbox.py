@@ -138,8 +138,10 @@ class Outbox:
                             self._memory.release(sent)
                     self._drained.set()
             self.shield = None
-            if self._chunks:
-                return  # the deadline passed: the connection is being closed unflushed
+            if self.size:
+                # The deadline passed (perhaps mid-piece): the connection is being closed
+                # unflushed; ``size`` is what the client never got.
+                return
 
     def _take(self, limit: int) -> bytes | memoryview:
         """The next bytes to send: small replies joined, a big one cut, up to ``limit``.

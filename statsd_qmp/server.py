@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -50,7 +51,6 @@ __all__ = ["Connection", "Limits", "Server"]
 
 log = structlog.get_logger(__name__)
 
-SHUTDOWN_WRITE_GRACE = 1.0
 # A chunk this small, starting a fresh message, is parsed inline (and its id's echo made
 # there): a few thousand tokens at most, well under a millisecond. Anything else is parsed in a
 # worker thread, which also makes the echo of a big structured id (270-380 ms for 1 MiB).
@@ -75,6 +75,11 @@ class Limits:
     # a closing connection may take to flush its last line.
     output_stall_timeout: float = 2.0
     close_grace: float = 2.0
+    # A request that has started arriving must be complete within this time (a connection
+    # idle between requests is never cut); replies being written when the daemon stops get
+    # this long to finish (4.5 MB at 10 MB/s takes 0.45 s).
+    request_timeout: float = 10.0
+    drain_timeout: float = 5.0
     # How long a removed VM's connections have to receive their last replies.
     vm_gone_grace: float = 1.0
 
@@ -105,6 +110,7 @@ class Server:
         self._vm_scopes: dict[str, tuple[trio.CancelScope, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self._outboxes: set[Outbox] = set()
+        self.stopping = False
         self.reply_memory = ReplyMemory(self._limits.max_reply_memory)
 
     @property
@@ -203,8 +209,10 @@ class Server:
         try:
             await trio.sleep_forever()
         finally:
-            # Stopping: writes in progress get a moment to finish their line, no more.
-            deadline = trio.current_time() + SHUTDOWN_WRITE_GRACE
+            # Stopping: replies being written get the drain time to finish, no more; a client
+            # slower than that is cut (and named in the log).
+            self.stopping = True
+            deadline = trio.current_time() + self.limits.drain_timeout
             for outbox in self._outboxes:
                 outbox.end_writes_by(deadline)
 
@@ -252,7 +260,7 @@ class Server:
                     await stream.send_all(line)
                 log.warning("connection refused", reason="connection limit")
                 return
-            connection = Connection(self, stream, scope)
+            connection = Connection(self, stream, scope, peer)
             self._outboxes.add(connection.outbox)
             try:
                 await connection.run()
@@ -274,8 +282,15 @@ class Connection:
     :meth:`_enforce_negotiation_deadline` closes a client that never negotiates.
     """
 
-    def __init__(self, server: Server, stream: trio.SocketStream, scope: Scope) -> None:
+    def __init__(
+        self,
+        server: Server,
+        stream: trio.SocketStream,
+        scope: Scope,
+        peer: dict[str, int] | None = None,
+    ) -> None:
         self.server = server
+        self.peer = peer or {}
         self.stream = stream
         self.scope = scope
         self.qmp = protocol.QmpConnection(max_request_bytes=server.limits.max_request_bytes)
@@ -313,6 +328,13 @@ class Connection:
             await self.outbox.drain_to(self.stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("client went away before reading its replies", error=str(exc))
+        if self.server.stopping and self.outbox.size:
+            log.warning(
+                "client cut at stop: slower than the drain time",
+                drain_timeout=self.server.limits.drain_timeout,
+                unsent=self.outbox.size,
+                **self.peer,
+            )
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
@@ -359,8 +381,22 @@ class Connection:
     async def _read_requests(self) -> None:
         stream, qmp, outbox = self.stream, self.qmp, self.outbox
         limit = self.server.limits.max_output_bytes
+        # When the message now partly received began arriving (None: between messages).
+        started: float | None = None
         while not outbox.closing:
-            data = await stream.receive_some(65536)
+            timeout = self.server.limits.request_timeout
+            deadline = math.inf if started is None else started + timeout
+            with trio.move_on_at(deadline):
+                data = await stream.receive_some(65536)
+                arrived = trio.current_time()
+            if trio.current_time() >= deadline:
+                self.close(
+                    _error_line(
+                        f"Request not complete within {timeout:g} s of its first byte, closing"
+                    ),
+                    "request not complete in time",
+                )
+                return
             if not data:
                 return
             if len(data) < INLINE_PARSE_BYTES and qmp.idle:
@@ -370,6 +406,10 @@ class Connection:
                 # ~3 us per token); a worker thread keeps the event loop serving others, the
                 # GIL being handed back every switch interval.
                 events = await trio.to_thread.run_sync(qmp.receive_data, data)
+            if qmp.idle:
+                started = None
+            elif started is None or events:
+                started = arrived  # a new message began in this chunk
             last = len(events) - 1
             for index, event in enumerate(events):
                 if isinstance(event, protocol.Close):

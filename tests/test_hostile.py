@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from .test_server import (
     Conn,
     SyntheticVms,
     daemon,
+    error,
     open_unix,
     reply,
     request,
@@ -439,3 +441,111 @@ def test_id_echo_is_qemus_text_or_the_overflowing_number(request_id: Any, overfl
     assert isinstance(request, Request)
     assert request.id_json == f'[{overflow}, {{"k": {overflow}}}]'
     assert math.isinf(request.id[0])  # the value itself stays QEMU's (strtod's infinity)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. SIGTERM lets replies in progress finish
+
+
+async def test_sigterm_finishes_replies_in_progress_and_cuts_only_the_slowest(
+    tmp_path: Path, synthetic: SyntheticVms, autojump_clock: trio.testing.MockClock
+) -> None:
+    wide = synthetic.make("wide", tuple(range(16)), hist_size=16)
+    one = len(reply(wide.vcpu_results(host=False)))
+    repeat = (4_500_000 // one) + 1  # a 4.5 MB reply
+    expected = reply(wide.vcpu_results(host=False) * repeat, "big")
+    drain = Limits().drain_timeout
+    # The default lets a reader at 10 MB/s finish a 4.5 MB reply.
+    assert drain >= 4.5 / 10
+    outcomes: dict[str, bytes] = {}
+
+    async def read_slowly(name: str, conn: Conn, bytes_per_second: float) -> None:
+        got = bytearray()
+        while True:
+            try:
+                data = await conn.stream.receive_some(64 << 10)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                break
+            got += data
+            await trio.sleep(len(data) / bytes_per_second)
+        outcomes[name] = bytes(got)
+
+    with capture_logs() as logs, trio.fail_after(drain * 4 + 60):
+        async with daemon(tmp_path, vms=[wide]) as d:
+            readers = {f"reader{i}": await d.connect(d.vm_socket("wide")) for i in range(4)}
+            sloth = await d.connect(d.vm_socket("wide"))
+            for conn in [*readers.values(), sloth]:
+                await conn.send(request("query-stats", duplicate_providers(repeat), "big"))
+            async with trio.open_nursery() as n:
+                for name, conn in readers.items():
+                    n.start_soon(read_slowly, name, conn, 10e6)
+                # This one would need three drain times.
+                n.start_soon(read_slowly, "sloth", sloth, 4.5e6 / (drain * 3))
+                await trio.sleep(0.05)
+                started = trio.current_time()
+                os.kill(os.getpid(), signal.SIGTERM)
+            elapsed = trio.current_time() - started
+    for name in readers:
+        assert outcomes[name] == expected, (name, len(outcomes[name]))
+    assert len(outcomes["sloth"]) < len(expected)
+    assert drain * 0.9 <= elapsed < drain * 2 + 1, elapsed
+    cut = [e for e in logs if e["event"] == "client cut at stop: slower than the drain time"]
+    assert len(cut) == 1, [e["event"] for e in logs]
+    assert cut[0]["unsent"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Slowloris: a request must arrive in time; idle connections stay
+
+
+async def test_slowloris_is_cut_and_idle_clients_are_not(
+    tmp_path: Path, synthetic: SyntheticVms, autojump_clock: trio.testing.MockClock
+) -> None:
+    small = synthetic.make("small", (0,))
+    timeout = Limits().request_timeout
+    assert math.isfinite(timeout)
+    with capture_logs() as logs, trio.fail_after(timeout * 100 + 7200):
+        async with daemon(tmp_path, vms=[small]) as d, trio.open_nursery() as n:
+            # Virtual time: a poll every 0.5 s during the attack, every 30 s in the idle hour.
+            canary = await start_canary(n, await d.connect(d.vm_socket("small")), 0.5)
+            idle = await d.connect(d.host)
+            lorises = [await d.connect(d.vm_socket("small")) for _ in range(3)]
+            # Before negotiation too: the negotiation timeout is longer than the request's.
+            unnegotiated = await d.connect(d.host, negotiate=False)
+            message = request("query-version", request_id="slow")
+
+            async def drip(conn: Conn) -> bytes:
+                for byte in message * 100:
+                    try:
+                        await conn.send(bytes([byte]))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                    await trio.sleep(1.0)
+                return await conn.read_to_eof()
+
+            results: list[bytes] = []
+
+            async def collect(conn: Conn) -> None:
+                results.append(await drip(conn))
+
+            started = trio.current_time()
+            async with trio.open_nursery() as drips:
+                for conn in [*lorises, unnegotiated]:
+                    drips.start_soon(collect, conn)
+            assert trio.current_time() - started < timeout * 2 + 2
+            for got in results:
+                assert got.endswith(
+                    error(f"Request not complete within {timeout:g} s of its first byte, closing")
+                ), got
+            # A connection idle between requests is never cut, however long.
+            canary.interval = 30
+            await trio.sleep(3600)
+            assert await idle.call("query-version", request_id=1) == reply(
+                json.loads(await idle.call("query-version"))["return"], 1
+            )
+            n.cancel_scope.cancel()
+    canary.check()
+    closing = [e for e in logs if e["event"] == "closing"]
+    assert len([e for e in closing if "request" in e["reason"]]) == 4, closing
