@@ -203,6 +203,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 socket_gid=settings.socket_gid,
                 activated=activated,
             )
+            server.prepare()  # a run dir it cannot use is one error line, before anything runs
             daemon = Daemon(settings, registry, server)
             if instrument is not None:
                 daemon.on_stop.append(instrument.stop)

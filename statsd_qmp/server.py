@@ -111,6 +111,7 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._outboxes: set[Outbox] = set()
         self.stopping = False
+        self._host_listener: trio.SocketListener | None = None
         self.reply_memory = ReplyMemory(self._limits.max_reply_memory)
 
     @property
@@ -127,14 +128,24 @@ class Server:
     def host_socket(self) -> Path:
         return self.registry.run_dir / HOST_SOCKET
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    def prepare(self) -> None:
+        """Remove stale sockets and listen on the host socket; before :meth:`run`, so that a
+        path that cannot be used is one plain error (not one inside the daemon's nursery)."""
+        if self._host_listener is not None:
+            return
         run_dir = self.registry.run_dir
         for path in remove_stale_sockets(run_dir, keep_host=self.activated is not None):
             log.info("removed stale socket", path=str(path))
         if self.activated is not None:
-            host_listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.activated))
+            sock = trio.socket.from_stdlib_socket(self.activated)
+            self._host_listener = trio.SocketListener(sock)
         else:
-            host_listener = bind_unix(self.host_socket, self.socket_mode, self.socket_gid)
+            self._host_listener = bind_unix(self.host_socket, self.socket_mode, self.socket_gid)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.prepare()
+        host_listener = self._host_listener
+        assert host_listener is not None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import signal
+import stat
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +30,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from statsd_qmp.app import Settings, serve
+from statsd_qmp.errors import StatsdQmpError
 from statsd_qmp.loopstats import LoopLagInstrument
 from statsd_qmp.protocol import QmpConnection, Request
 from statsd_qmp.qjson.writer import write_exact
@@ -37,6 +41,7 @@ from .test_server import (
     Conn,
     SyntheticVms,
     daemon,
+    dead_socket_file,
     error,
     open_unix,
     reply,
@@ -549,3 +554,118 @@ async def test_slowloris_is_cut_and_idle_clients_are_not(
     canary.check()
     closing = [e for e in logs if e["event"] == "closing"]
     assert len([e for e in closing if "request" in e["reason"]]) == 4, closing
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The run dir: nothing in it is followed, nothing but our sockets is removed
+
+
+def daemon_settings(run_dir: Path) -> Settings:
+    return Settings(run_dir=run_dir, discover=False)
+
+
+async def refused(run_dir: Path) -> str:
+    with pytest.raises(StatsdQmpError) as info, trio.move_on_after(3):
+        await serve(daemon_settings(run_dir))  # if it starts, it serves until cancelled
+    return str(info.value)
+
+
+async def test_lock_file_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    victim.chmod(0o600)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o755)
+    (run_dir / "statsd-qmp.lock").symlink_to(victim)
+    message = await refused(run_dir)
+    assert str(run_dir / "statsd-qmp.lock") in message
+    assert victim.read_text() == "root:secret\n"
+
+
+async def test_vm_dir_symlink_is_refused_and_nothing_there_is_removed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dead_socket_file(elsewhere / "precious.sock")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o755)
+    (run_dir / "vm").symlink_to(elsewhere)
+    message = await refused(run_dir)
+    assert str(run_dir / "vm") in message
+    assert "symlink" in message or "symbolic link" in message
+    assert stat.S_ISSOCK((elsewhere / "precious.sock").lstat().st_mode)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.sock"]
+
+
+async def test_run_dir_symlink_writable_by_others_or_foreign_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o755)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert str(link) in await refused(link)
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o1777)  # like /tmp: anyone may pre-create names in it
+    message = await refused(open_dir)
+    assert str(open_dir) in message
+    assert "chmod" in message  # says how to fix it
+
+    vm_open = tmp_path / "vmopen"
+    (vm_open / "vm").mkdir(parents=True)
+    (vm_open / "vm").chmod(0o777)
+    assert str(vm_open / "vm") in await refused(vm_open)
+
+    if os.geteuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o755)
+        os.chown(foreign, 65534, 65534)
+        message = await refused(foreign)
+        assert str(foreign) in message
+        assert "chown" in message
+    # None of them was touched.
+    assert sorted(p.name for p in real.iterdir()) == []
+    assert sorted(p.name for p in open_dir.iterdir()) == []
+
+
+async def test_only_sockets_the_daemon_could_have_made_are_removed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "vm").mkdir(parents=True, mode=0o755)
+    run_dir.chmod(0o755)
+    dead_socket_file(run_dir / "vm" / "old.sock")  # ours (same uid): stale, removed
+    dead_socket_file(run_dir / "vm" / "theirs.sock")
+    (run_dir / "vm" / "file.sock").write_text("keep")
+    (run_dir / "vm" / "link.sock").symlink_to(run_dir / "vm" / "theirs.sock")
+    if os.geteuid() == 0:
+        os.chown(run_dir / "vm" / "theirs.sock", 65534, 65534, follow_symlinks=False)
+    async with daemon(run_dir) as d:
+        names = sorted(p.name for p in (run_dir / "vm").iterdir())
+        kept = ["file.sock", "link.sock", "theirs.sock"]
+        assert names == (kept if os.geteuid() == 0 else ["file.sock", "link.sock"])
+        assert await (await d.connect(d.host)).call("query-vms") == reply([])
+
+
+# --------------------------------------------------------------------------------------------
+# 7. qmp.sock taken by something else: one line saying what to do
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_host_socket_path_taken_is_one_clear_line(tmp_path: Path, kind: str) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o755)
+    taken = run_dir / "qmp.sock"
+    if kind == "file":
+        taken.write_text("not a socket")
+    else:
+        taken.symlink_to(tmp_path / "nowhere")
+    done = subprocess.run(
+        [*DAEMON, "--run-dir", str(run_dir), "--no-discovery", "--log-level", "error"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, done.stderr.decode()
+    assert str(taken) in lines[0]
+    assert "remove" in lines[0]
+    assert taken.is_symlink() if kind == "symlink" else taken.read_text() == "not a socket"
