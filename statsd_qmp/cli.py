@@ -1,4 +1,4 @@
-"""Command line: ``statsd-qmp serve | query | exec | demo-stats | check-install``.
+"""Command line: ``statsd-qmp serve | query | top | exec | demo-stats | check-install``.
 
 Owns: the argparse tree, one registration per subcommand (:func:`subcommand`), turning flags
 into :class:`app.Settings`, and the human-facing output of the client subcommands.
@@ -12,16 +12,17 @@ messages from :func:`config.check_flag`.
 
 To add a subcommand: write ``add_arguments(parser)`` (every flag with a ``help``) and
 ``run(args) -> int``, register them with ``@subcommand(name, help=..., arguments=...)`` on
-``run``, and import your own module inside ``run``. May import (lazily, inside ``run``) app,
-client, config, holdlib, install_check, logconfig, registry and sources; nothing imports it.
+``run``, and import your own module inside ``run``. ``serve`` also applies the process-wide
+tuning (:mod:`tuning`) once, here and not in the library. May import (lazily, inside ``run``)
+what its entry in the map of ``statsd_qmp/__init__.py`` names; nothing imports it.
 """
 
 from __future__ import annotations
 
 import sys
 
-from . import __version__
-from .errors import StatsdQmpError
+from . import DEFAULT_RUN_DIR, __version__
+from .errors import QmpClientError, StatsdQmpError
 
 # Not typing.TYPE_CHECKING: importing typing alone costs a few ms on every ``exec``, which
 # does not even import argparse.
@@ -110,9 +111,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _default_socket() -> str:
-    from .config import DEFAULT_RUN_DIR
-
-    return str(DEFAULT_RUN_DIR / "qmp.sock")
+    return f"{DEFAULT_RUN_DIR}/qmp.sock"  # not via config: a client needs none of its rules
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -146,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(first if first in SUBCOMMANDS else None).parse_args(argv)
     try:
         code: int = args.run(args)
-    except (StatsdQmpError, OSError) as exc:
+    except (StatsdQmpError, QmpClientError, OSError) as exc:
         print(f"statsd-qmp: {exc}", file=sys.stderr)
         return 1
     return code
@@ -158,7 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve_arguments(run: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    from .config import DEFAULT_RUN_DIR
     from .logconfig import LOG_FORMATS, LOG_LEVELS
     from .schema import HISTOGRAM_ORDERS
 
@@ -228,6 +226,15 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         help="measure event-loop blocking; logged as 'loop stats' at exit",
     )
     run.add_argument(
+        "--metrics-listen",
+        type=config_flag("metrics_listen"),
+        action="append",
+        default=None,
+        metavar="ADDR",
+        help="serve Prometheus/OpenMetrics metrics over HTTP on HOST:PORT or [IPv6]:PORT; "
+        "repeatable; none: no endpoint (default 127.0.0.1:9632)",
+    )
+    run.add_argument(
         "--max-connections",
         type=config_flag("limits.max_connections"),
         default=None,
@@ -287,6 +294,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     defaults = Settings()
     limit_defaults = Limits()
     group = _first(args.socket_group, file.socket_group, "")
+    metrics_listen = _metrics_listen(args.metrics_listen, file.metrics_listen)
     return Settings(
         run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
         demo=_first(args.demo, file.demo, defaults.demo),
@@ -319,8 +327,32 @@ def build_settings(args: argparse.Namespace) -> Settings:
                 limit_defaults.max_output_bytes,
             ),
         ),
+        metrics_listen=metrics_listen if metrics_listen is not None else _default_metrics(),
+        metrics_listen_default=metrics_listen is None,
         reload=(lambda: build_settings(args)) if args.config is not None else None,
     )
+
+
+def _default_metrics() -> tuple[tuple[str, int], ...]:
+    from .metricsmap import DEFAULT_METRICS_LISTEN, parse_listen
+
+    address = parse_listen(DEFAULT_METRICS_LISTEN)
+    return (address,) if address is not None else ()
+
+
+def _metrics_listen(
+    flags: list[tuple[tuple[str, int], ...]] | None,
+    file: tuple[tuple[str, int], ...] | None,
+) -> tuple[tuple[str, int], ...] | None:
+    """The metrics addresses: the flags (``none`` among them: ()), else the file's; None
+    when neither sets them (then the built-in default, whose port may be busy)."""
+    if flags is not None:
+        if any(not addresses for addresses in flags):
+            return ()
+        return tuple(address for addresses in flags for address in addresses)
+    if file is not None:
+        return file
+    return None
 
 
 @subcommand(
@@ -338,6 +370,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = build_settings(args)
     logconfig.configure(settings.log_level, settings.log_format)
+    from .tuning import tune_process  # process-wide, so here and not in the library
+
+    tune_process()
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:
@@ -398,6 +433,86 @@ def _query(args: argparse.Namespace) -> int:
         reply = client.execute_raw(args.qmp_command, arguments)
     print(json.dumps(reply, indent=2))
     return 0 if "return" in reply else 1
+
+
+# --- top -----------------------------------------------------------------------------------
+
+
+def _top_arguments(top: argparse.ArgumentParser) -> None:
+    from .schema import HISTOGRAM_ORDERS
+
+    top.add_argument(
+        "--socket",
+        default=_default_socket(),
+        metavar="PATH",
+        help="the daemon's host socket (default %(default)s)",
+    )
+    top.add_argument(
+        "-1", "--once", "--batch", action="store_true", help="one interval, printed as a table"
+    )
+    top.add_argument("-l", "--log", action="store_true", help="one line per interval (like vmstat)")
+    top.add_argument(
+        "-c", "--csv", action="store_true", help="CSV, with --log, --log-to-file or --once"
+    )
+    top.add_argument(
+        "-L",
+        "--log-to-file",
+        metavar="FILE",
+        help="like --log, appended to FILE; SIGHUP reopens it (for logrotate)",
+    )
+    top.add_argument(
+        "-z",
+        "--skip-zero-records",
+        action="store_true",
+        help="leave out lines whose counters did not move (with --once: rows)",
+    )
+    top.add_argument(
+        "-f", "--fields", default="", metavar="REGEX", help="only stats matching REGEX"
+    )
+    top.add_argument("-g", "--guest", default=None, metavar="NAME", help="one guest, by name")
+    top.add_argument("-p", "--pid", type=int, default=None, help="one guest, by its VMM's pid")
+    top.add_argument(
+        "-s",
+        "--set-delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="update interval, 0.1 to 25.5 (default 1)",
+    )
+    top.add_argument(
+        "--histogram-order",
+        choices=HISTOGRAM_ORDERS,
+        default="kernel",
+        help="the daemon's histogram_order (default kernel)",
+    )
+
+
+@subcommand(
+    "top",
+    help="live KVM statistics of every VM, like kvm_stat",
+    arguments=_top_arguments,
+    description="kvm_stat for every VM the daemon serves, as a client of its host socket: "
+    "a full-screen live table (h lists the keys), or kvm_stat's scriptable modes "
+    "(--once, --log, --log-to-file).",
+)
+def _top(args: argparse.Namespace) -> int:
+    from .top import TopOptions, run
+
+    return run(
+        TopOptions(
+            socket=args.socket,
+            interval=args.set_delay,
+            once=args.once,
+            log=args.log,
+            csv=args.csv,
+            log_to_file=args.log_to_file,
+            skip_zero=args.skip_zero_records,
+            fields=args.fields,
+            guest=args.guest,
+            pid=args.pid,
+            histogram_order=args.histogram_order,
+        )
+    )
 
 
 # --- exec ----------------------------------------------------------------------------------

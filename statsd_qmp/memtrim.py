@@ -6,14 +6,13 @@ kernel (``malloc_trim``). May import trio and structlog; the composition root st
 :meth:`MemoryTrimmer.run` beside the server and says which caches to release.
 
 Why by hand: the allocator is tuned to keep freed memory (``M_TRIM_THRESHOLD`` and
-``M_MMAP_THRESHOLD`` raised, see ``app.tune_allocator``), because a polled 256-vCPU reply
-otherwise pays ~250 page faults per request to get its buffers back. The price was that a
-burst of big replies left RSS at 240 MiB for good. The free heap is the signal: steady
+``M_MMAP_THRESHOLD`` raised by the CLI's serve, see ``tuning.tune_allocator``), because a polled
+256-vCPU reply otherwise pays ~250 page faults per request to get its buffers back. The price was
+that a burst of big replies left RSS at 240 MiB for good. The free heap is the signal: steady
 polling reuses a few MiB of freed buffers (never trimmed, so the hot path keeps them), a burst
-leaves tens or hundreds of MiB free, which are given back within one or two check intervals
-after it ends. ``malloc_trim`` runs in a worker thread: it walks the whole heap (milliseconds
-for hundreds of MiB). Without glibc (no ``mallinfo2``) nothing is trimmed.
-"""
+leaves tens or hundreds of MiB free, which are given back within one or two check intervals after
+it ends. ``malloc_trim`` runs in a worker thread: it walks the whole heap (milliseconds for
+hundreds of MiB). Without glibc (no ``mallinfo2``) nothing is trimmed."""
 
 from __future__ import annotations
 

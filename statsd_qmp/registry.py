@@ -1,20 +1,24 @@
 """The live set of served VMs: names, sockets, adding and dropping, rescans.
 
-Owns: the mapping name -> :class:`VmStats`, the per-VM socket path, the naming rules, the
-owned VMs' lifetime, and telling subscribers (the server) when a VM comes or goes. Implements
-``commands.CommandContext``. May import sources, statsfile, vm and trio; must not import the
-server or the CLI.
+Owns: the mapping name -> :class:`VmStats`, the per-VM socket path, the character rule of VM
+names (:func:`sanitize_name`; discovery picks the names), the owned VMs' lifetime, and telling
+subscribers (the server) when a VM comes or goes; a rescan is delegated to the scanner
+discovery registers. Implements ``commands.CommandContext``. May import errors, schema,
+sources.owned, statsfile, vm and structlog (not even trio: it only holds state); must not
+import the server or the CLI.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import structlog
 
-from .errors import StatsFileError
+from .errors import StatsFileError, StatsReadError
 from .schema import HistogramOrder
 from .sources.owned import OwnedVM
 from .statsfile import StatsFile
@@ -47,6 +51,8 @@ class Registry:
         self._on_added: list[Listener] = []
         self._on_removed: list[Listener] = []
         self._scanners: list[Scanner] = []
+        # Failed stats reads since start, by reason (the errno's text, or "format").
+        self.read_errors: Counter[str] = Counter()
 
     # --- CommandContext ------------------------------------------------------------------
 
@@ -58,6 +64,8 @@ class Registry:
 
     def read_failed(self, vm: VmStats, error: StatsFileError) -> None:
         log.warning("stats read failed", vm=vm.name, error=str(error))
+        code = error.errno if isinstance(error, StatsReadError) else None
+        self.read_errors[os.strerror(code) if code else "format"] += 1
         if vm.origin == "borrowed" and self._vms.get(vm.name) is vm:
             # A borrowed fd that fails to read means the VMM went away or replaced the fd:
             # drop the VM now; the next scan adds it back if it still exists.

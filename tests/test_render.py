@@ -23,10 +23,11 @@ from statsd_qmp.commands import (
 )
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
-from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.steps import finish
 from statsd_qmp.vm import VcpuStats, VmStats
+
+from .synthetic import SyntheticStat, build, make_flags, memfd_with
 
 
 @dataclass
