@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from statsd_qmp.app import Settings, serve
+from statsd_qmp.cli import build_parser, build_settings
+from statsd_qmp.config import ConfigError
 from statsd_qmp.errors import StatsdQmpError
 from statsd_qmp.loopstats import LoopLagInstrument
 from statsd_qmp.protocol import QmpConnection, Request
@@ -669,3 +671,29 @@ def test_host_socket_path_taken_is_one_clear_line(tmp_path: Path, kind: str) -> 
     assert str(taken) in lines[0]
     assert "remove" in lines[0]
     assert taken.is_symlink() if kind == "symlink" else taken.read_text() == "not a socket"
+
+
+# --------------------------------------------------------------------------------------------
+# The new limits: flags and configuration keys share one rule
+
+
+def test_new_limits_from_flags_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "statsd-qmp.toml"
+    config.write_text(
+        "[limits]\nmax_reply_bytes = 1000000\nmax_reply_memory = 9000000\n"
+        "request_timeout = 3\ndrain_timeout = 7.5\n"
+    )
+    args = build_parser().parse_args(
+        ["serve", "--config", str(config), "--request-timeout", "4", "--drain-timeout", "2"]
+    )
+    limits = build_settings(args).limits
+    assert (limits.max_reply_bytes, limits.max_reply_memory) == (1_000_000, 9_000_000)
+    assert (limits.request_timeout, limits.drain_timeout) == (4.0, 2.0)  # flags win
+    config.write_text("[limits]\ndrain_timeout = 0\n")
+    with pytest.raises(ConfigError, match=r"limits\.drain_timeout"):
+        build_settings(build_parser().parse_args(["serve", "--config", str(config)]))
+    done = subprocess.run(
+        [*DAEMON, "--max-reply-bytes", "-5"], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert b"--max-reply-bytes" in done.stderr
