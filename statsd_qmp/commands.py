@@ -428,13 +428,15 @@ class Commands:
     def _shaped_requests(
         self, vms: Sequence[VmStats], stats_filter: StatsFilter
     ) -> Steps[list[frozenset[str] | None]]:
-        """Each provider request's names in QEMU's order, cut down to names some VM has
-        (the rest are ignored anyway: many spellings of one filter make one reply shape);
-        requests left asking for nothing are dropped (their results are empty)."""
+        """:func:`requests_in_qemu_order`, each request's names cut down to names some VM
+        has (the rest are ignored anyway: many spellings of one filter make one reply
+        shape); requests left asking for nothing are dropped (their results are empty)."""
         known = frozenset().union(*(render.stat_names(vm, stats_filter.target) for vm in vms))
+        if stats_filter.providers is None:
+            return [None]
         shaped: list[frozenset[str] | None] = []
         cut: dict[frozenset[str], frozenset[str]] = {}
-        for index, request in enumerate(requests_in_qemu_order(stats_filter)):
+        for index, request in enumerate(reversed(stats_filter.providers)):
             names = request.names
             if names is not None:
                 names = cut.get(names)
@@ -456,8 +458,10 @@ class Commands:
     ) -> Steps[int]:
         """The most bytes the reply's list can take, from the shapes alone."""
         repeats: dict[frozenset[str] | None, int] = {}
-        for names in requests:
+        for index, names in enumerate(requests):
             repeats[names] = repeats.get(names, 0) + 1
+            if index % CHECKS_PER_STEP == CHECKS_PER_STEP - 1:
+                yield None
         bound = 2  # "[" "]"
         for names, count in repeats.items():
             shape = self._shape(stats_filter, names, host_paths)
