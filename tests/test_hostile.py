@@ -18,7 +18,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,17 +48,9 @@ from .test_server import (
     reply,
     request,
 )
+from .test_server import synthetic as synthetic  # the fixture: VMs on memfds
 
 DAEMON = [sys.executable, "-m", "statsd_qmp.cli", "serve"]
-
-
-@pytest.fixture
-def synthetic() -> Iterator[SyntheticVms]:
-    vms = SyntheticVms()
-    try:
-        yield vms
-    finally:
-        vms.close()
 
 
 @dataclass

@@ -22,15 +22,13 @@ import argparse
 import json
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .bench_memory import Client
+from .bench_memory import Client, daemon_process, wait_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_STEP_MS = 5.0
@@ -111,52 +109,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        log = Path(tmp) / "daemon.log"
-        with log.open("wb") as out:
-            daemon = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "statsd_qmp.cli", "serve", "--measure-loop"),
-                    *("--run-dir", str(run_dir), "--no-discovery", "--log-format", "json"),
-                    *("--demo", "--demo-vcpus", "16", "--metrics-listen", "none"),
-                ],
-                stdout=out,
-                stderr=out,
-            )
-        try:
-            path = run_dir / "qmp.sock"
-            vm_path = run_dir / "vm" / "demo.sock"
-            deadline = time.monotonic() + 60
-            while not vm_path.exists():
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    print(log.read_text(), file=sys.stderr)
-                    return 1
-                time.sleep(0.05)
-            canary = Canary(vm_path)
-            canary.start()
-            phases: list[tuple[str, Any]] = [
-                ("huge structured ids", lambda: huge_ids(path, args.rounds)),
-                ("amplification x4", lambda: amplification(vm_path)),
-                ("400k-digit id in 1 KB chunks", lambda: long_token(path)),
-            ]
-            durations = {}
-            for name, attack in phases:
-                canary.phase = name
-                started = time.perf_counter()
-                attack()
-                durations[name] = round(time.perf_counter() - started, 2)
-            canary.phase = "after"
-            time.sleep(1)
-            canary.stop.set()
-            canary.join()
-        finally:
-            daemon.send_signal(signal.SIGINT)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+    flags = ("--measure-loop", "--demo", "--demo-vcpus", "16", "--metrics-listen", "none")
+    with daemon_process(*flags) as (daemon, run_dir, log):
+        path = run_dir / "qmp.sock"
+        vm_path = run_dir / "vm" / "demo.sock"
+        if not wait_for(vm_path, daemon, log):
+            return 1
+        canary = Canary(vm_path)
+        canary.start()
+        phases: list[tuple[str, Any]] = [
+            ("huge structured ids", lambda: huge_ids(path, args.rounds)),
+            ("amplification x4", lambda: amplification(vm_path)),
+            ("400k-digit id in 1 KB chunks", lambda: long_token(path)),
+        ]
+        durations = {}
+        for name, attack in phases:
+            canary.phase = name
+            started = time.perf_counter()
+            attack()
+            durations[name] = round(time.perf_counter() - started, 2)
+        canary.phase = "after"
+        time.sleep(1)
+        canary.stop.set()
+        canary.join()
+        daemon.send_signal(signal.SIGINT)  # the loop stats are logged at exit
+        daemon.wait(30)
         loop = next(
             (
                 json.loads(line)

@@ -29,6 +29,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,29 +95,26 @@ def trims(log: Path) -> list[dict[str, Any]]:
     ]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vcpus", type=int, default=64)
-    parser.add_argument("--burst-mb", type=float, default=12.0)
-    parser.add_argument("--rounds", type=int, default=2000)
-    args = parser.parse_args()
+@contextmanager
+def daemon_process(*flags: str) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """``statsd-qmp serve`` (JSON logs, no discovery) in a temporary run dir, with ``flags``:
+    the process, its run dir and its log file; stopped (SIGINT, then SIGKILL) on exit."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         log = Path(tmp) / "daemon.log"
         with log.open("wb") as out:
             daemon = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "statsd_qmp.cli", "serve"),
+                    *(sys.executable, "-m", "statsd_qmp.cli", "serve", *flags),
                     *("--run-dir", str(run_dir), "--no-discovery", "--log-format", "json"),
-                    *("--demo", "--demo-vcpus", str(args.vcpus)),
                 ],
                 stdout=out,
                 stderr=out,
             )
         try:
-            return run(args, daemon, run_dir, log)
+            yield daemon, run_dir, log
         finally:
-            daemon.send_signal(signal.SIGTERM)
+            daemon.send_signal(signal.SIGINT)
             try:
                 daemon.wait(30)
             except subprocess.TimeoutExpired:
@@ -123,14 +122,31 @@ def main() -> int:
                 daemon.wait()
 
 
-def run(args: argparse.Namespace, daemon: subprocess.Popen[bytes], run_dir: Path, log: Path) -> int:
-    path = run_dir / "vm" / "demo.sock"
+def wait_for(path: Path, daemon: subprocess.Popen[bytes], log: Path) -> bool:
+    """Wait up to 60 s for ``path`` to appear; False (the log printed) if the daemon died."""
     deadline = time.monotonic() + 60
     while not path.exists():
         if daemon.poll() is not None or time.monotonic() > deadline:
             print(log.read_text(), file=sys.stderr)
-            return 1
+            return False
         time.sleep(0.05)
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vcpus", type=int, default=64)
+    parser.add_argument("--burst-mb", type=float, default=12.0)
+    parser.add_argument("--rounds", type=int, default=2000)
+    args = parser.parse_args()
+    with daemon_process("--demo", "--demo-vcpus", str(args.vcpus)) as (daemon, run_dir, log):
+        return run(args, daemon, run_dir, log)
+
+
+def run(args: argparse.Namespace, daemon: subprocess.Popen[bytes], run_dir: Path, log: Path) -> int:
+    path = run_dir / "vm" / "demo.sock"
+    if not wait_for(path, daemon, log):
+        return 1
     poller = Client(path)
     start_rss = rss(daemon.pid)
     trims_at_start = len(trims(log))
