@@ -164,7 +164,9 @@ class Program:
         self._words = words
         self._buffer_words = n_words
         self.empty = not builder.n_ops
-        self.bound = builder.bound  # the most bytes render() can return
+        # The most bytes render() can return (query-stats programs; the metrics renderer's
+        # builder keeps no bound, its output is not budgeted).
+        self.bound: int = getattr(builder, "bound", 0)
         self._literals = ffi.new("uint8_t[]", bytes(builder.literals) or b"\0")
         self._n_literals = len(builder.literals)
         self._n_ops = builder.n_ops

@@ -155,6 +155,19 @@ def test_c_rendering_equals_the_python_path(
     python_text = protocol.encode(commands.query_stats(scope, targets, stats_filter, host))
     c_text = commands.query_stats_json(scope, targets, stats_filter, host) + b"\r\n"
     assert c_text == python_text
+    # The size bound known before rendering holds whatever the values (all at their widest).
+    planned = commands.execute(scope, "query-stats", arguments, oob=False)
+    assert isinstance(planned, PlannedReply)
+    assert len(c_text) - 2 <= planned.bound
+    widest = [dataclasses.replace(x, values=(2**64 - 1,) * len(x.values)) for x in other]
+    wide = make_vm("w", widest, [widest, widest], opened)
+    wide_commands = Commands(Context([wide], histogram_order=order))
+    wide_scope = Scope(host=False, vm=wide)
+    wide_filter = parse_stats_filter(arguments, host=False)
+    text = wide_commands.query_stats_json(wide_scope, [wide], wide_filter, False)
+    planned = wide_commands.execute(wide_scope, "query-stats", arguments, oob=False)
+    assert isinstance(planned, PlannedReply)
+    assert len(text) <= planned.bound
 
 
 def test_execute_returns_raw_json_that_splices_into_qemus_reply(opened: list[int]) -> None:
