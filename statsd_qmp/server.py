@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from . import loopstats, protocol
-from .commands import Commands, PlannedReply, RawJson, RawSteps, Scope
+from .commands import Commands, Pending, PlannedReply, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .outbox import Outbox
 from .registry import Registry
@@ -260,6 +260,7 @@ class Server:
 
     async def _connection(self, stream: trio.SocketStream, scope: Scope) -> None:
         peer = _peer_credentials(stream)
+        scope = replace(scope, peer_uid=peer.get("peer_uid"))
         self.connections += 1
         try:
             log.info("client connected", **peer, clients=self.connections)
@@ -472,6 +473,8 @@ class Connection:
                 oob=request.oob,
                 max_reply_bytes=self.server.limits.max_reply_bytes,
             )
+            if isinstance(value, Pending):
+                value = await value.run()
             if isinstance(value, RawSteps):
                 value = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
             if isinstance(value, PlannedReply):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -18,6 +17,7 @@ from statsd_qmp.discovery import UNIX_PATH_MAX, unique_name
 from statsd_qmp.server import Server
 from statsd_qmp.sources.borrowed import _LINKS_PER_STEP, ProcScanner, list_stats_fds, qemu_name
 
+from .fdcheck import pidfd_pids, served_fds, stray_kvm_fds
 from .trio_qmp import TrioQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
@@ -105,36 +105,6 @@ class MiniVmm:
                 await pipe.aclose()
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def pidfds() -> int:
-    return sum(1 for link in fd_links() if link == "anon_inode:[pidfd]")
-
-
-def fd_links() -> list[str]:
-    links = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{name}"))
-        except OSError:
-            continue
-    return links
-
-
-def kvm_fds() -> list[str]:
-    links = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("anon_inode:kvm"):
-            links.append(link)
-    return links
-
-
 @asynccontextmanager
 async def daemon(run_dir: Path, **settings: Any) -> AsyncIterator[Server]:
     async with trio.open_nursery() as nursery:
@@ -164,9 +134,7 @@ def by_pid(vms: Sequence[Any], pid: int) -> Any:
 @pytest.mark.kvm
 async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        baseline = fd_count()
         client = await TrioQmp.connect(server.host_socket)
-        pidfds_before = pidfds()
         vmm = await MiniVmm.start("--vcpus", "3", "-name", "guest=web one,,x,debug-threads=on")
         try:
             with trio.fail_after(2):  # the periodic scan alone must find it within 2 s
@@ -184,10 +152,11 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
             }
             # 4 borrowed stats fds + 1 pidfd (trio holds another one for its child process),
             # and no kvm-vm or kvm-vcpu fd ever.
-            assert pidfds() == pidfds_before + 2
-            assert sorted(kvm_fds()) == sorted(
+            assert pidfd_pids().count(vmm.pid) == 2
+            assert sorted(served_fds(server, "web_one_x").values()) == sorted(
                 ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(3)]
             )
+            assert stray_kvm_fds(server) == []
             per_vm = await TrioQmp.connect(entry["socket"])
             (result,) = await per_vm.command("query-stats", {"target": "vm"})
             assert {s["name"] for s in result["stats"]} >= {"pages_4k", "remote_tlb_flush"}
@@ -197,13 +166,13 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
         finally:
             await vmm.kill()
         with trio.fail_after(1):  # the pidfd watch closes everything at once
-            while server.registry.find_vm("web_one_x") is not None or kvm_fds():
+            while server.registry.find_vm("web_one_x") is not None or stray_kvm_fds(server):
                 await trio.sleep(0.01)
         assert not (tmp_path / "vm" / "web_one_x.sock").exists()
-        assert pidfds() == pidfds_before
+        assert vmm.pid not in pidfd_pids()
         await client.aclose()
         with trio.fail_after(1):  # the server side of the connection closes too
-            while fd_count() != baseline:
+            while server.connections:
                 await trio.sleep(0.01)
 
 
@@ -248,7 +217,12 @@ async def test_hotplugged_vcpu_is_served_and_a_dropped_one_goes(tmp_path: Path) 
                     if [c["qom-path"] for c in cpus] == ["/kvm/vcpu[1]"]:
                         break
                     await trio.sleep(0.05)
-            assert len(kvm_fds()) == 2  # VM stats + vcpu 1: vcpu 0's copy was closed
+            # VM stats + vcpu 1: vcpu 0's copy was closed
+            assert sorted(served_fds(server, "hot").values()) == [
+                "anon_inode:kvm-vcpu-stats:1",
+                "anon_inode:kvm-vm-stats",
+            ]
+            assert stray_kvm_fds(server) == []
             await per_vm.aclose()
         finally:
             await vmm.kill()
@@ -279,18 +253,18 @@ async def test_fifty_vmm_lifetimes_leave_no_fds(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
         client = await TrioQmp.connect(server.host_socket)
         await client.command("query-vms")
-        baseline = fd_count()
+        pids = []
         for _ in range(50):
             vmm = await MiniVmm.start("--vcpus", "2")
+            pids.append(vmm.pid)
             await wait_for_vms(client, lambda v, pid=vmm.pid: by_pid(v, pid) is not None)
             await vmm.kill()
             with trio.fail_after(1):
                 while any(vm.pid == vmm.pid for vm in server.registry.all_vms()):
                     await trio.sleep(0.01)
         with trio.fail_after(1):  # the last VM's fds are closed in a worker thread
-            while fd_count() != baseline:
+            while stray_kvm_fds(server) or set(pids) & set(pidfd_pids()):
                 await trio.sleep(0.01)
-        assert kvm_fds() == []
         await client.aclose()
 
 
@@ -304,18 +278,19 @@ async def test_scan_skips_unchanged_processes(tmp_path: Path) -> None:
         second = await trio.to_thread.run_sync(scanner.scan, 1.0)
         assert vmm.pid in second.vmms
         assert second.vmms[vmm.pid].signature() == first.vmms[vmm.pid].signature()
-        if scanner.fd_counts_supported:
-            # Only new processes and those whose fd count changed are read again: not the
-            # VMM, whose fds did not change (a handful of short-lived processes may be new).
-            assert second.full_scans < first.full_scans
-            assert second.full_scans <= 5
-            # A hot-plugged vCPU changes the count: the VMM is read again at once.
-            await vmm.send("add-vcpu")
-            third = await trio.to_thread.run_sync(scanner.scan, 2.0)
-            assert len(third.vmms[vmm.pid].vcpu_stats) == len(first.vmms[vmm.pid].vcpu_stats) + 1
-            # Past the safety-net interval every process is read again.
-            fourth = await trio.to_thread.run_sync(scanner.scan, 100.0)
-            assert fourth.full_scans >= first.full_scans - 5
+        if not scanner.fd_counts_supported:
+            pytest.skip("stat(/proc/PID/fd) gives no fd count before Linux 6.2: every scan reads")
+        # Only new processes and those whose fd count changed are read again: not the
+        # VMM, whose fds did not change (a handful of short-lived processes may be new).
+        assert second.full_scans < first.full_scans
+        assert second.full_scans <= 5
+        # A hot-plugged vCPU changes the count: the VMM is read again at once.
+        await vmm.send("add-vcpu")
+        third = await trio.to_thread.run_sync(scanner.scan, 2.0)
+        assert len(third.vmms[vmm.pid].vcpu_stats) == len(first.vmms[vmm.pid].vcpu_stats) + 1
+        # Past the safety-net interval every process is read again.
+        fourth = await trio.to_thread.run_sync(scanner.scan, 100.0)
+        assert fourth.full_scans >= first.full_scans - 5
     finally:
         await vmm.kill()
 
