@@ -23,13 +23,14 @@ from typing import Any
 import structlog
 import trio
 
-from . import __version__, logconfig, sd_daemon
+from . import __version__, logconfig, render, sd_daemon
 from .access import AccessPolicy
 from .commands import Commands
 from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
 from .errors import KvmError, StatsdQmpError
 from .logconfig import LogFormat
+from .memtrim import MemoryTrimmer
 from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
 from .server import Limits, Server
@@ -232,6 +233,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 activated=activated,
                 policy=AccessPolicy(admin_gid=settings.admin_gid),
             )
+            server.prepare()  # a run dir it cannot use is one error line, before anything runs
             daemon = Daemon(settings, registry, server)
             metrics_server = None
             if settings.metrics_listen or activated_metrics:
@@ -272,6 +274,8 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                     commands.adopter = adopter(daemon.discovery)
                     await nursery.start(daemon.discovery.run)
                 nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)
+                trimmer = MemoryTrimmer(lambda: render.release_buffers(registry.all_vms()))
+                nursery.start_soon(trimmer.run)
                 interval = sd_daemon.watchdog_interval()
                 if interval is not None:
                     nursery.start_soon(daemon.watchdog, interval)

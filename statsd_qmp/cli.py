@@ -265,6 +265,37 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         "(default 16777216)",
     )
     run.add_argument(
+        "--max-reply-bytes",
+        type=config_flag("limits.max_reply_bytes"),
+        default=None,
+        metavar="BYTES",
+        help="largest query-stats reply, bounded before it is made; a larger one is refused "
+        "with an error (default 33554432)",
+    )
+    run.add_argument(
+        "--max-reply-memory",
+        type=config_flag("limits.max_reply_memory"),
+        default=None,
+        metavar="BYTES",
+        help="replies being made or waiting to be read, all clients together; big replies "
+        "wait for room (default 134217728)",
+    )
+    run.add_argument(
+        "--request-timeout",
+        type=config_flag("limits.request_timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="time from a request's first byte to its last, else the connection is closed; "
+        "idle connections are never closed (default 10)",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=config_flag("limits.drain_timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="time replies being written get to finish at SIGTERM (default 5)",
+    )
+    run.add_argument(
         "--negotiation-timeout",
         type=config_flag("limits.negotiation_timeout"),
         default=None,
@@ -350,6 +381,20 @@ def build_settings(args: argparse.Namespace) -> Settings:
                 args.max_output_bytes,
                 file.limits.max_output_bytes,
                 limit_defaults.max_output_bytes,
+            ),
+            max_reply_bytes=_first(
+                args.max_reply_bytes, file.limits.max_reply_bytes, limit_defaults.max_reply_bytes
+            ),
+            max_reply_memory=_first(
+                args.max_reply_memory,
+                file.limits.max_reply_memory,
+                limit_defaults.max_reply_memory,
+            ),
+            request_timeout=_first(
+                args.request_timeout, file.limits.request_timeout, limit_defaults.request_timeout
+            ),
+            drain_timeout=_first(
+                args.drain_timeout, file.limits.drain_timeout, limit_defaults.drain_timeout
             ),
         ),
         metrics_listen=metrics_listen if metrics_listen is not None else _default_metrics(),

@@ -30,6 +30,10 @@ can layer defaults < file < command-line flags. The file::
     max_connections = 1000
     negotiation_timeout = 30.0         # seconds, > 0
     max_output_bytes = 16777216
+    max_reply_bytes = 33554432         # one query-stats reply (its bound)
+    max_reply_memory = 134217728       # all replies being made or waiting, all connections
+    request_timeout = 10.0             # seconds from a request's first byte to its last
+    drain_timeout = 5.0                # seconds replies in progress get at SIGTERM
 
 A bad file raises :class:`ConfigError` with one message naming the file, the dotted key and
 what is wrong (``.../statsd-qmp.toml, line 7: limits.max_connections: expected a positive
@@ -77,6 +81,10 @@ class LimitsConfig:
     max_connections: int | None = None
     negotiation_timeout: float | None = None
     max_output_bytes: int | None = None
+    max_reply_bytes: int | None = None
+    max_reply_memory: int | None = None
+    request_timeout: float | None = None
+    drain_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +130,10 @@ LIMIT_KEYS: Final = (
     "max_connections",
     "negotiation_timeout",
     "max_output_bytes",
+    "max_reply_bytes",
+    "max_reply_memory",
+    "request_timeout",
+    "drain_timeout",
 )
 
 
@@ -279,6 +291,10 @@ _RULES: Final[dict[str, Callable[[Any], Any]]] = {
     "limits.max_connections": _positive_int,
     "limits.negotiation_timeout": _positive_seconds,
     "limits.max_output_bytes": _positive_int,
+    "limits.max_reply_bytes": _positive_int,
+    "limits.max_reply_memory": _positive_int,
+    "limits.request_timeout": _positive_seconds,
+    "limits.drain_timeout": _positive_seconds,
 }
 
 # Keys whose flag text is always a string (a mode "660" is octal, a path or name is text).

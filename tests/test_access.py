@@ -26,7 +26,7 @@ from statsd_qmp.access import (
     Peer,
     Viewer,
 )
-from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope
+from statsd_qmp.commands import Commands, PlannedReply, RawJson, RawSteps, Scope
 from statsd_qmp.errors import QmpError
 from statsd_qmp.peers import peer_of
 from statsd_qmp.sources import borrowed
@@ -150,7 +150,9 @@ def host(viewer: Viewer) -> Scope:
 def run(commands: Commands, scope: Scope, command: str, arguments: dict[str, Any]) -> Any:
     """The command's return value as the client would decode it."""
     value = commands.execute(scope, command, arguments, oob=False)
-    if isinstance(value, RawSteps):
+    if isinstance(value, RawSteps):  # checks done in steps give the planned reply
+        value = finish(value.steps)
+    if isinstance(value, PlannedReply):
         value = RawJson(finish(value.steps))
     if isinstance(value, RawJson):
         return json.loads(value.text)

@@ -33,7 +33,14 @@ from typing import Any, Final
 
 from statsd_qmp import protocol
 from statsd_qmp.access import EVERYTHING
-from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope, parse_stats_filter
+from statsd_qmp.commands import (
+    Commands,
+    PlannedReply,
+    RawJson,
+    RawSteps,
+    Scope,
+    parse_stats_filter,
+)
 from statsd_qmp.errors import QmpError, StatsdQmpError, StatsFormatError
 from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.statsfile import StatsFile
@@ -160,7 +167,9 @@ def _run(commands: Commands, scope: Scope, request: protocol.Request) -> bytes:
     """One request as the server runs it: its reply line."""
     try:
         value = commands.execute(scope, request.command, request.arguments, oob=request.oob)
-        if isinstance(value, RawSteps):
+        if isinstance(value, RawSteps):  # checks done in steps give the planned reply
+            value = finish(value.steps)
+        if isinstance(value, PlannedReply):
             value = RawJson(finish(value.steps))
         if isinstance(value, RawJson):
             head, tail = protocol.reply_return_parts(request)
