@@ -13,9 +13,9 @@ module needs its entry here. ::
                  metricsmap, registry, schema, server, sources.owned, top, tuning
     9 app
         composition root: start-up order, signals, reload, watchdog, shutdown
-        imports: adoption, commands, config, discovery, errors, exporter, logconfig, loopstats,
-                 metrics_http, registry, schema, sd_daemon, server, socketfiles, sources.kvm_abi,
-                 sources.owned, tuning
+        imports: access, adoption, commands, config, discovery, errors, exporter, logconfig,
+                 loopstats, memtrim, metrics_http, registry, render, schema, sd_daemon, server,
+                 socketfiles, sources.kvm_abi, sources.owned, tuning
     8 metrics_http
         the HTTP/1.1 metrics endpoint on trio and h11: formats, gzip, limits
         imports: errors, exporter, loopstats, metricsmap, steps
@@ -24,10 +24,11 @@ module needs its entry here. ::
         imports: _native, loopstats, metricsmap, metricsrender, registry, steps, vm
     7 server
         trio listeners (host socket, one per VM), one Connection per client, limits
-        imports: commands, errors, loopstats, outbox, protocol, registry, socketfiles, steps, vm
+        imports: access, commands, errors, loopstats, outbox, peers, protocol, registry,
+                 replymemory, socketfiles, steps, vm
     6 commands (pure)
         QMP command table, QEMU's argument rules and texts, stats filters
-        imports: errors, hash_order, hmp, introspection, render, schema, steps, vm
+        imports: access, errors, hash_order, hmp, introspection, render, schema, steps, vm
     6 discovery
         host VMMs -> registry changes: scans, borrowing, exit watches, names, when to adopt
         imports: adoption, errors, registry, sources.borrowed, statsfile, steps, vm
@@ -39,7 +40,7 @@ module needs its entry here. ::
         imports: errors, schema, sources.owned, statsfile, vm
     5 render
         query-stats JSON rendered in C from the bulk read buffer
-        imports: _native, qjson.writer, schema, vm
+        imports: _native, engine, qjson.writer, schema, vm
     4 protocol (pure)
         sans-IO QMP connection: bytes -> requests, replies -> bytes
         imports: errors, hash_order, qjson.streamer, qjson.writer
@@ -61,24 +62,24 @@ module needs its entry here. ::
     3 topterm
         top's terminal: curses, keys, prompts, the refresh loop
         imports: topmodel, topscreen
-    2 config
-        the TOML configuration file: keys, types, ranges, one error per bad file
-        imports: errors, logconfig, metricsmap, schema
     2 adoption
         ptrace injection of KVM_GET_STATS_FD into a running VMM (policy; C mechanics in _adopt)
         imports: errors, sources.borrowed, steps
+    2 config
+        the TOML configuration file: keys, types, ranges, one error per bad file
+        imports: errors, logconfig, metricsmap, schema
     2 holdlib
         the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
         imports: errors, install_check
     2 qjson.fastpath (pure)
         the stdlib scanner where its result provably equals QEMU's parser
         imports: qjson.parser
+    2 qjson.writer (pure)
+        values -> QEMU's compact JSON text
+        imports: hash_order, qjson.parser, qjson.unicode
     2 sources.guest
         the owned VMs' guest: machine code, memory layout, initial registers
         imports: sources.kvm_abi
-    2 holdlib
-        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
-        imports: errors, install_check
     2 statsfile
         one stats fd: header, id and descriptors parsed once; data located
         imports: _native, errors, schema
@@ -100,12 +101,15 @@ module needs its entry here. ::
     1 metricsmap (pure)
         KVM descriptors -> Prometheus/OpenMetrics families, names, units, bucket bounds
         imports: schema
+    1 outbox
+        one client's queued replies and the writer that sends them
+        imports: replymemory
+    1 peers
+        a unix-socket client's credentials: SO_PEERCRED, SO_PEERGROUPS
+        imports: access
     1 qjson.parser (pure)
         JSON tokens -> values, QEMU's parse errors
         imports: qjson.lexer, qjson.unicode
-    1 qjson.writer (pure)
-        values -> QEMU's compact JSON text
-        imports: hash_order, qjson.unicode
     1 socketfiles
         run dir lock, stale sockets, binding unix sockets, their mode and group
         imports: errors
@@ -117,6 +121,9 @@ module needs its entry here. ::
         imports: errors
     1 topmodel (pure)
         top's samples, totals, rates and their formatting by unit
+        imports: -
+    0 access (pure)
+        who may see which VM: root, the admin group, the VMM's owner
         imports: -
     0 errors (pure)
         the exception tree; each error's QMP class
@@ -133,14 +140,17 @@ module needs its entry here. ::
     0 loopstats
         trio instrument: how long one task step blocks the event loop
         imports: -
-    0 outbox
-        one client's queued replies and the writer that sends them
+    0 memtrim
+        giving the heap's free memory back to the kernel after a burst of big replies
         imports: -
     0 qjson.lexer (pure)
         JSON bytes -> tokens: QEMU's lexer states
         imports: -
     0 qjson.unicode (pure)
         QEMU's modified UTF-8 rules
+        imports: -
+    0 replymemory
+        the daemon's budget of reply bytes across connections
         imports: -
     0 schema (pure)
         KVM descriptors -> QAPI stats schemas and values

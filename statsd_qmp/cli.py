@@ -209,6 +209,14 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         help="group of the sockets (name or gid; default: the daemon's)",
     )
     run.add_argument(
+        "--admin-group",
+        type=config_flag("admin_group"),
+        default=None,
+        metavar="GROUP",
+        help="members see every VM (name or gid); other users see the VMs they run "
+        "(default: only root sees every VM)",
+    )
+    run.add_argument(
         "--scan-interval",
         type=config_flag("scan_interval"),
         default=None,
@@ -257,6 +265,37 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         "(default 16777216)",
     )
     run.add_argument(
+        "--max-reply-bytes",
+        type=config_flag("limits.max_reply_bytes"),
+        default=None,
+        metavar="BYTES",
+        help="largest query-stats reply, bounded before it is made; a larger one is refused "
+        "with an error (default 33554432)",
+    )
+    run.add_argument(
+        "--max-reply-memory",
+        type=config_flag("limits.max_reply_memory"),
+        default=None,
+        metavar="BYTES",
+        help="replies being made or waiting to be read, all clients together; big replies "
+        "wait for room (default 134217728)",
+    )
+    run.add_argument(
+        "--request-timeout",
+        type=config_flag("limits.request_timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="time from a request's first byte to its last, else the connection is closed; "
+        "idle connections are never closed (default 10)",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=config_flag("limits.drain_timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="time replies being written get to finish at SIGTERM (default 5)",
+    )
+    run.add_argument(
         "--negotiation-timeout",
         type=config_flag("limits.negotiation_timeout"),
         default=None,
@@ -302,6 +341,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     defaults = Settings()
     limit_defaults = Limits()
     group = _first(args.socket_group, file.socket_group, "")
+    admin_group = _first(args.admin_group, file.admin_group, "")
     metrics_listen = _metrics_listen(args.metrics_listen, file.metrics_listen)
     return Settings(
         run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
@@ -310,6 +350,11 @@ def build_settings(args: argparse.Namespace) -> Settings:
         histogram_order=_first(args.histogram_order, file.histogram_order, "kernel"),
         socket_mode=_first(args.socket_mode, file.socket_mode, defaults.socket_mode),
         socket_gid=resolve_group(group, path=args.config) if group != "" else None,
+        admin_gid=(
+            resolve_group(admin_group, path=args.config, key="admin_group")
+            if admin_group != ""
+            else None
+        ),
         scan_interval=_first(args.scan_interval, file.scan_interval, defaults.scan_interval),
         discover=not args.no_discovery,
         measure_loop=args.measure_loop,
@@ -336,6 +381,20 @@ def build_settings(args: argparse.Namespace) -> Settings:
                 args.max_output_bytes,
                 file.limits.max_output_bytes,
                 limit_defaults.max_output_bytes,
+            ),
+            max_reply_bytes=_first(
+                args.max_reply_bytes, file.limits.max_reply_bytes, limit_defaults.max_reply_bytes
+            ),
+            max_reply_memory=_first(
+                args.max_reply_memory,
+                file.limits.max_reply_memory,
+                limit_defaults.max_reply_memory,
+            ),
+            request_timeout=_first(
+                args.request_timeout, file.limits.request_timeout, limit_defaults.request_timeout
+            ),
+            drain_timeout=_first(
+                args.drain_timeout, file.limits.drain_timeout, limit_defaults.drain_timeout
             ),
         ),
         metrics_listen=metrics_listen if metrics_listen is not None else _default_metrics(),

@@ -18,6 +18,10 @@ Two kinds of socket use this table:
   ``vm`` argument on ``query-stats``, ``query-stats-schemas``, ``query-cpus-fast`` and
   ``human-monitor-command``. With ``vm`` the answer equals that VM's own socket; without it
   ``query-stats`` covers every VM and names each result ``/vm/NAME`` or ``/vm/NAME/vcpu[N]``.
+
+Every request carries the client's :class:`access.Viewer`: "every VM" above means every VM
+that client may see. A VM it may not see answers exactly as a VM that does not exist (same
+error, same rescan first), and a per-VM socket refuses a client that may not see its VM.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from . import QEMU_VERSION, hmp, introspection, render
+from .access import NOT_YOURS, Viewer
 from .errors import CommandNotFoundError, QmpError, StatsdQmpError, StatsFileError
 from .hash_order import first_unexpected_member
 from .schema import PROVIDER, HistogramOrder
@@ -36,6 +41,8 @@ from .vm import VmStats, vcpu_path, vm_path
 TARGETS: Final = ("vm", "vcpu")
 PROVIDERS: Final = (PROVIDER,)
 CPU_TARGET: Final = "x86_64"
+# A query-stats with more provider requests than this is checked and made in steps.
+MANY_REQUESTS: Final = 64
 
 Args = dict[str, Any]
 
@@ -57,16 +64,30 @@ class RawJson:
 
 @dataclass(frozen=True, slots=True)
 class RawSteps:
-    """A :class:`RawJson` still to be produced, one VM at a time (host-wide ``query-stats``).
+    """Work to run in steps (see :mod:`steps`) whose result is the command's value: the
+    checks and size bound of a ``query-stats`` with many provider requests, giving a
+    :class:`PlannedReply`."""
 
-    ``steps`` (see :mod:`steps`) pauses between VMs and returns the reply's parts as bytes
-    (copies: they survive other queries). After a pause every VM is read afresh before its
-    next render (another request may have refreshed its read buffer meanwhile), and each VM
-    is checked to be still served before it is read (a dropped VM's fds are closed, their
-    numbers free for other files).
+    steps: Steps[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedReply:
+    """A ``query-stats`` return value whose size is bounded but which is not made yet.
+
+    ``bound`` is the most bytes it can take (known from the reply's shapes, before anything
+    is read or rendered; already checked against the request's limit), so the caller can
+    wait for room in its memory budget before making it. ``steps`` make it and return its
+    parts. ``sliced``: the caller may pause between steps; the parts are then copies, each
+    VM is checked to be still served before it is read (a dropped VM's fds are closed, their
+    numbers free for other files) and read afresh after a pause. Otherwise run the steps at
+    once (see :func:`steps.finish`): the parts are views into the renderers' buffers, valid
+    until the next render.
     """
 
+    bound: int
     steps: Steps[tuple[bytes | memoryview, ...]]
+    sliced: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +99,8 @@ class Pending:
 
 
 # adopt-vm's work, given by the composition root: (pid, or None and a QEMU -name) -> report.
-Adopter = Callable[[int | None, str | None], Awaitable[Any]]
+# (pid, QEMU -name, owner uid the process must have: None for an admin) -> the report.
+Adopter = Callable[[int | None, str | None, int | None], Awaitable[Any]]
 
 
 class CommandContext(Protocol):
@@ -100,11 +122,21 @@ class CommandContext(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Which socket a request came in on."""
+    """Which socket a request came in on, and which VMs its client may see."""
 
     host: bool
+    viewer: Viewer
     vm: VmStats | None = None
     peer_uid: int | None = None  # SO_PEERCRED of the client, when known
+
+    def may_see(self, vm: VmStats) -> bool:
+        return self.viewer.may_see(vm.owner_uid)
+
+    def refusal(self) -> str | None:
+        """Why this client may not use this socket at all (a per-VM socket not its own)."""
+        if self.vm is not None and not self.may_see(self.vm):
+            return NOT_YOURS
+        return None
 
 
 # --- QAPI-style argument checks -------------------------------------------------------------
@@ -212,6 +244,14 @@ def requests_in_qemu_order(stats_filter: StatsFilter) -> list[StatsRequest]:
 
 def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
     """Validate ``query-stats`` arguments in QEMU's visiting order (target, providers, vcpus)."""
+    return finish(stats_filter_steps(arguments, host=host))
+
+
+CHECKS_PER_STEP = 256  # provider requests checked between two pauses (~0.4 ms)
+
+
+def stats_filter_steps(arguments: Args, *, host: bool) -> Steps[StatsFilter]:
+    """:func:`parse_stats_filter` in steps: a request may hold 45,000 provider requests."""
     args = dict(arguments)
     target = _enum(args, "target", TARGETS, required=True)
     assert target is not None
@@ -233,6 +273,8 @@ def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
             providers.append(
                 StatsRequest(provider, frozenset(names) if names is not None else None)
             )
+            if index % CHECKS_PER_STEP == CHECKS_PER_STEP - 1:
+                yield None
     vcpus = _string_list(args, "vcpus") if target == "vcpu" else None
     vm = _string(args, "vm", required=False) if host else None
     _check_leftovers(arguments, args)
@@ -270,7 +312,7 @@ class Commands:
             "query-commands": self._query_commands,
             "query-qmp-schema": self._query_qmp_schema,
             "query-cpus-fast": self._query_cpus_fast,
-            "query-stats": self._query_stats,
+            "query-stats": lambda scope, args: self._query_stats(scope, args, None),
             "query-stats-schemas": self._query_stats_schemas,
             "human-monitor-command": self._human_monitor_command,
             "query-vms": self._query_vms,
@@ -291,16 +333,46 @@ class Commands:
         if command == "query-vms":
             return True
         name = arguments.get("vm")
-        return isinstance(name, str) and self.context.find_vm(name) is None
+        # A VM hidden from this client is looked for exactly like an unknown one.
+        return isinstance(name, str) and self._find_visible(scope, name) is None
 
-    def execute(self, scope: Scope, command: str, arguments: Args, *, oob: bool) -> Any:
-        """Run a command; raises :class:`QmpError` with QEMU's class and text on failure."""
+    def visible_vms(self, scope: Scope) -> list[VmStats]:
+        """The served VMs this client may see, sorted by name."""
+        return [vm for vm in self.context.all_vms() if scope.may_see(vm)]
+
+    def _find_visible(self, scope: Scope, name: str) -> VmStats | None:
+        vm = self.context.find_vm(name)
+        return vm if vm is not None and scope.may_see(vm) else None
+
+    def execute(
+        self,
+        scope: Scope,
+        command: str,
+        arguments: Args,
+        *,
+        oob: bool,
+        max_reply_bytes: int | None = None,
+    ) -> Any:
+        """Run a command; raises :class:`QmpError` with QEMU's class and text on failure.
+
+        ``max_reply_bytes`` bounds a ``query-stats`` reply, checked before it is made (a
+        limit QEMU lacks: its reply to 45,000 repeated provider requests is 248 MB). The
+        value is plain data, a :class:`RawJson`, a :class:`PlannedReply` or
+        :class:`RawSteps` giving one.
+        """
         handler = self._table.get(command)
         if handler is None or (command in self._host_only and not scope.host):
             raise CommandNotFoundError(f"The command {command} has not been found")
         if oob:
             # No command served here is marked allow-oob (QEMU allows only a few).
             raise QmpError(f"The command {command} does not support OOB")
+        refusal = scope.refusal()
+        if refusal is not None:
+            # The server refuses such a client at connect; this holds when the policy changed
+            # since (a reload that took the client out of the admin group).
+            raise QmpError(refusal)
+        if command == "query-stats":
+            return self._query_stats(scope, arguments, max_reply_bytes)
         return handler(scope, arguments)
 
     # --- generic commands ----------------------------------------------------------------
@@ -322,14 +394,15 @@ class Commands:
         whether results use host-socket paths."""
         if not scope.host:
             return scope.vm, False
-        return self._named_vm(_string(args, "vm", required=False))
+        return self._named_vm(scope, _string(args, "vm", required=False))
 
-    def _named_vm(self, name: str | None) -> tuple[VmStats | None, bool]:
+    def _named_vm(self, scope: Scope, name: str | None) -> tuple[VmStats | None, bool]:
         """Host socket: the VM ``name`` asks for (answered as its own socket would), or every
-        VM with host-socket paths when no name is given."""
+        VM with host-socket paths when no name is given. A VM the client may not see is
+        not found, in the very words of an unknown one."""
         if name is None:
             return None, True
-        vm = self.context.find_vm(name)
+        vm = self._find_visible(scope, name)
         if vm is None:
             raise QmpError(f"VM '{name}' not found (query-vms lists the VMs served)")
         return vm, False
@@ -337,7 +410,7 @@ class Commands:
     def _vms_for(self, scope: Scope, vm: VmStats | None) -> Sequence[VmStats]:
         if vm is not None:
             return [vm]
-        return self.context.all_vms() if scope.host else []
+        return self.visible_vms(scope) if scope.host else []
 
     def _query_cpus_fast(self, scope: Scope, arguments: Args) -> Any:
         args = dict(arguments)
@@ -365,7 +438,7 @@ class Commands:
                 "origin": vm.origin,
                 "socket": vm.socket_path,
             }
-            for vm in self.context.all_vms()
+            for vm in self.visible_vms(scope)
         ]
 
     def _adopt_vm(self, scope: Scope, arguments: Args) -> Any:
@@ -385,10 +458,15 @@ class Commands:
         adopter = self.adopter
         if adopter is None:
             raise QmpError("adopt-vm needs discovery of the host's VMs, which is off")
+        # Like seeing, adopting: a client that is not an admin may adopt only its own VMMs.
+        viewer = scope.viewer
+        owner_uid = None if viewer.sees_all else viewer.uid
+        if not viewer.sees_all and owner_uid is None:
+            raise QmpError("adopt-vm: the client's credentials are unknown")
 
         async def run() -> Any:
             try:
-                return await adopter(pid, name)
+                return await adopter(pid, name, owner_uid)
             except StatsdQmpError as exc:  # AdoptionError: refused or failed
                 raise QmpError(str(exc)) from exc
 
@@ -396,19 +474,96 @@ class Commands:
 
     # --- stats ---------------------------------------------------------------------------
 
-    def _query_stats(self, scope: Scope, args: Args) -> Any:
-        stats_filter = parse_stats_filter(args, host=scope.host)
+    def _query_stats(self, scope: Scope, args: Args, max_reply_bytes: int | None) -> Any:
+        providers = args.get("providers")
+        plan = self._plan_stats(scope, args, max_reply_bytes)
+        if isinstance(providers, list) and len(providers) > MANY_REQUESTS:
+            return RawSteps(plan)
+        return finish(plan)
+
+    def _plan_stats(
+        self, scope: Scope, args: Args, max_reply_bytes: int | None
+    ) -> Steps[PlannedReply]:
+        """Check the arguments, bound the reply's size (refusing it past the limit), and
+        hand back the steps that make it."""
+        stats_filter = yield from stats_filter_steps(args, host=scope.host)
         vm: VmStats | None
         if scope.host:
-            vm, host_paths = self._named_vm(stats_filter.vm)
+            vm, host_paths = self._named_vm(scope, stats_filter.vm)
         else:
             vm, host_paths = scope.vm, False
         vms = self._vms_for(scope, vm)
-        if scope.host and stats_filter.vm is None and len(vms) > 1:
-            # Every VM of the host: produced in steps, so that a host with thousands of
-            # vCPUs (~1 us each) never holds the event loop for the whole reply.
-            return RawSteps(self._fragments(scope, vms, stats_filter, host_paths, sliced=True))
-        return RawJson(self.query_stats_parts(scope, vms, stats_filter, host_paths))
+        requests = yield from self._shaped_requests(vms, stats_filter)
+        bound = yield from self._reply_bound(vms, stats_filter, requests, host_paths)
+        if max_reply_bytes is not None and bound > max_reply_bytes:
+            raise QmpError(
+                f"The reply would exceed the limit of {max_reply_bytes} bytes per reply; "
+                "ask for fewer results"
+            )
+        # Every VM of the host, or a request repeated many times: produced in steps, so
+        # that a host with thousands of vCPUs (~1 us each) never holds the event loop for
+        # the whole reply.
+        sliced = (scope.host and stats_filter.vm is None and len(vms) > 1) or len(
+            requests
+        ) > MANY_REQUESTS
+        fragments = self._fragments(scope, vms, stats_filter, requests, host_paths, sliced=sliced)
+        return PlannedReply(bound, fragments, sliced)
+
+    def _shaped_requests(
+        self, vms: Sequence[VmStats], stats_filter: StatsFilter
+    ) -> Steps[list[frozenset[str] | None]]:
+        """:func:`requests_in_qemu_order`, each request's names cut down to names some VM
+        has (the rest are ignored anyway: many spellings of one filter make one reply
+        shape); requests left asking for nothing are dropped (their results are empty)."""
+        known = frozenset().union(*(render.stat_names(vm, stats_filter.target) for vm in vms))
+        if stats_filter.providers is None:
+            return [None]
+        shaped: list[frozenset[str] | None] = []
+        cut: dict[frozenset[str], frozenset[str]] = {}
+        for index, request in enumerate(reversed(stats_filter.providers)):
+            names = request.names
+            if names is not None:
+                names = cut.get(names)
+                if names is None:
+                    names = cut[request.names] = request.names & known  # type: ignore[index, operator]
+                if not names:
+                    continue
+            shaped.append(names)
+            if index % CHECKS_PER_STEP == CHECKS_PER_STEP - 1:
+                yield None
+        return shaped
+
+    def _reply_bound(
+        self,
+        vms: Sequence[VmStats],
+        stats_filter: StatsFilter,
+        requests: list[frozenset[str] | None],
+        host_paths: bool,
+    ) -> Steps[int]:
+        """The most bytes the reply's list can take, from the shapes alone."""
+        repeats: dict[frozenset[str] | None, int] = {}
+        for index, names in enumerate(requests):
+            repeats[names] = repeats.get(names, 0) + 1
+            if index % CHECKS_PER_STEP == CHECKS_PER_STEP - 1:
+                yield None
+        bound = 2  # "[" "]"
+        for names, count in repeats.items():
+            shape = self._shape(stats_filter, names, host_paths)
+            per_request = sum(render.shape_bound(vm, shape) + 2 for vm in vms)  # + ", "
+            bound += per_request * count
+            yield None
+        return bound
+
+    def _shape(
+        self, stats_filter: StatsFilter, names: frozenset[str] | None, host_paths: bool
+    ) -> render.Shape:
+        return render.Shape(
+            stats_filter.target,
+            names,
+            stats_filter.vcpus,
+            host_paths,
+            self.context.histogram_order,
+        )
 
     def query_stats_json(
         self,
@@ -428,37 +583,33 @@ class Commands:
         host_paths: bool,
     ) -> tuple[bytes | memoryview, ...]:
         """The pieces of :meth:`query_stats_json`, not yet joined (no copy of the big text)."""
-        return finish(self._fragments(scope, vms, stats_filter, host_paths, sliced=False))
+        requests = finish(self._shaped_requests(vms, stats_filter))
+        return finish(self._fragments(scope, vms, stats_filter, requests, host_paths, sliced=False))
 
     def _fragments(
         self,
         scope: Scope,
         vms: Sequence[VmStats],
         stats_filter: StatsFilter,
+        requests: list[frozenset[str] | None],
         host_paths: bool,
         *,
         sliced: bool,
     ) -> Steps[tuple[bytes | memoryview, ...]]:
-        """The reply's parts, in steps of one VM (see :class:`RawSteps`).
+        """The reply's parts, in steps of one VM (see :class:`PlannedReply`).
 
-        ``sliced``: the caller may pause between steps: parts are copies, VMs are checked to
-        be still served, and are read again after a pause. Otherwise parts are views into
-        the renderers' buffers, valid until the next render.
+        ``sliced``: the caller may pause between steps: parts are copies, and VMs are read
+        again after a pause. Otherwise parts are views into the renderers' buffers, valid
+        until the next render. Either way a VM no longer served is never read.
         """
         target = stats_filter.target
         # VmStats and Program hash by identity: a view replaced meanwhile is another key.
-        rendered: dict[render.Program, memoryview] = {}
+        rendered: dict[render.Program, bytes | memoryview] = {}
         read: set[VmStats] = set()
         failed: set[VmStats] = set()
         parts: list[bytes | memoryview] = [b"["]
-        for request in requests_in_qemu_order(stats_filter):
-            shape = render.Shape(
-                target,
-                request.names,
-                stats_filter.vcpus,
-                host_paths,
-                self.context.histogram_order,
-            )
+        for names in requests:
+            shape = self._shape(stats_filter, names, host_paths)
             for vm in vms:
                 if vm in failed:
                     continue
@@ -466,8 +617,10 @@ class Commands:
                 if program is None:
                     continue
                 if vm not in read:
-                    if sliced and self.context.find_vm(vm.name) is not vm:
-                        failed.add(vm)  # dropped or replaced meanwhile: as if gone before
+                    if self.context.find_vm(vm.name) is not vm:
+                        # Dropped or replaced since the request was planned (its planning
+                        # or the wait for reply memory let others run): as if gone before.
+                        failed.add(vm)
                         continue
                     try:
                         if target == "vm":
@@ -485,10 +638,12 @@ class Commands:
                 # same snapshot: reuse it (a second render would overwrite the first).
                 text = rendered.get(program)
                 if text is None:
-                    text = rendered[program] = program.render()
+                    # Copied once when sliced: repeats of it share the copy.
+                    text = program.render()
+                    text = rendered[program] = bytes(text) if sliced else text
                 if len(parts) > 1:
                     parts.append(b", ")
-                parts.append(bytes(text) if sliced else text)
+                parts.append(text)
                 if (yield None):
                     read.clear()  # the caller let others run: buffers may hold newer data
                     rendered.clear()
@@ -609,7 +764,10 @@ class Commands:
 
         def query_stats(arguments: Args) -> list[dict[str, Any]]:
             return self.query_stats(
-                Scope(host=False, vm=vm), vms, parse_stats_filter(arguments, host=False), False
+                Scope(host=False, viewer=scope.viewer, vm=vm),
+                vms,
+                parse_stats_filter(arguments, host=False),
+                False,
             )
 
         def query_schemas(provider: str | None) -> list[dict[str, Any]]:

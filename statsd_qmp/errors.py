@@ -14,6 +14,7 @@ Tree::
     +-- KvmError                   an ioctl on /dev/kvm, a VM or a vCPU failed (owned VMs)
     +-- AdoptionError              a VMM cannot or must not be adopted, or adopting it failed
     +-- RunDirBusyError            another daemon holds the run directory's lock
+    +-- RunDirUnsafeError          the run dir, vm/ or a file in them is not safely ours
     +-- ConfigError                the configuration file cannot be used
     +-- QmpError                   an error that becomes a QMP ``error`` reply
         +-- CommandNotFoundError   ``qmp_class`` is "CommandNotFound"
@@ -106,6 +107,15 @@ class RunDirBusyError(StatsdQmpError):
     """Another daemon holds the run directory's lock.
 
     Raised by ``socketfiles.lock_run_dir``, naming the other daemon's pid.
+    """
+
+
+class RunDirUnsafeError(StatsdQmpError):
+    """The run directory, its ``vm/`` or a path the daemon needs in them cannot be trusted.
+
+    Raised by ``socketfiles`` (a symlink, a directory owned by another user or writable by
+    others, a lock file that is not a plain file of ours, the host socket's path taken by
+    another kind of file), naming the path, what is wrong and how to fix it.
     """
 
 

@@ -3,8 +3,10 @@
 Owns: :class:`Outbox`, the bounded queue between a connection's reader (which puts replies)
 and its writer (which sends them): the direct send when the writer is idle, sends cut into
 pieces of at most :data:`WRITE_CHUNK` bytes, the byte count the server's output limit watches,
-and the deadline that ends a write in progress when the connection or the daemon stops. May
-import trio; knows nothing of QMP (it carries bytes).
+the deadline that ends a write in progress when the connection or the daemon stops, when the
+client last took a byte (a client that reads is never cut), and reporting every byte queued
+and sent to the daemon's reply budget. May import trio and replymemory; knows nothing of QMP
+(it carries bytes).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections import deque
 
 import trio
 
+from .replymemory import ReplyMemory
+
 __all__ = ["WRITE_CHUNK", "Outbox"]
 
 WRITE_CHUNK = 256 * 1024  # most bytes handed to one send(): ~0.1-0.3 ms in the kernel
@@ -23,8 +27,10 @@ WRITE_CHUNK = 256 * 1024  # most bytes handed to one send(): ~0.1-0.3 ms in the 
 class Outbox:
     """Replies waiting to be written to one client, and the writer's side of it."""
 
-    def __init__(self, direct_fd: int | None = None) -> None:
+    def __init__(self, direct_fd: int | None = None, memory: ReplyMemory | None = None) -> None:
         self.size = 0
+        # The daemon's reply budget, told of every byte queued here and every byte sent.
+        self._memory = memory
         self.closing = False
         self._chunks: deque[bytes | memoryview] = deque()
         self._wakeup = trio.Event()
@@ -35,6 +41,10 @@ class Outbox:
         self._drained = trio.Event()
         self.shield: trio.CancelScope | None = None
         self.stop_deadline = math.inf
+        # When the client last took bytes (any send that made progress), and an event set
+        # when replies start waiting.
+        self.last_progress = trio.current_time()
+        self._pending = trio.Event()
 
     def end_writes_by(self, deadline: float) -> None:
         """Give the write in progress (and any later one) until ``deadline`` to finish."""
@@ -59,9 +69,21 @@ class Outbox:
         self._queue(data)
 
     def _queue(self, data: bytes | memoryview) -> None:
+        if not self._chunks:
+            self.last_progress = trio.current_time()  # the wait for the client starts now
+            self._pending.set()
         self._chunks.append(data)
         self.size += len(data)
+        if self._memory is not None:
+            self._memory.add(len(data))
         self._wakeup.set()
+
+    def discard(self) -> None:
+        """The connection is gone: what was never sent leaves the budget."""
+        if self._memory is not None:
+            self._memory.release(self.size)
+        self._chunks.clear()
+        self.size = 0
 
     def finish(self, data: bytes = b"") -> None:
         """Queue a last line; the writer ends once everything is written."""
@@ -69,14 +91,27 @@ class Outbox:
             self.put(data)
         self.closing = True
         self._wakeup.set()
+        self._drained.set()
 
     async def wait_below(self, limit: int) -> None:
-        """Return once at most ``limit`` bytes wait."""
-        while self.size > limit:
+        """Return once at most ``limit`` bytes wait, or the outbox is closing."""
+        while self.size > limit and not self.closing:
             self._drained = trio.Event()
             await self._drained.wait()
 
-    async def drain_to(self, stream: trio.abc.SendStream) -> None:
+    async def wait_stalled(self, stall: float) -> None:
+        """Return once replies have waited ``stall`` seconds without the client taking a
+        byte of them."""
+        while True:
+            if not self._chunks:
+                self._pending = trio.Event()
+                await self._pending.wait()
+            deadline = self.last_progress + stall
+            if self._chunks and trio.current_time() >= deadline:
+                return
+            await trio.sleep_until(deadline)
+
+    async def drain_to(self, stream: trio.SocketStream) -> None:
         """The writer: send everything queued to ``stream`` until :meth:`finish` and empty."""
         while True:
             while not self._chunks:
@@ -92,13 +127,21 @@ class Outbox:
             # sees a partial line; the server puts a deadline on this shield when it stops.
             with trio.CancelScope(shield=True, deadline=self.stop_deadline) as self.shield:
                 while self._chunks:
-                    data = self._take(WRITE_CHUNK)
-                    await stream.send_all(data)
-                    self.size -= len(data)
+                    data = memoryview(self._take(WRITE_CHUNK))
+                    while data:
+                        # send_all's loop, each partial send counting as progress.
+                        sent = await stream.socket.send(data)
+                        data = data[sent:]
+                        self.last_progress = trio.current_time()
+                        self.size -= sent
+                        if self._memory is not None:
+                            self._memory.release(sent)
                     self._drained.set()
             self.shield = None
-            if self._chunks:
-                return  # the deadline passed: the connection is being closed unflushed
+            if self.size:
+                # The deadline passed (perhaps mid-piece): the connection is being closed
+                # unflushed; ``size`` is what the client never got.
+                return
 
     def _take(self, limit: int) -> bytes | memoryview:
         """The next bytes to send: small replies joined, a big one cut, up to ``limit``.

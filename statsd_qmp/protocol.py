@@ -65,7 +65,7 @@ when several are unexpected comes from a GLib hash table;
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .hash_order import first_unexpected_member, qdict_key_order
@@ -105,7 +105,10 @@ class Request:
     ``arguments`` is the request's ``arguments`` object (``{}`` when absent), keys in the order
     the client sent them. ``id`` is the client's ``id`` as parsed (any JSON value) and
     ``has_id`` says whether there was one (``"id": null`` is an id). ``oob`` is true for an
-    ``exec-oob`` request (only possible once the client enabled OOB).
+    ``exec-oob`` request (only possible once the client enabled OOB). ``id_json`` is the id's
+    text as replies echo it, made where the request was parsed (off the event loop for a big
+    message: re-serialising a 1 MiB structured id takes hundreds of milliseconds); None: made
+    when a reply needs it.
     """
 
     command: str
@@ -113,6 +116,7 @@ class Request:
     id: Any = None
     has_id: bool = False
     oob: bool = False
+    id_json: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,16 +160,22 @@ def _id_json(value: Any) -> str:
     return dumps(value, qdict_order=kind is dict or kind is list)
 
 
-def _error_line(has_id: bool, request_id: Any, qmp_class: str, desc: str) -> bytes:
+def _request_id_json(request: Request) -> str | None:
+    if request.id_json is not None:
+        return request.id_json
+    return _id_json(request.id) if request.has_id else None
+
+
+def _error_line(id_json: str | None, qmp_class: str, desc: str) -> bytes:
     error = '"error": {"class": ' + quote(qmp_class) + ', "desc": ' + quote(desc) + "}}\r\n"
-    if has_id:
-        return ('{"id": ' + _id_json(request_id) + ", " + error).encode("ascii")
+    if id_json is not None:
+        return ('{"id": ' + id_json + ", " + error).encode("ascii")
     return ("{" + error).encode("ascii")
 
 
-def _return_line(has_id: bool, request_id: Any, value: Any) -> bytes:
-    if has_id:
-        text = '{"return": ' + dumps(value) + ', "id": ' + _id_json(request_id) + "}\r\n"
+def _return_line(id_json: str | None, value: Any) -> bytes:
+    if id_json is not None:
+        text = '{"return": ' + dumps(value) + ', "id": ' + id_json + "}\r\n"
     else:
         text = '{"return": ' + dumps(value) + "}\r\n"
     return text.encode("ascii")
@@ -173,7 +183,7 @@ def _return_line(has_id: bool, request_id: Any, value: Any) -> bytes:
 
 def reply_return(request: Request, value: Any) -> bytes:
     """``{"return": value, "id": id}`` (``id`` only if the request had one)."""
-    return _return_line(request.has_id, request.id, value)
+    return _return_line(_request_id_json(request), value)
 
 
 _RETURN_HEAD: Final = b'{"return": '
@@ -185,8 +195,9 @@ def reply_return_parts(request: Request) -> tuple[bytes, bytes]:
     For a value whose JSON text was made elsewhere (the C renderer): head + text + tail is
     the reply :func:`reply_return` would write for that value.
     """
-    if request.has_id:
-        return _RETURN_HEAD, (', "id": ' + _id_json(request.id) + "}\r\n").encode("ascii")
+    id_json = _request_id_json(request)
+    if id_json is not None:
+        return _RETURN_HEAD, (', "id": ' + id_json + "}\r\n").encode("ascii")
     return _RETURN_HEAD, b"}\r\n"
 
 
@@ -196,8 +207,8 @@ def reply_error(request: Request | None, qmp_class: str, desc: str) -> bytes:
     ``request`` None gives the id-less form QEMU uses for input that is not a request.
     """
     if request is None:
-        return _error_line(False, None, qmp_class, desc)
-    return _error_line(request.has_id, request.id, qmp_class, desc)
+        return _error_line(None, qmp_class, desc)
+    return _error_line(_request_id_json(request), qmp_class, desc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,19 +296,22 @@ class QmpConnection:
             if type(item) is JsonValue:
                 events.append(self._handle(item.value))
             elif type(item) is JsonError:
-                events.append(SendBytes(_error_line(False, None, _GENERIC, item.desc)))
+                events.append(SendBytes(_error_line(None, _GENERIC, item.desc)))
             else:
                 assert type(item) is JsonTooLong
                 desc = f"QMP input exceeds the limit of {item.limit} bytes per message"
-                events.append(Close(_error_line(False, None, _GENERIC, desc), desc))
+                events.append(Close(_error_line(None, _GENERIC, desc), desc))
                 self._closed = True
         return events
 
     def _handle(self, message: Any) -> Event:
         if type(message) is not dict:
-            return SendBytes(_error_line(False, None, _GENERIC, "QMP input must be a JSON object"))
+            return SendBytes(_error_line(None, _GENERIC, "QMP input must be a JSON object"))
         has_id = "id" in message
         request_id = message.get("id")
+        # Every reply to this message echoes the id: its text is made here, where the
+        # message was parsed (a worker thread for a big one), once.
+        id_json = _id_json(request_id) if has_id else None
         command = message.get("execute")
         oob = False
         if not (
@@ -307,33 +321,33 @@ class QmpConnection:
         ):
             problem, command, oob = self._check_members(message)
             if problem is not None:
-                return SendBytes(_error_line(has_id, request_id, _GENERIC, problem))
+                return SendBytes(_error_line(id_json, _GENERIC, problem))
         assert isinstance(command, str)
         arguments: dict[str, Any] = message.get("arguments", {})
         if not self._negotiated:
             if command != "qmp_capabilities":
                 desc = "Expecting capabilities negotiation with 'qmp_capabilities'"
-                return SendBytes(_error_line(has_id, request_id, _NOT_FOUND, desc))
+                return SendBytes(_error_line(id_json, _NOT_FOUND, desc))
             problem, enable = _check_capabilities(arguments)
             if problem is None:
                 unavailable = [name for name in enable if name not in self._offered]
                 if unavailable:
                     problem = f"Capability {', '.join(unavailable)} not available"
             if problem is not None:
-                return SendBytes(_error_line(has_id, request_id, _GENERIC, problem))
+                return SendBytes(_error_line(id_json, _GENERIC, problem))
             self._negotiated = True
             self._oob = "oob" in enable
-            return SendBytes(_return_line(has_id, request_id, {}))
+            return SendBytes(_return_line(id_json, {}))
         if command == "qmp_capabilities":
             if oob:
                 desc = "The command qmp_capabilities does not support OOB"
-                return SendBytes(_error_line(has_id, request_id, _GENERIC, desc))
+                return SendBytes(_error_line(id_json, _GENERIC, desc))
             problem, _ = _check_capabilities(arguments)
             if problem is not None:
-                return SendBytes(_error_line(has_id, request_id, _GENERIC, problem))
+                return SendBytes(_error_line(id_json, _GENERIC, problem))
             desc = "Capabilities negotiation is already complete, command ignored"
-            return SendBytes(_error_line(has_id, request_id, _NOT_FOUND, desc))
-        return Request(command, arguments, request_id, has_id, oob)
+            return SendBytes(_error_line(id_json, _NOT_FOUND, desc))
+        return Request(command, arguments, request_id, has_id, oob, id_json)
 
     def _check_members(self, message: dict[str, Any]) -> tuple[str | None, str, bool]:
         """QEMU's ``qmp_dispatch_check_obj``: members in QDict order, first offence wins."""

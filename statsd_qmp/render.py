@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._native import native, statsfmt_ops
+from .engine import BatchReader
 from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder, ServedStat
 from .vm import VmStats, vcpu_path, vm_path
@@ -31,6 +32,16 @@ LITERAL, U64, BOOL, LIST, LIST_REVERSED, BASE = statsfmt_ops(
 MAX_PROGRAMS_PER_VM = 64  # distinct filters cached per VM; beyond, the cache starts afresh
 MAX_TEMPLATES = 256  # distinct (descriptor layout, names, order) kept; beyond, start afresh
 _OP = struct.Struct("<IIQ")  # struct statsfmt_op: kind, count, arg
+U64_DIGITS = 20  # the most digits of a u64 (statsfmt.c's U64_DIGITS)
+
+
+def value_bound(kind: int, count: int) -> int:
+    """The most bytes a value op renders (statsfmt.c's ``op_bound``)."""
+    if kind == U64:
+        return U64_DIGITS
+    if kind == BOOL:
+        return len(b"false")
+    return 2 + count * (U64_DIGITS + 2)  # "[" numbers joined by ", " "]"
 
 
 def _json(value: str) -> bytes:
@@ -47,17 +58,23 @@ class Shape:
 
 
 class _Text:
-    """Literal text as it comes, merged into one LITERAL op per run; subclasses store ops."""
+    """Literal text as it comes, merged into one LITERAL op per run; subclasses store ops.
+
+    ``bound`` adds up the most bytes the ops written so far can render (as statsfmt.c's
+    ``op_bound``): a reply's size is known before anything is read or rendered.
+    """
 
     def __init__(self) -> None:
         self.literals = bytearray()
         self._pending = bytearray()
+        self.bound = 0
 
     def _op(self, kind: int, count: int, arg: int) -> None:
         raise NotImplementedError
 
     def text(self, data: bytes) -> None:
         self._pending += data
+        self.bound += len(data)
 
     def _flush(self) -> None:
         if self._pending:
@@ -86,6 +103,7 @@ class _Template(_Text):
     def value(self, kind: int, word: int, count: int = 0) -> None:
         self._flush()
         self._op(kind, count, word)
+        self.bound += value_bound(kind, count)
 
 
 class _ProgramBuilder(_Text):
@@ -118,6 +136,7 @@ class _ProgramBuilder(_Text):
         self._op(BASE, 0, base_word)
         self.ops += placed
         self.n_ops += len(template.ops)
+        self.bound += template.bound
 
 
 class Program:
@@ -133,6 +152,7 @@ class Program:
         "_out",
         "_out_cap",
         "_words",
+        "bound",
         "empty",
         "ffi",
     )
@@ -144,6 +164,9 @@ class Program:
         self._words = words
         self._buffer_words = n_words
         self.empty = not builder.n_ops
+        # The most bytes render() can return (query-stats programs; the metrics renderer's
+        # builder keeps no bound, its output is not budgeted).
+        self.bound: int = getattr(builder, "bound", 0)
         self._literals = ffi.new("uint8_t[]", bytes(builder.literals) or b"\0")
         self._n_literals = len(builder.literals)
         self._n_ops = builder.n_ops
@@ -154,6 +177,12 @@ class Program:
             ffi.memmove(self._ops, bytes(builder.ops), len(builder.ops))
         self._out_cap = 4096
         self._out = ffi.new("uint8_t[]", self._out_cap)
+
+    def release_buffer(self, keep: int) -> None:
+        """Drop an output buffer grown past ``keep`` bytes (the next render regrows it)."""
+        if self._out_cap > keep:
+            self._out_cap = 4096
+            self._out = self.ffi.new("uint8_t[]", self._out_cap)
 
     def render(self) -> memoryview:
         """Render from the current contents of the VM's read buffer (read it first).
@@ -243,42 +272,110 @@ def _template(
     return template
 
 
-def compile_shape(vm: VmStats, shape: Shape) -> Program | None:
-    """The program for ``shape`` on ``vm``, or None when the VM has nothing for it."""
-    builder = _ProgramBuilder()
+class _Measure:
+    """Stands in for a :class:`_ProgramBuilder` when only the size bound is wanted."""
+
+    def __init__(self) -> None:
+        self.bound = 0
+
+    def text(self, data: bytes) -> None:
+        self.bound += len(data)
+
+    def stats(self, template: _Template, base_word: int) -> None:
+        self.bound += template.bound
+
+
+def _emit(vm: VmStats, shape: Shape, builder: _ProgramBuilder | _Measure) -> BatchReader | None:
+    """Write ``shape``'s results on ``vm`` into ``builder``; the reader whose buffer they
+    read, or None when the VM has nothing for the shape."""
     head = b'{"provider": ' + _json(PROVIDER) + b', "stats": '
     if shape.target == "vm":
         if vm.vm_file is None or vm.vm_reader is None:
             return None
-        reader = vm.vm_reader
         template = _template(vm.vm_file.served, shape.names, shape.order)
         if template is None:
             return None
         builder.text(head)
-        builder.stats(template, reader.starts[0] // 8)
+        builder.stats(template, vm.vm_reader.starts[0] // 8)
         if shape.host_paths:
             builder.text(b', "qom-path": ' + _json(vm_path(vm)))
         builder.text(b"}")
-    else:
-        reader = vm.vcpu_reader
-        results = 0
-        for index in reversed(range(len(vm.vcpus))):
-            vcpu = vm.vcpus[index]
-            path = vcpu_path(vm, vcpu.vcpu_id, host=shape.host_paths)
-            if shape.vcpus is not None and path not in shape.vcpus:
-                continue
-            template = _template(vcpu.file.served, shape.names, shape.order)
-            if template is None:
-                continue
-            builder.text((b", " if results else b"") + head)
-            builder.stats(template, reader.starts[index] // 8)
-            builder.text(b', "qom-path": ' + _json(path) + b"}")
-            results += 1
-        if not results:
-            return None
+        return vm.vm_reader
+    reader = vm.vcpu_reader
+    results = 0
+    for index in reversed(range(len(vm.vcpus))):
+        vcpu = vm.vcpus[index]
+        path = vcpu_path(vm, vcpu.vcpu_id, host=shape.host_paths)
+        if shape.vcpus is not None and path not in shape.vcpus:
+            continue
+        template = _template(vcpu.file.served, shape.names, shape.order)
+        if template is None:
+            continue
+        builder.text((b", " if results else b"") + head)
+        builder.stats(template, reader.starts[index] // 8)
+        builder.text(b', "qom-path": ' + _json(path) + b"}")
+        results += 1
+    return reader if results else None
+
+
+def compile_shape(vm: VmStats, shape: Shape) -> Program | None:
+    """The program for ``shape`` on ``vm``, or None when the VM has nothing for it."""
+    builder = _ProgramBuilder()
+    reader = _emit(vm, shape, builder)
+    if reader is None:
+        return None
     builder.finish()
     words = native()[0].cast("uint64_t *", reader.raw_buffer)
     return Program(builder, words, reader.total_bytes // 8)
+
+
+def stat_names(vm: VmStats, target: str) -> frozenset[str]:
+    """Every stat name ``vm`` serves for ``target`` (a filter's other names select nothing)."""
+    cache: dict[Any, Any] = vm.render_cache
+    key = ("names", target)
+    names: frozenset[str] | None = cache.get(key)
+    if names is None:
+        if target == "vm":
+            files = [vm.vm_file] if vm.vm_file is not None else []
+        else:
+            files = [vcpu.file for vcpu in vm.vcpus]
+        served = {id(f.served): f.served for f in files}.values()
+        names = frozenset(stat.desc.name for each in served for stat in each)
+        if len(cache) >= MAX_PROGRAMS_PER_VM:
+            cache.clear()
+        cache[key] = names
+    return names
+
+
+def shape_bound(vm: VmStats, shape: Shape) -> int:
+    """The most bytes ``shape``'s results on ``vm`` can render (0: none), without compiling
+    or reading anything; cached on the VM beside its programs."""
+    cache: dict[Any, Any] = vm.render_cache
+    key = ("bound", shape)
+    bound: int | None = cache.get(key)
+    if bound is None:
+        if len(cache) >= MAX_PROGRAMS_PER_VM:
+            cache.clear()
+        program = cache.get(shape)
+        if program is not None:
+            bound = program.bound
+        else:
+            measure = _Measure()
+            bound = measure.bound if _emit(vm, shape, measure) is not None else 0
+        cache[key] = bound
+    return bound
+
+
+KEEP_BUFFER = 64 << 10  # output buffers up to this size survive release_buffers()
+
+
+def release_buffers(vms: Sequence[VmStats]) -> None:
+    """Shrink the big output buffers of every cached program (after a burst of big replies:
+    a program keeps the buffer of its largest render)."""
+    for vm in vms:
+        for program in vm.render_cache.values():
+            if isinstance(program, Program):
+                program.release_buffer(KEEP_BUFFER)
 
 
 def program_for(vm: VmStats, shape: Shape) -> Program | None:

@@ -7,8 +7,8 @@ each client's conversation (:class:`Connection`): feeding bytes to the sans-IO
 per-request log line, and the limits QEMU lacks (connections, negotiation time, buffered
 output). Socket files (lock, stale sockets, bind, modes) are :mod:`~statsd_qmp.socketfiles`';
 the write queue is :mod:`~statsd_qmp.outbox`'s. May import protocol, commands, registry, vm,
-steps, loopstats (to name a step's work), socketfiles, outbox and trio; must not import app or
-cli.
+steps, loopstats (to name a step's work), socketfiles, outbox, replymemory, access and peers
+(who a client is and what it may see) and trio; must not import app or cli.
 
 Each connection runs a reader (bytes -> events -> replies) and a writer draining an outbox, so
 a client that stops reading only fills its own bounded outbox; it never stalls other clients
@@ -17,8 +17,8 @@ and never makes the daemon grow without bound.
 
 from __future__ import annotations
 
-import errno
 import itertools
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -31,26 +31,32 @@ import structlog
 import trio
 
 from . import loopstats, protocol
-from .commands import Commands, Pending, RawJson, RawSteps, Scope
+from .access import VM_DIR_MODE, AccessPolicy, Peer, Viewer, vm_socket_mode
+from .commands import Commands, Pending, PlannedReply, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .outbox import Outbox
+from .peers import peer_of
 from .registry import Registry
+from .replymemory import ReplyMemory
 from .socketfiles import (
     HOST_SOCKET,
     bind_unix,
+    ensure_directory,
     remove_stale_sockets,
     set_mode_and_group,
     unlink_socket,
 )
-from .steps import run_in_slices
+from .steps import finish, run_in_slices
 from .vm import VmStats
 
 __all__ = ["Connection", "Limits", "Server"]
 
 log = structlog.get_logger(__name__)
 
-SHUTDOWN_WRITE_GRACE = 1.0
-INLINE_PARSE_BYTES = 16384  # a chunk this small, starting a fresh message, is parsed inline
+# A chunk this small, starting a fresh message, is parsed inline (and its id's echo made
+# there): a few thousand tokens at most, well under a millisecond. Anything else is parsed in a
+# worker thread, which also makes the echo of a big structured id (270-380 ms for 1 MiB).
+INLINE_PARSE_BYTES = 4096
 STEP_SLICE = 0.0005  # how long a reply made in steps may hold the event loop at a time
 
 
@@ -62,10 +68,20 @@ class Limits:
     max_connections: int = 1000
     negotiation_timeout: float = 30.0
     max_output_bytes: int = 16 << 20
-    # How long replies may stay above max_output_bytes before the client counts as not
-    # reading, and how long a closing connection may take to flush its last line.
+    # The most bytes one query-stats reply may take (its bound, checked before it is made)
+    # and all replies being made or waiting to be read, across connections.
+    max_reply_bytes: int = 32 << 20
+    max_reply_memory: int = 128 << 20
+    # How long a client may read none of its waiting replies (while over max_output_bytes,
+    # or while others wait for reply memory) before it counts as not reading, and how long
+    # a closing connection may take to flush its last line.
     output_stall_timeout: float = 2.0
     close_grace: float = 2.0
+    # A request that has started arriving must be complete within this time (a connection
+    # idle between requests is never cut); replies being written when the daemon stops get
+    # this long to finish (4.5 MB at 10 MB/s takes 0.45 s).
+    request_timeout: float = 10.0
+    drain_timeout: float = 5.0
     # How long a removed VM's connections have to receive their last replies.
     vm_gone_grace: float = 1.0
 
@@ -82,12 +98,16 @@ class Server:
         socket_mode: int = 0o660,
         socket_gid: int | None = None,
         activated: socket.socket | None = None,
+        policy: AccessPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.commands = commands
-        self.limits = limits or Limits()
+        self._limits = limits or Limits()
         self.socket_mode = socket_mode
         self.socket_gid = socket_gid
+        # Who sees which VM; replaced on reload, applies from each client's next request.
+        self.policy = policy or AccessPolicy()
+        self._warned_chown = False
         # A host socket handed over by systemd (LISTEN_FDS): used as it is, never unlinked.
         self.activated = activated
         self.connections = 0
@@ -96,25 +116,49 @@ class Server:
         self._vm_scopes: dict[str, tuple[trio.CancelScope, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
         self._outboxes: set[Outbox] = set()
+        self.stopping = False
+        self._host_listener: trio.SocketListener | None = None
+        self.reply_memory = ReplyMemory(self._limits.max_reply_memory)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        """New limits (on reload): they apply to every request from now on."""
+        self._limits = limits
+        self.reply_memory.limit = limits.max_reply_memory
 
     @property
     def host_socket(self) -> Path:
         return self.registry.run_dir / HOST_SOCKET
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    def prepare(self) -> None:
+        """Remove stale sockets and listen on the host socket; before :meth:`run`, so that a
+        path that cannot be used is one plain error (not one inside the daemon's nursery)."""
+        if self._host_listener is not None:
+            return
         run_dir = self.registry.run_dir
         for path in remove_stale_sockets(run_dir, keep_host=self.activated is not None):
             log.info("removed stale socket", path=str(path))
+        ensure_directory(run_dir / "vm", VM_DIR_MODE)
         if self.activated is not None:
-            host_listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.activated))
+            sock = trio.socket.from_stdlib_socket(self.activated)
+            self._host_listener = trio.SocketListener(sock)
         else:
-            host_listener = bind_unix(self.host_socket, self.socket_mode, self.socket_gid)
+            self._host_listener = bind_unix(self.host_socket, self.socket_mode, self.socket_gid)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.prepare()
+        host_listener = self._host_listener
+        assert host_listener is not None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(
                     trio.serve_listeners,
-                    self._handler(lambda: Scope(host=True), vm_name=None),
+                    self._handler(lambda viewer: Scope(host=True, viewer=viewer), vm_name=None),
                     [host_listener],
                 )
                 self.registry.subscribe(added=self._vm_added, removed=self._vm_removed)
@@ -138,13 +182,30 @@ class Server:
         path = Path(vm.socket_path)
         unlink_socket(path)
         try:
-            listener = bind_unix(path, self.socket_mode, self.socket_gid)
+            listener = self._bind_vm_socket(vm, path)
         except OSError as exc:
             log.error("cannot create the VM's socket", vm=vm.name, path=str(path), error=str(exc))
             return
         scopes = (trio.CancelScope(), trio.CancelScope())
         self._vm_scopes[vm.name] = scopes
         self._nursery.start_soon(self._serve_vm, vm, listener, scopes)
+
+    def _bind_vm_socket(self, vm: VmStats, path: Path) -> trio.SocketListener:
+        """The VM's socket, owned by its VMM's user (who may then always connect to it)."""
+        mode = vm_socket_mode(self.socket_mode)
+        try:
+            return bind_unix(path, mode, self.socket_gid, owner=vm.owner_uid)
+        except PermissionError as exc:
+            if not self._warned_chown:
+                self._warned_chown = True
+                log.warning(
+                    "cannot give per-VM sockets to their VMMs' users",
+                    error=str(exc),
+                    hint="needs CAP_CHOWN; the sockets keep the daemon's user, so a VM's "
+                    "owner reaches its VM on the host socket only",
+                )
+            unlink_socket(path)
+            return bind_unix(path, mode, self.socket_gid)
 
     def _vm_removed(self, vm: VmStats) -> None:
         unlink_socket(Path(vm.socket_path))
@@ -172,7 +233,10 @@ class Server:
             async with trio.open_nursery() as handlers:
                 with listening:
                     await trio.serve_listeners(
-                        self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name),
+                        self._handler(
+                            lambda viewer: Scope(host=False, viewer=viewer, vm=vm),
+                            vm_name=vm.name,
+                        ),
                         [listener],
                         handler_nursery=handlers,
                     )
@@ -183,8 +247,10 @@ class Server:
         try:
             await trio.sleep_forever()
         finally:
-            # Stopping: writes in progress get a moment to finish their line, no more.
-            deadline = trio.current_time() + SHUTDOWN_WRITE_GRACE
+            # Stopping: replies being written get the drain time to finish, no more; a client
+            # slower than that is cut (and named in the log).
+            self.stopping = True
+            deadline = trio.current_time() + self.limits.drain_timeout
             for outbox in self._outboxes:
                 outbox.end_writes_by(deadline)
 
@@ -192,25 +258,25 @@ class Server:
         """New mode and group for every socket file (on reload); new sockets get them too."""
         self.socket_mode = mode
         self.socket_gid = gid
-        paths = [Path(vm.socket_path) for vm in self.registry.all_vms()]
+        paths = [(Path(vm.socket_path), vm_socket_mode(mode)) for vm in self.registry.all_vms()]
         if self.activated is None:
-            paths.append(self.host_socket)
-        for path in paths:
+            paths.append((self.host_socket, mode))
+        for path, path_mode in paths:
             try:
-                set_mode_and_group(path, mode, gid)
+                set_mode_and_group(path, path_mode, gid)
             except OSError as exc:
                 log.warning(
                     "cannot change a socket's mode or group", path=str(path), error=str(exc)
                 )
 
     def _handler(
-        self, scope_factory: Callable[[], Scope], *, vm_name: str | None
+        self, scope_factory: Callable[[Viewer], Scope], *, vm_name: str | None
     ) -> Callable[[trio.SocketStream], Any]:
         async def handle(stream: trio.SocketStream) -> None:
             conn_id = next(self._ids)
             with structlog.contextvars.bound_contextvars(conn_id=conn_id, vm=vm_name):
                 try:
-                    await self._connection(stream, scope_factory())
+                    await self._connection(stream, scope_factory)
                 except Exception:
                     # Whatever one client did, the daemon and every other client go on.
                     log.exception("connection failed")
@@ -219,26 +285,42 @@ class Server:
 
         return handle
 
-    async def _connection(self, stream: trio.SocketStream, scope: Scope) -> None:
-        peer = _peer_credentials(stream)
-        scope = replace(scope, peer_uid=peer.get("peer_uid"))
+    async def _connection(
+        self, stream: trio.SocketStream, scope_factory: Callable[[Viewer], Scope]
+    ) -> None:
+        peer = peer_of(stream.socket)
+        scope = replace(
+            scope_factory(self.policy.viewer(peer)),
+            peer_uid=peer.uid if peer is not None else None,
+        )
         self.connections += 1
         try:
-            log.info("client connected", **peer, clients=self.connections)
+            log.info(
+                "client connected",
+                **_peer_fields(peer),
+                sees_all=scope.viewer.sees_all,
+                clients=self.connections,
+            )
+            refusal: tuple[str, str] | None = None
             if self.connections > self.limits.max_connections:
-                line = _error_line(
-                    f"Too many connections (limit {self.limits.max_connections}), closing"
+                refusal = (
+                    f"Too many connections (limit {self.limits.max_connections}), closing",
+                    "connection limit",
                 )
+            elif (not_yours := scope.refusal()) is not None:
+                refusal = (not_yours, "not the VM's owner or an admin")
+            if refusal is not None:
                 with trio.move_on_after(1), suppress(trio.BrokenResourceError):
-                    await stream.send_all(line)
-                log.warning("connection refused", reason="connection limit")
+                    await stream.send_all(_error_line(refusal[0]))
+                log.warning("connection refused", reason=refusal[1])
                 return
-            connection = Connection(self, stream, scope)
+            connection = Connection(self, stream, scope, peer)
             self._outboxes.add(connection.outbox)
             try:
                 await connection.run()
             finally:
                 self._outboxes.discard(connection.outbox)
+                connection.outbox.discard()
         finally:
             self.connections -= 1
             log.info("client disconnected", clients=self.connections)
@@ -254,12 +336,15 @@ class Connection:
     :meth:`_enforce_negotiation_deadline` closes a client that never negotiates.
     """
 
-    def __init__(self, server: Server, stream: trio.SocketStream, scope: Scope) -> None:
+    def __init__(
+        self, server: Server, stream: trio.SocketStream, scope: Scope, peer: Peer | None
+    ) -> None:
         self.server = server
         self.stream = stream
         self.scope = scope
+        self.peer = peer  # who connected (SO_PEERCRED, SO_PEERGROUPS); see access
         self.qmp = protocol.QmpConnection(max_request_bytes=server.limits.max_request_bytes)
-        self.outbox = Outbox(stream.socket.fileno())
+        self.outbox = Outbox(stream.socket.fileno(), server.reply_memory)
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -269,6 +354,7 @@ class Connection:
             self._nursery = nursery
             nursery.start_soon(self._write_replies)
             nursery.start_soon(self._enforce_negotiation_deadline)
+            nursery.start_soon(self._cut_a_client_that_does_not_read)
             try:
                 await self._read_requests()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -292,6 +378,13 @@ class Connection:
             await self.outbox.drain_to(self.stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("client went away before reading its replies", error=str(exc))
+        if self.server.stopping and self.outbox.size:
+            log.warning(
+                "client cut at stop: slower than the drain time",
+                drain_timeout=self.server.limits.drain_timeout,
+                unsent=self.outbox.size,
+                **_peer_fields(self.peer),
+            )
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
@@ -311,11 +404,49 @@ class Connection:
                 "no negotiation in time",
             )
 
+    async def _cut_a_client_that_does_not_read(self) -> None:
+        """A client that reads is never cut, however slowly. One that takes nothing for the
+        stall timeout is cut if it holds more than its share of replies, or holds any while
+        other connections wait for reply memory."""
+        limits, outbox = self.server.limits, self.outbox
+        while True:
+            await outbox.wait_stalled(limits.output_stall_timeout)
+            limit = limits.max_output_bytes
+            if outbox.size > limit:
+                desc = (
+                    f"More than {limit} bytes of replies are waiting for this client to read "
+                    "them, closing"
+                )
+            elif self.server.reply_memory.waiting:
+                desc = (
+                    f"{outbox.size} bytes of replies are waiting for this client to read them "
+                    "while others wait for reply memory, closing"
+                )
+            else:
+                await trio.sleep(limits.output_stall_timeout)
+                continue
+            self.close(_error_line(desc), "client does not read")
+            return
+
     async def _read_requests(self) -> None:
         stream, qmp, outbox = self.stream, self.qmp, self.outbox
         limit = self.server.limits.max_output_bytes
+        # When the message now partly received began arriving (None: between messages).
+        started: float | None = None
         while not outbox.closing:
-            data = await stream.receive_some(65536)
+            timeout = self.server.limits.request_timeout
+            deadline = math.inf if started is None else started + timeout
+            with trio.move_on_at(deadline):
+                data = await stream.receive_some(65536)
+                arrived = trio.current_time()
+            if trio.current_time() >= deadline:
+                self.close(
+                    _error_line(
+                        f"Request not complete within {timeout:g} s of its first byte, closing"
+                    ),
+                    "request not complete in time",
+                )
+                return
             if not data:
                 return
             if len(data) < INLINE_PARSE_BYTES and qmp.idle:
@@ -325,6 +456,10 @@ class Connection:
                 # ~3 us per token); a worker thread keeps the event loop serving others, the
                 # GIL being handed back every switch interval.
                 events = await trio.to_thread.run_sync(qmp.receive_data, data)
+            if qmp.idle:
+                started = None
+            elif started is None or events:
+                started = arrived  # a new message began in this chunk
             last = len(events) - 1
             for index, event in enumerate(events):
                 if isinstance(event, protocol.Close):
@@ -333,8 +468,7 @@ class Connection:
                 if isinstance(event, protocol.SendBytes):
                     outbox.put(event.data)
                 else:
-                    reply, vm_gone = await self._execute(event)
-                    outbox.put(reply)
+                    vm_gone = await self._execute(event)
                     if vm_gone:
                         self.close(b"", "the VM of this socket is gone")
                         return
@@ -343,24 +477,19 @@ class Connection:
                 if index != last:
                     await trio.lowlevel.checkpoint()
                 if outbox.size > limit:
-                    with trio.move_on_after(self.server.limits.output_stall_timeout):
-                        await outbox.wait_below(limit)
-                    if outbox.size > limit:
-                        self.close(
-                            _error_line(
-                                f"More than {limit} bytes of replies are waiting for this "
-                                "client to read them, closing"
-                            ),
-                            "client does not read",
-                        )
+                    # No more requests until the client has read most of its replies; a
+                    # client that reads nothing is cut by _cut_a_client_that_does_not_read.
+                    await outbox.wait_below(limit)
+                    if outbox.closing:
                         return
 
-    async def _execute(self, request: protocol.Request) -> tuple[bytes, bool]:
-        """Run one request: its reply, and whether this per-VM socket's VM is gone."""
+    async def _execute(self, request: protocol.Request) -> bool:
+        """Run one request and queue its reply; whether this per-VM socket's VM is gone."""
         started = time.perf_counter()
         loopstats.doing(request.command)
         registry, commands = self.server.registry, self.server.commands
-        scope = self.scope
+        # What this client may see under the policy in force now (a reload may change it).
+        scope = replace(self.scope, viewer=self.server.policy.viewer(self.peer))
         arguments = request.arguments
         if commands.needs_rescan(scope, request.command, arguments):
             await registry.rescan()
@@ -375,25 +504,44 @@ class Connection:
                 if current is None or current.pid != scope.vm.pid:
                     vm_gone = True
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
-                scope = Scope(host=False, vm=current)
-            value = commands.execute(scope, request.command, arguments, oob=request.oob)
+                scope = replace(scope, vm=current)
+            value = commands.execute(
+                scope,
+                request.command,
+                arguments,
+                oob=request.oob,
+                max_reply_bytes=self.server.limits.max_reply_bytes,
+            )
             if isinstance(value, Pending):
                 value = await value.run()
             if isinstance(value, RawSteps):
-                parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
-                value = RawJson(parts)
-            if isinstance(value, RawJson):
-                # Text rendered in C: the protocol core writes what goes around it (the id).
-                head, tail = protocol.reply_return_parts(request)
-                reply = b"".join((head, *value.parts, tail))
+                value = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
+            if isinstance(value, PlannedReply):
+                # Made only once the daemon's reply budget has room for its bound; queued
+                # before the reservation ends, the outbox then holds its bytes to account.
+                async with self.server.reply_memory.reserve(value.bound):
+                    if value.sliced:
+                        parts = await run_in_slices(
+                            value.steps, STEP_SLICE, trio.lowlevel.checkpoint
+                        )
+                    else:
+                        parts = finish(value.steps)
+                    reply = _splice(request, parts)
+                    self.outbox.put(reply)
+            elif isinstance(value, RawJson):
+                reply = _splice(request, value.parts)
+                self.outbox.put(reply)
             else:
                 reply = protocol.reply_return(request, value)
+                self.outbox.put(reply)
             outcome = "ok"
         except QmpError as exc:
             reply = protocol.reply_error(request, exc.qmp_class, exc.desc)
+            self.outbox.put(reply)
             outcome = exc.qmp_class
         except StatsdQmpError as exc:  # a source failed in a way the command did not map
             reply = protocol.reply_error(request, exc.qmp_class, str(exc))
+            self.outbox.put(reply)
             outcome = exc.qmp_class
         if scope.vm is not None and registry.find_vm(scope.vm.name) is not scope.vm:
             vm_gone = True  # this very request found the VM's fds dead and dropped it
@@ -407,7 +555,14 @@ class Connection:
             outcome=outcome,
             reply_bytes=len(reply),
         )
-        return reply, vm_gone
+        return vm_gone
+
+
+def _splice(request: protocol.Request, parts: tuple[bytes | memoryview, ...]) -> bytes:
+    """The reply to ``request`` around text rendered in C: the protocol core writes what
+    goes around it (the id)."""
+    head, tail = protocol.reply_return_parts(request)
+    return b"".join((head, *parts, tail))
 
 
 def _error_line(desc: str) -> bytes:
@@ -415,17 +570,8 @@ def _error_line(desc: str) -> bytes:
     return protocol.reply_error(None, "GenericError", desc)
 
 
-def _peer_credentials(stream: trio.SocketStream) -> dict[str, int]:
-    """uid/gid/pid of a unix-socket peer (SO_PEERCRED), for the connect log line."""
-    try:
-        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError as exc:
-        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL):
-            return {}
-        raise
-    pid, uid, gid = (
-        int.from_bytes(raw[0:4], "little"),
-        int.from_bytes(raw[4:8], "little"),
-        int.from_bytes(raw[8:12], "little"),
-    )
-    return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
+def _peer_fields(peer: Peer | None) -> dict[str, int]:
+    """The connect log line's view of a client's credentials (SO_PEERCRED)."""
+    if peer is None:
+        return {}
+    return {"peer_pid": peer.pid, "peer_uid": peer.uid, "peer_gid": peer.gid}

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any, Final
 
-from .parser import parse_integer
+from .parser import parse_float, parse_integer
 
 __all__ = ["INCOMPLETE", "NOT_PLAIN", "Prescan", "parse_plain"]
 
@@ -48,6 +48,7 @@ _DECODER: Final = json.JSONDecoder(
     object_pairs_hook=_pairs_without_duplicates,
     parse_constant=_reject_constant,
     parse_int=parse_integer,
+    parse_float=parse_float,
 )
 # "0e5" is one number for Python but three tokens for QEMU ("0", "e", "5").
 _ZERO_EXPONENT_RE: Final = re.compile(r"(?<![0-9.])0[eE]")
@@ -110,27 +111,47 @@ _SCAN_TAIL_RE: Final = re.compile(
     rb"|[1-9][0-9]*(?:\.(?:[0-9]+(?:[eE][-+]?[0-9]*)?)?|[eE][-+]?[0-9]*)?)?"
 )
 _SCAN_TAIL_BYTES: Final = frozenset(b"-+.0123456789abcdefghijklmnopqrstuvwxyzE")
+_TAIL_RUN_RE: Final = re.compile(rb"[-+.0-9a-zE]*")
 
 
 class Prescan:
     """Brackets outside strings of a message still arriving, counted as QEMU's streamer does.
 
     Resumable: each :meth:`run` goes on from where the last one stopped. ``pos`` is a buffer
-    index; the streamer moves it when it drops consumed bytes.
+    index; the streamer moves both indexes (:meth:`shift`) when it drops consumed bytes.
+
+    A number or keyword cut by the end of the input waits at its first byte (``pos``) for the
+    byte that ends it; ``tail_end`` remembers how far its bytes were seen, so that each new
+    chunk of a 400,000-digit number is looked at once, not the whole number again (which made
+    a long token in small chunks cost time quadratic in its length).
     """
 
-    __slots__ = ("brace", "bracket", "in_string", "pos")
+    __slots__ = ("brace", "bracket", "in_string", "pos", "tail_end")
 
     def __init__(self, pos: int) -> None:
         self.pos = pos
         self.brace = 0
         self.bracket = 0
         self.in_string = False
+        self.tail_end = -1
+
+    def shift(self, dropped: int) -> None:
+        """``dropped`` bytes left the front of the buffer."""
+        self.pos -= dropped
+        if self.tail_end >= 0:
+            self.tail_end -= dropped
 
     def run(self, buf: bytearray, start: int, max_nesting: int, max_bytes: int) -> int:
         """Scan on; return the end of the message, :data:`INCOMPLETE` or :data:`NOT_PLAIN`
         (control, non-ASCII, single quote, odd escape, too deep or too many bytes)."""
         n = len(buf)
+        if self.tail_end >= 0:
+            # A cut token waits at pos: only the new bytes can end it.
+            more = _TAIL_RUN_RE.match(buf, self.tail_end).end()  # type: ignore[union-attr]
+            if more >= n:
+                self.tail_end = n
+                return NOT_PLAIN if n - start > max_bytes else INCOMPLETE
+            self.tail_end = -1
         j = self.pos
         brace, bracket, in_string = self.brace, self.bracket, self.in_string
         result = INCOMPLETE
@@ -153,8 +174,11 @@ class Prescan:
                 # byte and wait (the exact lexer needs the next byte to end it, too).
                 while j > start and buf[j - 1] in _SCAN_TAIL_BYTES:
                     j -= 1
+                if j < n:
+                    self.tail_end = n
                 break
             if _SCAN_TAIL_RE.fullmatch(buf, j, n):
+                self.tail_end = n
                 break  # a token cut short, no error yet: wait at its first byte
             byte = buf[j]
             j += 1

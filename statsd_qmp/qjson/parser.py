@@ -9,7 +9,8 @@ imports :mod:`.lexer` (token kinds) and :mod:`.unicode`.
 Values: objects become ``dict`` (keys in input order), arrays ``list``, strings ``str``,
 ``true``/``false``/``null`` ``bool``/``None``; integers that fit int64 or uint64 become
 ``int``, larger ones ``float`` (as QEMU's ``strtod``), other numbers ``float`` (``1e400`` is
-``inf``, as in QEMU). Errors (the text after ``JSON parse error, ``): ``expecting value``,
+``inf``, as in QEMU: an :class:`OverflowNumber` that keeps its text for the writer). Errors
+(the text after ``JSON parse error, ``): ``expecting value``,
 ``invalid keyword 'x'`` (cut to 1023 bytes like QEMU's buffer), ``duplicate key``, ``key is not
 a string in object``, ``missing : in object pair``, ``expected separator in dict``/``list``,
 ``invalid escape sequence in string``, ``\\uXXXX is not a valid Unicode character``, ``invalid
@@ -37,7 +38,15 @@ from .lexer import (
 )
 from .unicode import c_string_text, decode_mod_utf8, valid_codepoint
 
-__all__ = ["ParseError", "Parser", "parse_integer", "parse_keyword", "parse_string"]
+__all__ = [
+    "OverflowNumber",
+    "ParseError",
+    "Parser",
+    "parse_float",
+    "parse_integer",
+    "parse_keyword",
+    "parse_string",
+]
 
 
 class ParseError(Exception):
@@ -115,6 +124,33 @@ def parse_string(tok: bytes) -> str:
         pos = ptr
 
 
+_INF: Final = float("inf")
+
+
+class OverflowNumber(float):
+    """A number token no double holds (``1e999999``, ``-1e400``, 100,000 digits): the
+    infinity QEMU's ``strtod`` gives, keeping the token's text (``text``) so that an echo
+    of it (an ``id``) can be valid JSON where QEMU writes ``inf``."""
+
+    __slots__ = ("text",)
+
+    text: str
+
+    def __new__(cls, text: str) -> OverflowNumber:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def parse_float(tok: bytes | str) -> float:
+    """A number token's double (``strtod``, correctly rounded); an :class:`OverflowNumber`
+    when it overflows."""
+    value = float(tok)
+    if value in (_INF, -_INF):
+        return OverflowNumber(tok if isinstance(tok, str) else tok.decode("ascii"))
+    return value
+
+
 def parse_integer(tok: bytes | str) -> int | float:
     """An integer token's value: int64, else uint64, else ``strtod`` (correctly rounded)."""
     # More than 20 digits cannot fit, and int() refuses very long digit strings.
@@ -122,7 +158,7 @@ def parse_integer(tok: bytes | str) -> int | float:
         value = int(tok)
         if -(1 << 63) <= value < 1 << 64:
             return value
-    return float(tok)
+    return parse_float(tok)
 
 
 def parse_keyword(tok: bytes) -> bool | None:
@@ -215,7 +251,7 @@ class Parser:
                 elif kind == T_INTEGER:
                     value = parse_integer(tok)
                 elif kind == T_FLOAT:
-                    value = float(tok)
+                    value = parse_float(tok)
                 else:
                     value = parse_keyword(tok)
             except ParseError as exc:

@@ -201,7 +201,7 @@ class JsonStreamParser(Lexer):
             self._tok_start = max(self._tok_start - keep, 0)
             if self._defer_start >= 0:
                 self._defer_start -= keep
-                self._prescan.pos -= keep
+                self._prescan.shift(keep)
         self._text = None
 
     # -- framing and limits (the lexer's hooks) -------------------------------------------------

@@ -5,9 +5,12 @@ written from its behaviour, not its code): separators ``", "`` and ``": "``; str
 ``"`` ``\\`` ``\\b`` ``\\f`` ``\\n`` ``\\r`` ``\\t`` and every other character below 0x20 or from
 0x7F up as ``\\uXXXX`` in upper case (surrogate pairs beyond the BMP; lone surrogates and
 noncharacters, which QEMU could not hold, as ``\\uFFFD``); ``/`` stays; integers exact; floats
-as C ``%.17g`` (``1.0`` -> ``1``, ``inf``); dict keys in the dict's order, or in QEMU's QDict
-order with ``qdict_order=True`` (how QEMU re-serialises a client-supplied value such as an
-``id``). Pure (stdlib only); imports :mod:`statsd_qmp.hash_order` and :mod:`.unicode`.
+as C ``%.17g`` (``1.0`` -> ``1``); dict keys in the dict's order, or in QEMU's QDict order
+with ``qdict_order=True`` (how QEMU re-serialises a client-supplied value such as an ``id``).
+One divergence: a number the parser could not hold in a double
+(:class:`~.parser.OverflowNumber`), which QEMU writes as ``inf`` (no JSON parser takes it),
+is written as it was received. Pure (stdlib only); imports :mod:`statsd_qmp.hash_order`,
+:mod:`.parser` and :mod:`.unicode`.
 
 Two ways to the same text. The public ``json`` encoder (C, with ``ensure_ascii``, QEMU's
 separators) writes QEMU's text except in two places: a ``\\u`` escape (lower-case hex, and it
@@ -26,6 +29,7 @@ import re
 from typing import Any, Final
 
 from ..hash_order import qdict_key_order
+from .parser import OverflowNumber
 from .unicode import valid_codepoint
 
 __all__ = ["dumps", "quote", "write_exact"]
@@ -94,6 +98,10 @@ def _scalar(value: object) -> str:
     if isinstance(value, int):
         return int.__repr__(value)
     if isinstance(value, float):
+        if type(value) is OverflowNumber:
+            # QEMU writes inf / -inf, which no JSON parser takes: the number as the client
+            # wrote it instead (valid JSON, and the client's own id comes back).
+            return value.text
         return f"{value:.17g}"
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 

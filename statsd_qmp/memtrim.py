@@ -1,0 +1,121 @@
+"""Gives memory back to the kernel after a burst of big replies.
+
+Owns: watching how much of the C heap is free (glibc ``mallinfo2``) and, once that is more
+than :data:`FREE_ABOVE`, dropping oversized render buffers and returning the free pages to the
+kernel (``malloc_trim``). May import trio and structlog; the composition root starts
+:meth:`MemoryTrimmer.run` beside the server and says which caches to release.
+
+Why by hand: the allocator is tuned to keep freed memory (``M_TRIM_THRESHOLD`` and
+``M_MMAP_THRESHOLD`` raised by the CLI's serve, see ``tuning.tune_allocator``), because a polled
+256-vCPU reply otherwise pays ~250 page faults per request to get its buffers back. The price was
+that a burst of big replies left RSS at 240 MiB for good. The free heap is the signal: steady
+polling reuses a few MiB of freed buffers (never trimmed, so the hot path keeps them), a burst
+leaves tens or hundreds of MiB free, which are given back within one or two check intervals after
+it ends. ``malloc_trim`` runs in a worker thread: it walks the whole heap (milliseconds for
+hundreds of MiB). Without glibc (no ``mallinfo2``) nothing is trimmed."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+
+import structlog
+import trio
+
+log = structlog.get_logger(__name__)
+
+CHECK_INTERVAL = 1.0  # seconds between two looks at the heap
+FREE_ABOVE = 24 << 20  # free heap bytes worth giving back
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (``/proc/self/statm``, second field, in pages)."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+class _Glibc:
+    """``mallinfo2`` (glibc >= 2.33) and ``malloc_trim``, or None elsewhere."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None)
+        self._mallinfo2 = libc.mallinfo2
+        self._mallinfo2.restype = _MallInfo2
+        self._trim = libc.malloc_trim
+        self._trim.argtypes = [ctypes.c_size_t]
+
+    def free_bytes(self) -> int:
+        """Bytes of the heap that are free (all arenas): what a trim can give back."""
+        info: _MallInfo2 = self._mallinfo2()
+        return int(info.fordblks)
+
+    def trim(self) -> None:
+        self._trim(0)
+
+
+def _glibc() -> _Glibc | None:
+    try:
+        return _Glibc()
+    except (OSError, AttributeError):
+        return None
+
+
+class MemoryTrimmer:
+    """Trims the heap whenever more than ``free_above`` bytes of it are free.
+
+    ``release_caches`` drops caches that hold big buffers (the render output buffers),
+    called on the event loop before the heap is trimmed.
+    """
+
+    def __init__(
+        self,
+        release_caches: Callable[[], None],
+        *,
+        check_interval: float = CHECK_INTERVAL,
+        free_above: int = FREE_ABOVE,
+    ) -> None:
+        self.release_caches = release_caches
+        self.check_interval = check_interval
+        self.free_above = free_above
+        self.trims = 0
+        self._glibc = _glibc()
+
+    async def run(self) -> None:
+        if self._glibc is None:
+            return
+        while True:
+            await trio.sleep(self.check_interval)
+            if self._glibc.free_bytes() > self.free_above:
+                await self.trim_now()
+
+    async def trim_now(self) -> None:
+        before = rss_bytes()
+        self.release_caches()
+        if self._glibc is not None:
+            await trio.to_thread.run_sync(self._glibc.trim)
+        self.trims += 1
+        log.info(
+            "memory given back",
+            rss_before_mib=round(before / (1 << 20), 1),
+            rss_mib=round(rss_bytes() / (1 << 20), 1),
+        )
