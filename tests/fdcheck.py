@@ -12,15 +12,13 @@ import os
 from statsd_qmp.server import Server
 
 
-def served_fds(server: Server, name: str | None = None) -> dict[int, str]:
-    """fd -> link of the stats fds the registry holds (of VM ``name`` only, if given)."""
-    fds: dict[int, str] = {}
+def served_fds(server: Server) -> set[int]:
+    """The stats fds the registry holds."""
+    fds = set()
     for vm in server.registry.all_vms():
-        if name is not None and vm.name != name:
-            continue
-        files = ([vm.vm_file] if vm.vm_file is not None else []) + [v.file for v in vm.vcpus]
-        for file in files:
-            fds[file.fd] = os.readlink(f"/proc/self/fd/{file.fd}")
+        if vm.vm_file is not None:
+            fds.add(vm.vm_file.fd)
+        fds.update(vcpu.file.fd for vcpu in vm.vcpus)
     return fds
 
 
