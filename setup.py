@@ -1,6 +1,6 @@
 """Build steps setuptools cannot express in pyproject.toml.
 
-- the cffi extension ``statsd_qmp._statsread`` (``cffi_modules``);
+- the cffi extensions ``statsd_qmp._statsread`` and ``statsd_qmp._adopt`` (``cffi_modules``);
 - ``statsd_qmp/libkvmstatshold.so``, the LD_PRELOAD library that makes a VMM hold its KVM
   stats fds (see ``cffi_build/kvmstatshold.c`` and ``statsd_qmp.holdlib``). It is a plain
   shared library, not a Python extension: no Python headers, no libpython. ``HoldLibBuildExt``
@@ -81,5 +81,8 @@ class HoldLibBuildExt(build_ext):
 
 setup(
     cmdclass={"build_ext": HoldLibBuildExt},
-    cffi_modules=["cffi_build/build_statsread.py:ffibuilder"],
+    cffi_modules=[
+        "cffi_build/build_statsread.py:ffibuilder",
+        "cffi_build/build_adopt.py:ffibuilder",
+    ],
 )

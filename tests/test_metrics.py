@@ -736,3 +736,20 @@ def _count_pause(counted: Any) -> Any:
         counted()
 
     return pause
+
+
+def test_a_query_stats_program_grows_its_buffer_on_first_render() -> None:
+    """render.Program and the metrics programs share one C entry point (statsfmt_render_marked):
+    a first reply larger than the initial output buffer must come out whole."""
+    from statsd_qmp import render
+
+    with synthetic_vm(8) as vm:
+        shape = render.Shape("vcpu", None, None, True, "kernel")
+        program = render.compile_shape(vm, shape)
+        assert program is not None
+        vm.vcpu_reader.read_all()
+        first = bytes(program.render())
+        assert len(first) > 4096
+        assert bytes(program.render()) == first
+        assert first.startswith(b'{"provider": "kvm"')
+        assert first.endswith(b'"qom-path": "/vm/syn/vcpu[0]"}')

@@ -19,9 +19,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from .daemons import start_serve
 from .qemu_helpers import RawQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
@@ -66,7 +68,7 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
     run_dir.mkdir()
     os.chown(run_dir, NOBODY, NOBODY)
     log_path = shared_dir / "daemon.log"
-    processes: list[subprocess.Popen[str]] = []
+    processes: list[subprocess.Popen[Any]] = []
     try:
         root_vmm = subprocess.Popen(
             [sys.executable, str(MINI_VMM), "--comm", "kvm-rootvmm", "-name", "rootvm"],
@@ -96,25 +98,7 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
         os.close(kvm_fd)
         processes.append(nobody_vmm)
         wait_line(nobody_vmm, "ready")
-        with open(log_path, "w") as log:
-            daemon = subprocess.Popen(
-                [
-                    *drop_to_nobody(keep_dac_read_search=True),
-                    sys.executable,
-                    "-m",
-                    "statsd_qmp.cli",
-                    "serve",
-                    "--run-dir",
-                    str(run_dir),
-                    "--log-format",
-                    "json",
-                    "--scan-interval",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=log,
-                text=True,
-            )
+        daemon = start_serve(run_dir, log_path, prefix=drop_to_nobody(keep_dac_read_search=True))
         processes.append(daemon)
         host = run_dir / "qmp.sock"
         deadline = time.monotonic() + 10
@@ -170,7 +154,7 @@ def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
     run_dir.mkdir()
     os.chown(run_dir, NOBODY, NOBODY)
     log_path = shared_dir / "daemon.log"
-    processes: list[subprocess.Popen[str]] = []
+    processes: list[subprocess.Popen[Any]] = []
     try:
         vmm = subprocess.Popen(
             [sys.executable, "-m", "statsd_qmp.cli", "demo-stats", "--interval", "0.1"],
@@ -184,25 +168,7 @@ def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
         assert vmm.stdout.readline().startswith("[1] vcpu 0: ")  # its vCPUs have run
         with open(f"/proc/{vmm.pid}/comm") as comm:
             assert comm.read().strip() == "python"
-        with open(log_path, "w") as log:
-            daemon = subprocess.Popen(
-                [
-                    *drop_to_nobody(keep_dac_read_search=True),
-                    sys.executable,
-                    "-m",
-                    "statsd_qmp.cli",
-                    "serve",
-                    "--run-dir",
-                    str(run_dir),
-                    "--log-format",
-                    "json",
-                    "--scan-interval",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=log,
-                text=True,
-            )
+        daemon = start_serve(run_dir, log_path, prefix=drop_to_nobody(keep_dac_read_search=True))
         processes.append(daemon)
         deadline = time.monotonic() + 20
         while not (run_dir / "qmp.sock").exists():

@@ -54,7 +54,7 @@ VM_COMMANDS = [
     "query-version",
     "qmp_capabilities",
 ]
-HOST_COMMANDS = ["query-vms", *VM_COMMANDS]
+HOST_COMMANDS = ["adopt-vm", "query-vms", *VM_COMMANDS]
 
 # Stats this host's kernel has and the kernel QEMU was recorded on had not (newer kernels and
 # kvm_pvm add a few). Anything else extra, or anything missing, is a failure.
