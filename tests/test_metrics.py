@@ -728,7 +728,7 @@ def test_the_page_written_in_many_steps_equals_one_step(monkeypatch: pytest.Monk
         steps = scrape.body_steps("openmetrics")
         paged = trio.run(run_in_slices, steps, 0.0, _count_pause(counted))
         assert bytes(paged) == whole
-    assert count >= 10  # pieces of about 100 bytes: about one family a step
+    assert count >= 10  # a pause after each family (the page has 11)
 
 
 def _count_pause(counted: Any) -> Any:
