@@ -9,13 +9,13 @@ module needs its entry here. ::
 
     10 cli
         argparse -> settings -> the daemon, or a client subcommand
-        imports: app, client, config, errors, holdlib, install_check, logconfig, metricsmap,
-                 registry, schema, server, sources.owned, top, tuning
+        imports: adoption, app, client, config, errors, holdlib, install_check, logconfig,
+                 metricsmap, registry, schema, server, sources.owned, top, tuning
     9 app
         composition root: start-up order, signals, reload, watchdog, shutdown
-        imports: commands, config, discovery, errors, exporter, logconfig, loopstats, metrics_http,
-                 registry, schema, sd_daemon, server, socketfiles, sources.kvm_abi, sources.owned,
-                 tuning
+        imports: adoption, commands, config, discovery, errors, exporter, logconfig, loopstats,
+                 metrics_http, registry, schema, sd_daemon, server, socketfiles, sources.kvm_abi,
+                 sources.owned, tuning
     8 metrics_http
         the HTTP/1.1 metrics endpoint on trio and h11: formats, gzip, limits
         imports: errors, exporter, loopstats, metricsmap, steps
@@ -29,8 +29,8 @@ module needs its entry here. ::
         QMP command table, QEMU's argument rules and texts, stats filters
         imports: errors, hash_order, hmp, introspection, render, schema, steps, vm
     6 discovery
-        host VMMs -> registry changes: scans, borrowing, exit watches, names
-        imports: errors, registry, sources.borrowed, statsfile, steps, vm
+        host VMMs -> registry changes: scans, borrowing, exit watches, names, when to adopt
+        imports: adoption, errors, registry, sources.borrowed, statsfile, steps, vm
     6 metricsrender
         one VM's samples: one bulk pread, one C render with marks
         imports: _native, engine, errors, metricsmap, render, vm
@@ -64,6 +64,9 @@ module needs its entry here. ::
     2 config
         the TOML configuration file: keys, types, ranges, one error per bad file
         imports: errors, logconfig, metricsmap, schema
+    2 adoption
+        ptrace injection of KVM_GET_STATS_FD into a running VMM (policy; C mechanics in _adopt)
+        imports: errors, sources.borrowed, steps
     2 holdlib
         the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
         imports: errors, install_check
@@ -73,6 +76,9 @@ module needs its entry here. ::
     2 sources.guest
         the owned VMs' guest: machine code, memory layout, initial registers
         imports: sources.kvm_abi
+    2 holdlib
+        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
+        imports: errors, install_check
     2 statsfile
         one stats fd: header, id and descriptors parsed once; data located
         imports: _native, errors, schema

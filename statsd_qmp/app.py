@@ -14,7 +14,7 @@ import os
 import platform
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ class Settings:
     measure_loop: bool = False
     log_level: str = "info"
     log_format: LogFormat = "auto"
+    adopt: str = "off"  # "ptrace": adopt running VMMs without stats fds (see adoption)
+    adopt_only: tuple[str, ...] = ("*",)  # glob patterns: QEMU -name or pid-PID
+    adopt_any_client: bool = False  # adopt-vm from any host-socket client, not only the operator
     limits: Limits = field(default_factory=Limits)
     # Metrics endpoint addresses (host, port); empty: none. ``metrics_listen_default``: the
     # addresses are the built-in default, so a busy port is logged instead of fatal.
@@ -157,6 +160,9 @@ class Daemon:
             self.server.apply_socket_settings(new.socket_mode, new.socket_gid)
         if self.discovery is not None:
             self.discovery.scan_interval = new.scan_interval
+            self.discovery.adopt_mode = new.adopt
+            self.discovery.adopt_only = new.adopt_only
+        self.server.commands.adopt_any_client = new.adopt_any_client
         self.settings = replace(
             new,
             run_dir=old.run_dir,
@@ -207,9 +213,14 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 # Created on the main thread so its id string is kvm-PID, as for any VMM.
                 owned = OwnedVM.create(settings.demo_vcpus)
                 registry.add_owned(owned, DEMO_NAME)
+            commands = Commands(
+                registry,
+                operator_uids=frozenset({0, os.geteuid()}),
+                adopt_any_client=settings.adopt_any_client,
+            )
             server = Server(
                 registry,
-                Commands(registry),
+                commands,
                 limits=settings.limits,
                 socket_mode=settings.socket_mode,
                 socket_gid=settings.socket_gid,
@@ -246,7 +257,13 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                     await nursery.start(metrics_server.run)
                 await nursery.start(server.run)
                 if settings.discover:
-                    daemon.discovery = Discovery(registry, scan_interval=settings.scan_interval)
+                    daemon.discovery = Discovery(
+                        registry,
+                        scan_interval=settings.scan_interval,
+                        adopt=settings.adopt,
+                        adopt_only=settings.adopt_only,
+                    )
+                    commands.adopter = adopter(daemon.discovery)
                     await nursery.start(daemon.discovery.run)
                 nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)
                 interval = sd_daemon.watchdog_interval()
@@ -271,6 +288,21 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 # Asked for explicitly: shown whatever the log level.
                 log.warning("loop stats", **instrument.summary())
             log.info("stopped")
+
+
+def adopter(discovery: Discovery) -> Callable[[int | None, str | None], Awaitable[Any]]:
+    """``adopt-vm``'s work: find the process (a pid, or a QEMU -name), adopt it, report."""
+
+    async def adopt(pid: int | None, name: str | None) -> Any:
+        from .adoption import resolve
+
+        if pid is None:
+            assert name is not None
+            pid = await trio.to_thread.run_sync(resolve, name)
+        report = await discovery.adopt(pid)
+        return report.as_dict()
+
+    return adopt
 
 
 def check_kernel() -> None:

@@ -13,7 +13,8 @@ Two kinds of socket use this table:
 
 * a per-VM socket (``Scope(host=False, vm=...)``) answers like that VM's QEMU monitor; its
   vCPUs are ``/kvm/vcpu[N]`` with N the KVM vCPU id;
-* the host socket (``Scope(host=True)``) serves every VM: ``query-vms``, and an optional
+* the host socket (``Scope(host=True)``) serves every VM: ``query-vms``, ``adopt-vm``
+  (only for the daemon's operator unless ``adopt_any_client``), and an optional
   ``vm`` argument on ``query-stats``, ``query-stats-schemas``, ``query-cpus-fast`` and
   ``human-monitor-command``. With ``vm`` the answer equals that VM's own socket; without it
   ``query-stats`` covers every VM and names each result ``/vm/NAME`` or ``/vm/NAME/vcpu[N]``.
@@ -21,12 +22,12 @@ Two kinds of socket use this table:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from . import QEMU_VERSION, hmp, introspection, render
-from .errors import CommandNotFoundError, QmpError, StatsFileError
+from .errors import CommandNotFoundError, QmpError, StatsdQmpError, StatsFileError
 from .hash_order import first_unexpected_member
 from .schema import PROVIDER, HistogramOrder
 from .steps import Steps, finish
@@ -68,6 +69,18 @@ class RawSteps:
     steps: Steps[tuple[bytes | memoryview, ...]]
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A return value still to be produced by awaiting ``run()`` (work done off this module,
+    such as adopting a VMM in a thread of its own); the server awaits it."""
+
+    run: Callable[[], Awaitable[Any]]
+
+
+# adopt-vm's work, given by the composition root: (pid, or None and a QEMU -name) -> report.
+Adopter = Callable[[int | None, str | None], Awaitable[Any]]
+
+
 class CommandContext(Protocol):
     """What the commands need from the daemon (implemented by the registry/server)."""
 
@@ -91,6 +104,7 @@ class Scope:
 
     host: bool
     vm: VmStats | None = None
+    peer_uid: int | None = None  # SO_PEERCRED of the client, when known
 
 
 # --- QAPI-style argument checks -------------------------------------------------------------
@@ -236,11 +250,22 @@ def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
 class Commands:
     """The command table bound to one daemon context."""
 
-    def __init__(self, context: CommandContext) -> None:
+    def __init__(
+        self,
+        context: CommandContext,
+        *,
+        adopter: Adopter | None = None,
+        operator_uids: frozenset[int] = frozenset({0}),
+        adopt_any_client: bool = False,
+    ) -> None:
         self.context = context
-        # Registration order; query-commands lists them reversed, as QEMU does.
-        self._table: dict[str, Callable[[Scope, Args], Any]] = {
-            "qmp_capabilities": self._qmp_capabilities,
+        self.adopter = adopter
+        self.operator_uids = operator_uids
+        self.adopt_any_client = adopt_any_client
+        # Registration order; query-commands lists them reversed, as QEMU does. None: the
+        # protocol core answers it (negotiation); a Request never names it.
+        self._table: dict[str, Callable[[Scope, Args], Any] | None] = {
+            "qmp_capabilities": None,
             "query-version": self._query_version,
             "query-commands": self._query_commands,
             "query-qmp-schema": self._query_qmp_schema,
@@ -249,8 +274,9 @@ class Commands:
             "query-stats-schemas": self._query_stats_schemas,
             "human-monitor-command": self._human_monitor_command,
             "query-vms": self._query_vms,
+            "adopt-vm": self._adopt_vm,
         }
-        self._host_only = frozenset({"query-vms"})
+        self._host_only = frozenset({"query-vms", "adopt-vm"})
 
     def names(self, scope: Scope) -> list[str]:
         return [n for n in self._table if scope.host or n not in self._host_only]
@@ -278,10 +304,6 @@ class Commands:
         return handler(scope, arguments)
 
     # --- generic commands ----------------------------------------------------------------
-
-    def _qmp_capabilities(self, scope: Scope, args: Args) -> Any:
-        # Negotiation itself is the protocol core's; reaching here means it is complete.
-        raise CommandNotFoundError("Capabilities negotiation is already complete, command ignored")
 
     def _query_version(self, scope: Scope, args: Args) -> Any:
         _no_arguments(args)
@@ -346,6 +368,32 @@ class Commands:
             for vm in self.context.all_vms()
         ]
 
+    def _adopt_vm(self, scope: Scope, arguments: Args) -> Any:
+        """Make a running VMM open its stats fds (ptrace injection; see ``adoption``)."""
+        args = dict(arguments)
+        pid = _integer(args, "pid")
+        name = _string(args, "name", required=False)
+        _check_leftovers(arguments, args)
+        if (pid is None) == (name is None):
+            raise QmpError("Exactly one of 'pid' and 'name' is required")
+        if not self.adopt_any_client and scope.peer_uid not in self.operator_uids:
+            uids = " or ".join(str(uid) for uid in sorted(self.operator_uids))
+            raise QmpError(
+                f"adopt-vm is allowed only to the daemon's operator (uid {uids}); the "
+                "configuration key adopt_any_client = true allows every client"
+            )
+        adopter = self.adopter
+        if adopter is None:
+            raise QmpError("adopt-vm needs discovery of the host's VMs, which is off")
+
+        async def run() -> Any:
+            try:
+                return await adopter(pid, name)
+            except StatsdQmpError as exc:  # AdoptionError: refused or failed
+                raise QmpError(str(exc)) from exc
+
+        return Pending(run)
+
     # --- stats ---------------------------------------------------------------------------
 
     def _query_stats(self, scope: Scope, args: Args) -> Any:
@@ -398,9 +446,10 @@ class Commands:
         the renderers' buffers, valid until the next render.
         """
         target = stats_filter.target
-        rendered: dict[int, memoryview] = {}
-        read: set[int] = set()
-        failed: set[int] = set()
+        # VmStats and Program hash by identity: a view replaced meanwhile is another key.
+        rendered: dict[render.Program, memoryview] = {}
+        read: set[VmStats] = set()
+        failed: set[VmStats] = set()
         parts: list[bytes | memoryview] = [b"["]
         for request in requests_in_qemu_order(stats_filter):
             shape = render.Shape(
@@ -411,14 +460,14 @@ class Commands:
                 self.context.histogram_order,
             )
             for vm in vms:
-                if id(vm) in failed:
+                if vm in failed:
                     continue
                 program = render.program_for(vm, shape)
                 if program is None:
                     continue
-                if id(vm) not in read:
+                if vm not in read:
                     if sliced and self.context.find_vm(vm.name) is not vm:
-                        failed.add(id(vm))  # dropped or replaced meanwhile: as if gone before
+                        failed.add(vm)  # dropped or replaced meanwhile: as if gone before
                         continue
                     try:
                         if target == "vm":
@@ -429,14 +478,14 @@ class Commands:
                         self.context.read_failed(vm, error)
                         if not scope.host or stats_filter.vm is not None:
                             raise QmpError(f"KVM stats: {error}") from error
-                        failed.add(id(vm))
+                        failed.add(vm)
                         continue
-                    read.add(id(vm))
+                    read.add(vm)
                 # A shape repeated by duplicate requests renders the same text from the
                 # same snapshot: reuse it (a second render would overwrite the first).
-                text = rendered.get(id(program))
+                text = rendered.get(program)
                 if text is None:
-                    text = rendered[id(program)] = program.render()
+                    text = rendered[program] = program.render()
                 if len(parts) > 1:
                     parts.append(b", ")
                 parts.append(bytes(text) if sliced else text)
@@ -456,7 +505,7 @@ class Commands:
         """QEMU's query-stats over ``vms``: one pass per provider request, later ones first."""
         order = self.context.histogram_order
         results: list[dict[str, Any]] = []
-        per_vm_words: dict[int, Any] = {}
+        per_vm_words: dict[tuple[VmStats, str], Any] = {}
         for request in requests_in_qemu_order(stats_filter):
             for vm in vms:
                 try:
@@ -478,13 +527,13 @@ class Commands:
         stats_filter: StatsFilter,
         host_paths: bool,
         order: HistogramOrder,
-        cache: dict[int, Any],
+        cache: dict[tuple[VmStats, str], Any],
     ) -> None:
         names = request.names
         if stats_filter.target == "vm":
             if vm.vm_file is None:
                 return
-            key = id(vm) * 2
+            key = (vm, "vm")
             if key not in cache:
                 cache[key] = vm.read_vm()
             stats = vm.vm_file.stats(cache[key], order, names)
@@ -502,7 +551,7 @@ class Commands:
         ]
         if not chosen:
             return
-        key = id(vm) * 2 + 1
+        key = (vm, "vcpus")
         if key not in cache:
             cache[key] = vm.read_vcpus()
         blocks = cache[key]

@@ -19,6 +19,9 @@ can layer defaults < file < command-line flags. The file::
     log_format = "auto"                # auto | json | console
     demo = false
     demo_vcpus = 2                     # >= 1
+    adopt = "off"                      # "off" | "ptrace": adopt running VMMs without stats fds
+    adopt_only = ["*"]                 # glob patterns: QEMU -name, or pid-PID
+    adopt_any_client = false           # true: every host-socket client may send adopt-vm
     metrics_listen = ["127.0.0.1:9632"] # HOST:PORT, [IPv6]:PORT; [] or ["none"]: no endpoint
 
     [limits]
@@ -62,6 +65,7 @@ __all__ = [
 ]
 
 DEFAULT_RUN_DIR: Final = Path(PACKAGE_RUN_DIR)
+ADOPT_MODES: Final = ("off", "ptrace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,9 @@ class FileConfig:
     log_format: LogFormat | None = None
     demo: bool | None = None
     demo_vcpus: int | None = None
+    adopt: str | None = None
+    adopt_only: tuple[str, ...] | None = None
+    adopt_any_client: bool | None = None
     metrics_listen: tuple[tuple[str, int], ...] | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -101,6 +108,9 @@ TOP_LEVEL_KEYS: Final = (
     "log_format",
     "demo",
     "demo_vcpus",
+    "adopt",
+    "adopt_only",
+    "adopt_any_client",
     "metrics_listen",
     "limits",
 )
@@ -190,6 +200,12 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
     return check
 
 
+def _patterns(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise _Invalid(f'expected an array of glob patterns such as ["web*"], got {_show(value)}')
+    return tuple(value)
+
+
 def _run_dir(value: Any) -> Path:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise _Invalid(f"expected an absolute path, got {_show(value)}")
@@ -251,6 +267,9 @@ _RULES: Final[dict[str, Callable[[Any], Any]]] = {
     "log_format": _choice(LOG_FORMATS),
     "demo": _boolean,
     "demo_vcpus": _positive_int,
+    "adopt": _choice(ADOPT_MODES),
+    "adopt_only": _patterns,
+    "adopt_any_client": _boolean,
     "metrics_listen": _metrics_listen,
     "limits.max_request_bytes": _positive_int,
     "limits.max_connections": _positive_int,
@@ -267,6 +286,7 @@ _TEXT_FLAGS: Final = frozenset(
         "histogram_order",
         "log_level",
         "log_format",
+        "adopt",
         "metrics_listen",
     }
 )

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import structlog
 import trio
 
 from . import loopstats, protocol
-from .commands import Commands, RawJson, RawSteps, Scope
+from .commands import Commands, Pending, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .outbox import Outbox
 from .registry import Registry
@@ -221,6 +221,7 @@ class Server:
 
     async def _connection(self, stream: trio.SocketStream, scope: Scope) -> None:
         peer = _peer_credentials(stream)
+        scope = replace(scope, peer_uid=peer.get("peer_uid"))
         self.connections += 1
         try:
             log.info("client connected", **peer, clients=self.connections)
@@ -376,6 +377,8 @@ class Connection:
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
                 scope = Scope(host=False, vm=current)
             value = commands.execute(scope, request.command, arguments, oob=request.oob)
+            if isinstance(value, Pending):
+                value = await value.run()
             if isinstance(value, RawSteps):
                 parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
                 value = RawJson(parts)

@@ -19,20 +19,14 @@ from .statsfile import StatsFile
 
 Origin = Literal["owned", "borrowed"]
 
-_VCPU_ID = re.compile(r"^kvm-(\d+)/vcpu-(\d+)$")
 _VM_ID = re.compile(r"^kvm-(\d+)$")
+_VCPU_ID = re.compile(r"^kvm-(\d+)/vcpu-(\d+)$")
 
 
 def parse_vcpu_id(ident: str) -> tuple[int, int] | None:
     """``kvm-TID/vcpu-N`` -> (TID of the creating thread, KVM vcpu_id), else None."""
     match = _VCPU_ID.match(ident)
     return (int(match[1]), int(match[2])) if match else None
-
-
-def parse_vm_id(ident: str) -> int | None:
-    """``kvm-PID`` -> PID of the VM's creator, else None."""
-    match = _VM_ID.match(ident)
-    return int(match[1]) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +75,12 @@ class VmStats:
     def read_vcpus(self) -> Sequence[memoryview]:
         """Every vCPU's data block in one bulk read; raises the first failing file's error."""
         return self.vcpu_reader.read_all()
+
+
+def parse_vm_id(ident: str) -> int | None:
+    """``kvm-PID`` -> PID of the VM's creator, else None."""
+    match = _VM_ID.match(ident)
+    return int(match[1]) if match else None
 
 
 def vcpu_path(vm: VmStats, vcpu_id: int, *, host: bool) -> str:

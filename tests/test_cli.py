@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 from statsd_qmp import cli
 from statsd_qmp.config import ConfigError, load_config
 
+from .daemons import start_serve, stop
 from .procnet import listening_sockets
 
 CLI = [sys.executable, "-m", "statsd_qmp.cli"]
@@ -48,13 +48,7 @@ def heavy_in(modules: set[str]) -> set[str]:
 def daemon_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     run_dir = tmp_path_factory.mktemp("cli") / "run"
     log = run_dir.parent / "daemon.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [*CLI, "serve", "--no-discovery", "--run-dir", str(run_dir), "--log-format", "json"],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    process = start_serve(run_dir, log, "--no-discovery")
     host = run_dir / "qmp.sock"
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -64,12 +58,7 @@ def daemon_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             time.sleep(0.02)
         yield host
     finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(TIMEOUT)
+        stop(process)
 
 
 def run_cli(*args: str, importtime: bool = False) -> subprocess.CompletedProcess[str]:
@@ -122,7 +111,9 @@ def test_every_subcommand_is_registered_once_and_listed() -> None:
     parser = cli.build_parser()
     (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(cli.SUBCOMMANDS)
-    assert {"serve", "query", "exec", "demo-stats", "check-install"} <= set(cli.SUBCOMMANDS)
+    assert {"serve", "query", "exec", "adopt", "demo-stats", "check-install"} <= set(
+        cli.SUBCOMMANDS
+    )
     with pytest.raises(ValueError, match="registered twice"):
         cli.subcommand("query", help="x", arguments=lambda parser: None)(lambda args: 0)
 

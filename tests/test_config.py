@@ -31,6 +31,9 @@ log_level = "debug"
 log_format = "json"
 demo = true
 demo_vcpus = 4
+adopt = "ptrace"
+adopt_only = ["web*", "pid-42"]
+adopt_any_client = true
 
 [limits]
 max_request_bytes = 4096
@@ -69,6 +72,9 @@ def test_every_key(tmp_path: Path) -> None:
         log_format="json",
         demo=True,
         demo_vcpus=4,
+        adopt="ptrace",
+        adopt_only=("web*", "pid-42"),
+        adopt_any_client=True,
         limits=LimitsConfig(
             max_request_bytes=4096,
             max_connections=7,
@@ -194,6 +200,16 @@ def test_socket_group_spellings(tmp_path: Path, text: str, expected: str | int) 
         ("demo_vcpus = 1.5", "demo_vcpus", "got 1.5"),
         ("demo_vcpus = true", "demo_vcpus", "got true"),
         ('demo_vcpus = "2"', "demo_vcpus", 'got "2"'),
+        ('adopt = "gdb"', "adopt", 'expected one of "off", "ptrace", got "gdb"'),
+        ("adopt = true", "adopt", "got true"),
+        (
+            'adopt_only = "web*"',
+            "adopt_only",
+            'expected an array of glob patterns such as ["web*"]',
+        ),
+        ('adopt_only = ["web*", 3]', "adopt_only", "got an array"),
+        ('adopt_only = [""]', "adopt_only", "got an array"),
+        ('adopt_any_client = "yes"', "adopt_any_client", 'expected true or false, got "yes"'),
         (
             "[limits]\nmax_connections = -3",
             "limits.max_connections",

@@ -150,6 +150,22 @@ def test_c_rendering_equals_the_python_path(
     assert c_text == python_text
 
 
+def test_a_reply_larger_than_the_first_output_buffer_is_rendered_whole(
+    opened: list[int],
+) -> None:
+    """The output buffer starts at 4 KiB and grows: the text must come from the grown one."""
+    histogram = SyntheticStat("halt_wait_hist", make_flags(4, 2), tuple(range(10**12, 10**12 + 32)))
+    exits = SyntheticStat("exits", make_flags(0), (2**63,))
+    vms = [make_vm("big", [exits], [[exits, histogram]] * 16, opened)]
+    commands = Commands(Context(vms))
+    stats_filter = parse_stats_filter({"target": "vcpu"}, host=True)
+    scope = Scope(host=True)
+    python_text = protocol.encode(commands.query_stats(scope, vms, stats_filter, True))
+    c_text = commands.query_stats_json(scope, vms, stats_filter, True) + b"\r\n"
+    assert len(c_text) > 2 * 4096
+    assert c_text == python_text
+
+
 def test_execute_returns_raw_json_that_splices_into_qemus_reply(opened: list[int]) -> None:
     vm = make_vm("a", [SyntheticStat("x", 0, (7,))], [], opened)
     commands = Commands(Context([vm]))

@@ -26,6 +26,8 @@ from ..steps import Steps, finish
 
 VM_STATS_LINK = "anon_inode:kvm-vm-stats"
 VCPU_STATS_PREFIX = "anon_inode:kvm-vcpu-stats:"
+VM_LINK = "anon_inode:kvm-vm"
+VCPU_PREFIX = "anon_inode:kvm-vcpu:"
 KVM_LINK_PREFIX = "anon_inode:kvm-"
 
 SYS_PIDFD_GETFD = 438  # same number on every architecture (unified syscall table, Linux 5.6)
@@ -175,11 +177,25 @@ def looks_like_vmm(pid: int) -> bool:
 
 @dataclass
 class ProcessStatsFds:
-    """The KVM stats fds one process holds (fd numbers in *its* table)."""
+    """The KVM stats fds one process holds (fd numbers in *its* table).
+
+    ``vm_fds`` are its ``kvm-vm`` fds and ``vcpu_fds`` its ``kvm-vcpu:N`` fds by vCPU id: a
+    process holding those but no stats fd is a VMM that could be adopted.
+    """
 
     pid: int
     vm_stats: list[int] = field(default_factory=list)
     vcpu_stats: dict[int, list[int]] = field(default_factory=dict)  # vcpu_id -> fds
+    vm_fds: list[int] = field(default_factory=list)
+    vcpu_fds: dict[int, int] = field(default_factory=dict)  # vcpu_id -> kvm-vcpu fd
+
+    @property
+    def holds_stats(self) -> bool:
+        return bool(self.vm_stats or self.vcpu_stats)
+
+    def kvm_signature(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Its VM fds and vCPU ids: unchanged over two scans means it finished starting."""
+        return tuple(sorted(self.vm_fds)), tuple(sorted(self.vcpu_fds))
 
     def signature(self) -> tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]:
         return (
@@ -192,7 +208,7 @@ class ProcessStatsFds:
 class _Known:
     fd_count: int
     next_full_scan: float
-    found: ProcessStatsFds | None  # its stats fds when last read (None: it holds none)
+    found: ProcessStatsFds | None  # its KVM fds when last read (None: it holds none)
 
 
 @dataclass
@@ -201,6 +217,8 @@ class ScanResult:
     denied: dict[int, str]  # pid -> why its fds could not be listed (only likely VMMs)
     processes: int
     full_scans: int
+    # Processes holding a KVM VM fd and vCPU fds but no stats fd (adoption candidates).
+    unadopted: dict[int, ProcessStatsFds] = field(default_factory=dict)
 
 
 # fd links read between two yields of a scan: ~0.2 ms (a 256-vCPU QEMU has ~800 fds).
@@ -236,6 +254,12 @@ def list_stats_fds(pid: int) -> Steps[ProcessStatsFds]:
             suffix = link[len(VCPU_STATS_PREFIX) :]
             if suffix.isdigit():
                 found.vcpu_stats.setdefault(int(suffix), []).append(int(name))
+        elif link == VM_LINK:
+            found.vm_fds.append(int(name))
+        elif link.startswith(VCPU_PREFIX):
+            suffix = link[len(VCPU_PREFIX) :]
+            if suffix.isdigit():
+                found.vcpu_fds.setdefault(int(suffix), int(name))
     return found
 
 
@@ -290,6 +314,7 @@ class ProcScanner:
         slices of well under a millisecond); a process that exits meanwhile is skipped.
         """
         vmms: dict[int, ProcessStatsFds] = {}
+        unadopted: dict[int, ProcessStatsFds] = {}
         denied: dict[int, str] = {}
         seen: set[int] = set()
         full_scans = 0
@@ -320,7 +345,7 @@ class ProcScanner:
                 and now < known.next_full_scan
             ):
                 if known.found is not None:
-                    vmms[pid] = known.found
+                    (vmms if known.found.holds_stats else unadopted)[pid] = known.found
                 continue
             full_scans += 1
             try:
@@ -332,19 +357,24 @@ class ProcScanner:
                 if reason:
                     denied[pid] = reason
                 continue
-            holds_stats = bool(found.vm_stats or found.vcpu_stats)
+            holds_stats = found.holds_stats
+            holds_vm = bool(found.vm_fds and found.vcpu_fds)
             self._known[pid] = _Known(
-                fd_count, now + self.full_rescan_interval, found if holds_stats else None
+                fd_count,
+                now + self.full_rescan_interval,
+                found if holds_stats or holds_vm else None,
             )
             if holds_stats:
                 vmms[pid] = found
+            elif holds_vm:
+                unadopted[pid] = found
         for pid in list(self._known):
             if pid not in seen:
                 del self._known[pid]
         for pid in list(self._denied):
             if pid not in seen:
                 del self._denied[pid]
-        return ScanResult(vmms, denied, len(seen), full_scans)
+        return ScanResult(vmms, denied, len(seen), full_scans, unadopted)
 
 
 def describe_errno(code: int) -> str:
