@@ -13,9 +13,9 @@ module needs its entry here. ::
                  metricsmap, registry, schema, server, sources.owned, top, tuning
     9 app
         composition root: start-up order, signals, reload, watchdog, shutdown
-        imports: adoption, commands, config, discovery, errors, exporter, logconfig, loopstats,
-                 metrics_http, registry, schema, sd_daemon, server, socketfiles, sources.kvm_abi,
-                 sources.owned, tuning
+        imports: access, adoption, commands, config, discovery, errors, exporter, logconfig,
+                 loopstats, metrics_http, registry, schema, sd_daemon, server, socketfiles,
+                 sources.kvm_abi, sources.owned, tuning
     8 metrics_http
         the HTTP/1.1 metrics endpoint on trio and h11: formats, gzip, limits
         imports: errors, exporter, loopstats, metricsmap, steps
@@ -24,10 +24,11 @@ module needs its entry here. ::
         imports: _native, loopstats, metricsmap, metricsrender, registry, steps, vm
     7 server
         trio listeners (host socket, one per VM), one Connection per client, limits
-        imports: commands, errors, loopstats, outbox, protocol, registry, socketfiles, steps, vm
+        imports: access, commands, errors, loopstats, outbox, peers, protocol, registry,
+                 socketfiles, steps, vm
     6 commands (pure)
         QMP command table, QEMU's argument rules and texts, stats filters
-        imports: errors, hash_order, hmp, introspection, render, schema, steps, vm
+        imports: access, errors, hash_order, hmp, introspection, render, schema, steps, vm
     6 discovery
         host VMMs -> registry changes: scans, borrowing, exit watches, names, when to adopt
         imports: adoption, errors, registry, sources.borrowed, statsfile, steps, vm
@@ -100,6 +101,9 @@ module needs its entry here. ::
     1 metricsmap (pure)
         KVM descriptors -> Prometheus/OpenMetrics families, names, units, bucket bounds
         imports: schema
+    1 peers
+        a unix-socket client's credentials: SO_PEERCRED, SO_PEERGROUPS
+        imports: access
     1 qjson.parser (pure)
         JSON tokens -> values, QEMU's parse errors
         imports: qjson.lexer, qjson.unicode
@@ -117,6 +121,9 @@ module needs its entry here. ::
         imports: errors
     1 topmodel (pure)
         top's samples, totals, rates and their formatting by unit
+        imports: -
+    0 access (pure)
+        who may see which VM: root, the admin group, the VMM's owner
         imports: -
     0 errors (pure)
         the exception tree; each error's QMP class

@@ -805,13 +805,16 @@ class _Session:
                 self.record(tracee)
 
 
-def adopt(pid: int, *, timeout: float = STOP_TIMEOUT) -> AdoptionReport:
+def adopt(
+    pid: int, *, timeout: float = STOP_TIMEOUT, owner_uid: int | None = None
+) -> AdoptionReport:
     """Make process ``pid`` open the KVM stats fds it lacks (VM and every vCPU); see the
     module docstring. Returns the report; AdoptionError when refused or failed (the VMM then
-    runs on, every thread released)."""
+    runs on, every thread released). ``owner_uid``: adopt only a process of this real uid
+    (a client that is not an admin); another user's process is answered as a missing one."""
     started = time.perf_counter()
     status = read_status(f"/proc/{pid}/status")
-    if not status:
+    if not status or not _owned_by(status, owner_uid):
         raise AdoptionError(f"no process {pid}")
     report = AdoptionReport(pid, qemu_name(read_cmdline(pid)) or status.get("Name"))
     known: dict[int, ThreadInfo | None] = {}
@@ -890,9 +893,18 @@ def _verify(report: AdoptionReport) -> None:
 # --- naming a VMM ----------------------------------------------------------------------------
 
 
-def resolve(target: str) -> int:
+def _owned_by(status: dict[str, str], owner_uid: int | None) -> bool:
+    """Whether a process's real uid (``Uid:`` of its status) is ``owner_uid`` (None: anyone's)."""
+    if owner_uid is None:
+        return True
+    uids = status.get("Uid", "").split()
+    return bool(uids) and uids[0] == str(owner_uid)
+
+
+def resolve(target: str, *, owner_uid: int | None = None) -> int:
     """A pid, or the one process holding a KVM VM fd whose QEMU ``-name`` (or comm) is
-    ``target``. AdoptionError when there is none or several."""
+    ``target``; only processes of real uid ``owner_uid`` when given. AdoptionError when there
+    is none or several."""
     if target.isdigit():
         return int(target)
     matches: list[int] = []
@@ -901,6 +913,8 @@ def resolve(target: str) -> int:
             continue
         pid = int(name)
         if qemu_name(read_cmdline(pid)) != target and _comm(pid) != target:
+            continue
+        if not _owned_by(read_status(f"/proc/{pid}/status"), owner_uid):
             continue
         try:
             if kvm_fds(pid).vm_fds:

@@ -10,6 +10,7 @@ the CLI. May import everything below it; nothing imports it but the CLI and test
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import signal
@@ -23,6 +24,7 @@ import structlog
 import trio
 
 from . import __version__, logconfig, sd_daemon
+from .access import AccessPolicy
 from .commands import Commands
 from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
@@ -45,6 +47,7 @@ class Settings:
     histogram_order: HistogramOrder = "kernel"
     socket_mode: int = 0o660
     socket_gid: int | None = None
+    admin_gid: int | None = None  # members see every VM (root always does); see access
     scan_interval: float = 1.0
     discover: bool = True
     measure_loop: bool = False
@@ -156,6 +159,8 @@ class Daemon:
         logconfig.configure(new.log_level, new.log_format)
         self.registry.histogram_order = new.histogram_order
         self.server.limits = new.limits
+        if new.admin_gid != old.admin_gid:
+            self.server.policy = AccessPolicy(admin_gid=new.admin_gid)
         if (new.socket_mode, new.socket_gid) != (old.socket_mode, old.socket_gid):
             self.server.apply_socket_settings(new.socket_mode, new.socket_gid)
         if self.discovery is not None:
@@ -225,6 +230,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 socket_mode=settings.socket_mode,
                 socket_gid=settings.socket_gid,
                 activated=activated,
+                policy=AccessPolicy(admin_gid=settings.admin_gid),
             )
             daemon = Daemon(settings, registry, server)
             metrics_server = None
@@ -290,16 +296,21 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
             log.info("stopped")
 
 
-def adopter(discovery: Discovery) -> Callable[[int | None, str | None], Awaitable[Any]]:
-    """``adopt-vm``'s work: find the process (a pid, or a QEMU -name), adopt it, report."""
+def adopter(
+    discovery: Discovery,
+) -> Callable[[int | None, str | None, int | None], Awaitable[Any]]:
+    """``adopt-vm``'s work: find the process (a pid, or a QEMU -name), adopt it, report.
+    With ``owner_uid`` (a client that is not an admin) only that user's processes count."""
 
-    async def adopt(pid: int | None, name: str | None) -> Any:
+    async def adopt(pid: int | None, name: str | None, owner_uid: int | None) -> Any:
         from .adoption import resolve
 
         if pid is None:
             assert name is not None
-            pid = await trio.to_thread.run_sync(resolve, name)
-        report = await discovery.adopt(pid)
+            pid = await trio.to_thread.run_sync(
+                functools.partial(resolve, name, owner_uid=owner_uid)
+            )
+        report = await discovery.adopt(pid, owner_uid)
         return report.as_dict()
 
     return adopt

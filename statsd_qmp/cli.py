@@ -209,6 +209,14 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         help="group of the sockets (name or gid; default: the daemon's)",
     )
     run.add_argument(
+        "--admin-group",
+        type=config_flag("admin_group"),
+        default=None,
+        metavar="GROUP",
+        help="members see every VM (name or gid); other users see the VMs they run "
+        "(default: only root sees every VM)",
+    )
+    run.add_argument(
         "--scan-interval",
         type=config_flag("scan_interval"),
         default=None,
@@ -302,6 +310,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     defaults = Settings()
     limit_defaults = Limits()
     group = _first(args.socket_group, file.socket_group, "")
+    admin_group = _first(args.admin_group, file.admin_group, "")
     metrics_listen = _metrics_listen(args.metrics_listen, file.metrics_listen)
     return Settings(
         run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
@@ -310,6 +319,11 @@ def build_settings(args: argparse.Namespace) -> Settings:
         histogram_order=_first(args.histogram_order, file.histogram_order, "kernel"),
         socket_mode=_first(args.socket_mode, file.socket_mode, defaults.socket_mode),
         socket_gid=resolve_group(group, path=args.config) if group != "" else None,
+        admin_gid=(
+            resolve_group(admin_group, path=args.config, key="admin_group")
+            if admin_group != ""
+            else None
+        ),
         scan_interval=_first(args.scan_interval, file.scan_interval, defaults.scan_interval),
         discover=not args.no_discovery,
         measure_loop=args.measure_loop,

@@ -18,6 +18,10 @@ Two kinds of socket use this table:
   ``vm`` argument on ``query-stats``, ``query-stats-schemas``, ``query-cpus-fast`` and
   ``human-monitor-command``. With ``vm`` the answer equals that VM's own socket; without it
   ``query-stats`` covers every VM and names each result ``/vm/NAME`` or ``/vm/NAME/vcpu[N]``.
+
+Every request carries the client's :class:`access.Viewer`: "every VM" above means every VM
+that client may see. A VM it may not see answers exactly as a VM that does not exist (same
+error, same rescan first), and a per-VM socket refuses a client that may not see its VM.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from . import QEMU_VERSION, hmp, introspection, render
+from .access import NOT_YOURS, Viewer
 from .errors import CommandNotFoundError, QmpError, StatsdQmpError, StatsFileError
 from .hash_order import first_unexpected_member
 from .schema import PROVIDER, HistogramOrder
@@ -78,7 +83,8 @@ class Pending:
 
 
 # adopt-vm's work, given by the composition root: (pid, or None and a QEMU -name) -> report.
-Adopter = Callable[[int | None, str | None], Awaitable[Any]]
+# (pid, QEMU -name, owner uid the process must have: None for an admin) -> the report.
+Adopter = Callable[[int | None, str | None, int | None], Awaitable[Any]]
 
 
 class CommandContext(Protocol):
@@ -100,11 +106,21 @@ class CommandContext(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Which socket a request came in on."""
+    """Which socket a request came in on, and which VMs its client may see."""
 
     host: bool
+    viewer: Viewer
     vm: VmStats | None = None
     peer_uid: int | None = None  # SO_PEERCRED of the client, when known
+
+    def may_see(self, vm: VmStats) -> bool:
+        return self.viewer.may_see(vm.owner_uid)
+
+    def refusal(self) -> str | None:
+        """Why this client may not use this socket at all (a per-VM socket not its own)."""
+        if self.vm is not None and not self.may_see(self.vm):
+            return NOT_YOURS
+        return None
 
 
 # --- QAPI-style argument checks -------------------------------------------------------------
@@ -291,7 +307,16 @@ class Commands:
         if command == "query-vms":
             return True
         name = arguments.get("vm")
-        return isinstance(name, str) and self.context.find_vm(name) is None
+        # A VM hidden from this client is looked for exactly like an unknown one.
+        return isinstance(name, str) and self._find_visible(scope, name) is None
+
+    def visible_vms(self, scope: Scope) -> list[VmStats]:
+        """The served VMs this client may see, sorted by name."""
+        return [vm for vm in self.context.all_vms() if scope.may_see(vm)]
+
+    def _find_visible(self, scope: Scope, name: str) -> VmStats | None:
+        vm = self.context.find_vm(name)
+        return vm if vm is not None and scope.may_see(vm) else None
 
     def execute(self, scope: Scope, command: str, arguments: Args, *, oob: bool) -> Any:
         """Run a command; raises :class:`QmpError` with QEMU's class and text on failure."""
@@ -301,6 +326,11 @@ class Commands:
         if oob:
             # No command served here is marked allow-oob (QEMU allows only a few).
             raise QmpError(f"The command {command} does not support OOB")
+        refusal = scope.refusal()
+        if refusal is not None:
+            # The server refuses such a client at connect; this holds when the policy changed
+            # since (a reload that took the client out of the admin group).
+            raise QmpError(refusal)
         return handler(scope, arguments)
 
     # --- generic commands ----------------------------------------------------------------
@@ -322,14 +352,15 @@ class Commands:
         whether results use host-socket paths."""
         if not scope.host:
             return scope.vm, False
-        return self._named_vm(_string(args, "vm", required=False))
+        return self._named_vm(scope, _string(args, "vm", required=False))
 
-    def _named_vm(self, name: str | None) -> tuple[VmStats | None, bool]:
+    def _named_vm(self, scope: Scope, name: str | None) -> tuple[VmStats | None, bool]:
         """Host socket: the VM ``name`` asks for (answered as its own socket would), or every
-        VM with host-socket paths when no name is given."""
+        VM with host-socket paths when no name is given. A VM the client may not see is
+        not found, in the very words of an unknown one."""
         if name is None:
             return None, True
-        vm = self.context.find_vm(name)
+        vm = self._find_visible(scope, name)
         if vm is None:
             raise QmpError(f"VM '{name}' not found (query-vms lists the VMs served)")
         return vm, False
@@ -337,7 +368,7 @@ class Commands:
     def _vms_for(self, scope: Scope, vm: VmStats | None) -> Sequence[VmStats]:
         if vm is not None:
             return [vm]
-        return self.context.all_vms() if scope.host else []
+        return self.visible_vms(scope) if scope.host else []
 
     def _query_cpus_fast(self, scope: Scope, arguments: Args) -> Any:
         args = dict(arguments)
@@ -365,7 +396,7 @@ class Commands:
                 "origin": vm.origin,
                 "socket": vm.socket_path,
             }
-            for vm in self.context.all_vms()
+            for vm in self.visible_vms(scope)
         ]
 
     def _adopt_vm(self, scope: Scope, arguments: Args) -> Any:
@@ -385,10 +416,15 @@ class Commands:
         adopter = self.adopter
         if adopter is None:
             raise QmpError("adopt-vm needs discovery of the host's VMs, which is off")
+        # Like seeing, adopting: a client that is not an admin may adopt only its own VMMs.
+        viewer = scope.viewer
+        owner_uid = None if viewer.sees_all else viewer.uid
+        if not viewer.sees_all and owner_uid is None:
+            raise QmpError("adopt-vm: the client's credentials are unknown")
 
         async def run() -> Any:
             try:
-                return await adopter(pid, name)
+                return await adopter(pid, name, owner_uid)
             except StatsdQmpError as exc:  # AdoptionError: refused or failed
                 raise QmpError(str(exc)) from exc
 
@@ -400,7 +436,7 @@ class Commands:
         stats_filter = parse_stats_filter(args, host=scope.host)
         vm: VmStats | None
         if scope.host:
-            vm, host_paths = self._named_vm(stats_filter.vm)
+            vm, host_paths = self._named_vm(scope, stats_filter.vm)
         else:
             vm, host_paths = scope.vm, False
         vms = self._vms_for(scope, vm)
@@ -609,7 +645,10 @@ class Commands:
 
         def query_stats(arguments: Args) -> list[dict[str, Any]]:
             return self.query_stats(
-                Scope(host=False, vm=vm), vms, parse_stats_filter(arguments, host=False), False
+                Scope(host=False, viewer=scope.viewer, vm=vm),
+                vms,
+                parse_stats_filter(arguments, host=False),
+                False,
             )
 
         def query_schemas(provider: str | None) -> list[dict[str, Any]]:

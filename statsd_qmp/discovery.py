@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import functools
 import os
 import threading
 from collections import Counter
@@ -74,6 +75,7 @@ class BorrowedVm:
     pid: int
     pidfd: int
     name: str
+    owner_uid: int  # the VMM's real uid when it was adopted: whose VM this is
     signature: Any = None
     fds: dict[int, int] = field(default_factory=dict)  # the VMM's fd number -> our copy
     files: dict[int, StatsFile] = field(default_factory=dict)  # our fd -> parsed file
@@ -304,16 +306,19 @@ class Discovery:
         except AdoptionError as exc:
             log.warning("vmm not adopted", pid=pid, reason=str(exc))
 
-    async def adopt(self, pid: int) -> adoption.AdoptionReport:
+    async def adopt(self, pid: int, owner_uid: int | None = None) -> adoption.AdoptionReport:
         """Adopt process ``pid`` now (see :mod:`adoption`), then rescan to serve it.
 
-        AdoptionError when refused or failed; the VMM runs on either way.
+        AdoptionError when refused or failed; the VMM runs on either way. ``owner_uid``: only
+        a process of that real uid (asked for by a client that is not an admin).
         """
         if pid in self._adopting:
             raise AdoptionError(f"pid {pid} is being adopted already")
         self._adopting.add(pid)
         try:
-            report: adoption.AdoptionReport = await run_in_own_thread(adoption.adopt, pid)
+            report: adoption.AdoptionReport = await run_in_own_thread(
+                functools.partial(adoption.adopt, owner_uid=owner_uid), pid
+            )
         finally:
             self._adopting.discard(pid)
         self._adoption_tried.add(pid)
@@ -360,8 +365,12 @@ class Discovery:
         except OSError as exc:
             self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}", wanted)
             return
+        owner_uid = borrowed.real_uid(pid, pidfd)
+        if owner_uid is None:  # exited meanwhile
+            os.close(pidfd)
+            return
         name = unique_name(wanted, pid, self.registry.names_in_use(), self.registry.run_dir)
-        vmm = BorrowedVm(pid, pidfd, name)
+        vmm = BorrowedVm(pid, pidfd, name, owner_uid)
         try:
             built = await self._build(vmm, found)
         except BaseException:
@@ -490,7 +499,10 @@ class Discovery:
                 vmm.files.pop(ours, None)
                 stale.append(ours)
         vmm.signature = found.signature()
-        return VmStats(vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus)), stale
+        view = VmStats(
+            vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus), owner_uid=vmm.owner_uid
+        )
+        return view, stale
 
     @staticmethod
     def _alive(pid: int) -> bool:

@@ -1,9 +1,9 @@
 """One served VM: its parsed stats files, cached schemas and batched reads.
 
-Owns: the per-VM view the commands work on (name, pid, origin, the VM stats file if the VMM
-holds one, the vCPU stats files ordered by KVM vCPU id) and the two prepared batch reads (VM
-block, all vCPU blocks). Must not import trio, the server or the registry; whoever builds a
-:class:`VmStats` (the registry) owns the fds and closes them.
+Owns: the per-VM view the commands work on (name, pid, origin, owner uid, the VM stats file
+if the VMM holds one, the vCPU stats files ordered by KVM vCPU id) and the two prepared batch
+reads (VM block, all vCPU blocks). Must not import trio, the server or the registry;
+whoever builds a :class:`VmStats` (the registry) owns the fds and closes them.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class VmStats:
     vm_file: StatsFile | None
     vcpus: tuple[VcpuStats, ...]
     socket_path: str = ""
+    # Real uid of the VMM process (read at adoption; the daemon's own for a VM it created):
+    # who besides admins may see this VM (see :mod:`access`).
+    owner_uid: int = field(kw_only=True)
     vm_schema: list[dict[str, object]] = field(init=False)
     vcpu_schema: list[dict[str, object]] = field(init=False)
     vm_reader: BatchReader | None = field(init=False, repr=False)

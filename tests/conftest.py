@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,13 @@ def need(problem: str | None) -> None:
 
 def program_problem(name: str) -> str | None:
     return None if shutil.which(name) else f"{name} is not installed"
+
+
+def wait_line(process: subprocess.Popen[str], expected: str) -> None:
+    """Read one line of ``process``'s stdout; it must be ``expected`` (a child says "ready")."""
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    assert line == expected, line
 
 
 def root_problem() -> str | None:
@@ -92,8 +100,9 @@ def owned_vm() -> Iterator[object]:
         vm.close()
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``: a test stops what it started, by its pid."""
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: a test stops what it started, by its pid.
+    The pipes the test opened to it are closed."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -101,3 +110,6 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> Non
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()

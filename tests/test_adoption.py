@@ -27,6 +27,7 @@ import trio
 from structlog.testing import capture_logs
 
 from statsd_qmp import adoption
+from statsd_qmp.access import Viewer
 from statsd_qmp.commands import Commands, Pending, Scope
 from statsd_qmp.errors import AdoptionError, QmpError, StatsdQmpError
 from statsd_qmp.schema import HistogramOrder
@@ -594,15 +595,20 @@ def test_adopt_vm_is_for_the_operator_only() -> None:
         def read_failed(self, vm: Any, error: Any) -> None:
             raise AssertionError
 
-    async def adopter(pid: int | None, name: str | None) -> Any:
+    async def adopter(pid: int | None, name: str | None, owner_uid: int | None) -> Any:
         return {"pid": pid}
 
     commands = Commands(NoVms(), adopter=adopter, operator_uids=frozenset({0, 1000}))
-    stranger = Scope(host=True, peer_uid=NOBODY)
+    stranger = Scope(host=True, viewer=Viewer(NOBODY, sees_all=False), peer_uid=NOBODY)
     with pytest.raises(QmpError, match=r"only to the daemon's operator \(uid 0 or 1000\)"):
         commands.execute(stranger, "adopt-vm", {"pid": 1}, oob=False)
     assert isinstance(
-        commands.execute(Scope(host=True, peer_uid=1000), "adopt-vm", {"pid": 1}, oob=False),
+        commands.execute(
+            Scope(host=True, viewer=Viewer(1000, sees_all=False), peer_uid=1000),
+            "adopt-vm",
+            {"pid": 1},
+            oob=False,
+        ),
         Pending,
     )
     commands.adopt_any_client = True

@@ -150,6 +150,7 @@ FLAG_CASES = [
     ("--max-output-bytes", "-7", "[limits]\nmax_output_bytes = -7"),
     ("--socket-mode", "7777", 'socket_mode = "7777"'),
     ("--socket-mode", "0999", 'socket_mode = "0999"'),
+    ("--admin-group", "a:b", 'admin_group = "a:b"'),
     ("--demo-vcpus", "0", "demo_vcpus = 0"),
     ("--histogram-order", "reversed", 'histogram_order = "reversed"'),
     ("--log-level", "trace", 'log_level = "trace"'),
@@ -206,6 +207,8 @@ def test_good_flags_become_settings(tmp_path: Path) -> None:
             "0640",
             "--socket-group",
             "0",
+            "--admin-group",
+            "root",
             "--scan-interval",
             "0.25",
             "--negotiation-timeout",
@@ -216,6 +219,7 @@ def test_good_flags_become_settings(tmp_path: Path) -> None:
     assert settings.run_dir == Path.cwd() / "relative/run"
     assert settings.socket_mode == 0o640
     assert settings.socket_gid == 0
+    assert settings.admin_gid == 0
     assert settings.scan_interval == 0.25
     assert settings.limits.negotiation_timeout == 2.0
 

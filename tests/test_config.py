@@ -25,6 +25,7 @@ FULL = """\
 run_dir = "/run/other"
 socket_mode = "0640"
 socket_group = "kvm"
+admin_group = 0
 scan_interval = 0.25
 histogram_order = "qemu"
 log_level = "debug"
@@ -66,6 +67,7 @@ def test_every_key(tmp_path: Path) -> None:
         run_dir=Path("/run/other"),
         socket_mode=0o640,
         socket_group="kvm",
+        admin_group=0,
         scan_interval=0.25,
         histogram_order="qemu",
         log_level="debug",
@@ -106,7 +108,8 @@ def test_the_shipped_example_sets_every_key(tmp_path: Path) -> None:
     for key in LIMIT_KEYS:
         assert getattr(config.limits, key) is not None, f"limits.{key}"
     assert config.run_dir == Path("/run/statsd-qmp")  # the units' RuntimeDirectory
-    assert config.socket_mode == 0o660
+    assert config.socket_mode == 0o666  # every user may connect and see its own VMs
+    assert config.admin_group == "statsd-qmp"  # the group keeps seeing every VM
     assert config.demo is False  # the unit gives no /dev/kvm
 
 
@@ -167,6 +170,13 @@ def test_socket_group_spellings(tmp_path: Path, text: str, expected: str | int) 
         ("socket_group = -1", "socket_group", "got -1"),
         ("socket_group = 4294967295", "socket_group", "got 4294967295"),
         ("socket_group = [1]", "socket_group", "got an array"),
+        (
+            'admin_group = "a:b"',
+            "admin_group",
+            'expected a group name or a numeric gid, got "a:b"',
+        ),
+        ("admin_group = -1", "admin_group", "got -1"),
+        ("admin_group = false", "admin_group", "got false"),
         (
             "scan_interval = 0",
             "scan_interval",
@@ -330,6 +340,9 @@ def test_resolve_group() -> None:
     with pytest.raises(ConfigError) as caught:
         resolve_group("no-such-group-statsd-qmp", path=path)
     assert str(caught.value) == (f"{path}: socket_group: no group named 'no-such-group-statsd-qmp'")
+    with pytest.raises(ConfigError) as caught:
+        resolve_group("no-such-group-statsd-qmp", path=path, key="admin_group")
+    assert str(caught.value) == (f"{path}: admin_group: no group named 'no-such-group-statsd-qmp'")
 
 
 def test_config_stays_below_app_server_and_cli() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import structlog
 
+from statsd_qmp.access import EVERYTHING
 from statsd_qmp.commands import Commands, Scope
 from statsd_qmp.errors import QmpError
 from statsd_qmp.registry import Registry
@@ -47,7 +48,7 @@ def commands(tmp_path: Path) -> Iterator[tuple[Commands, Registry]]:
 
     registry = Registry(run_dir=tmp_path, histogram_order="kernel", package="statsd-qmp test")
     vcpu = VcpuStats(0, 4001, parsed("kvm-4001/vcpu-0"))
-    vm = VmStats(VM_NAME, 4000, "borrowed", parsed("kvm-4000"), (vcpu,))
+    vm = VmStats(VM_NAME, 4000, "borrowed", parsed("kvm-4000"), (vcpu,), owner_uid=0)
     with structlog.testing.capture_logs():
         registry.add(vm)
     try:
@@ -105,7 +106,10 @@ def schema_for(commands: Commands, scope: Scope) -> Schema:
 
 
 def scopes(registry: Registry) -> list[Scope]:
-    return [Scope(host=True), Scope(host=False, vm=registry.find_vm(VM_NAME))]
+    return [
+        Scope(host=True, viewer=EVERYTHING),
+        Scope(host=False, viewer=EVERYTHING, vm=registry.find_vm(VM_NAME)),
+    ]
 
 
 def argument_error(commands: Commands, scope: Scope, name: str, arguments: Any) -> str | None:

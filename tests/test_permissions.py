@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from .conftest import stop_process, wait_line
 from .daemons import start_serve
 from .qemu_helpers import RawQmp
 
@@ -49,12 +50,6 @@ def shared_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_line(process: subprocess.Popen[str], expected: str) -> None:
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    assert line == expected, line
 
 
 @pytest.mark.kvm
@@ -133,15 +128,7 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
         )
     finally:
         for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-            for pipe in (process.stdin, process.stdout):
-                if pipe is not None:
-                    pipe.close()
+            stop_process(process)
 
 
 @pytest.mark.kvm
@@ -184,14 +171,7 @@ def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
         assert refusals[0]["vm"] == f"pid-{vmm.pid}"
     finally:
         for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-            if process.stdout is not None:
-                process.stdout.close()
+            stop_process(process)
 
 
 @pytest.mark.root

@@ -325,7 +325,7 @@ class SyntheticVms:
             fd = self._memfd(built.data)
             spec.vcpu_fds.append(fd)
             vcpus.append(VcpuStats(vcpu_id, tid, StatsFile.parse(fd, origin=f"vm {name}")))
-        spec.vm = VmStats(name, spec.pid, "borrowed", vm_file, tuple(vcpus))
+        spec.vm = VmStats(name, spec.pid, "borrowed", vm_file, tuple(vcpus), owner_uid=0)
         return spec
 
     def _memfd(self, data: bytes) -> int:

@@ -19,6 +19,7 @@ import ctypes
 import errno as errno_mod
 import os
 import re
+import select
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,36 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
         code = ctypes.get_errno()
         raise OSError(code, f"pidfd_getfd(fd {target_fd}): {os.strerror(code)}")
     return int(fd)
+
+
+def process_exited(pidfd: int) -> bool:
+    """Whether the pidfd's process has exited (a pidfd polls readable from then on)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def real_uid(pid: int, pidfd: int) -> int | None:
+    """The real uid of the process behind ``pidfd`` (``pid``), or None once it has exited.
+
+    Read from ``/proc/PID/status`` (``Uid:`` real, effective, saved, fs). A pid is only reused
+    after its process has exited and been reaped, so a pidfd still not readable *after* the
+    read proves the file read was this process's, not a newcomer's under a recycled pid.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            status = handle.read()
+    except OSError:
+        return None
+    uid: int | None = None
+    for line in status.splitlines():
+        if line.startswith(b"Uid:"):
+            fields = line.split()
+            uid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+            break
+    if uid is None or process_exited(pidfd):
+        return None
+    return uid
 
 
 # --- names ---------------------------------------------------------------------------------
