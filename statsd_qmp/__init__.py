@@ -11,6 +11,7 @@ Layering (imports only go downwards; each module's docstring says what it must n
     vm, engine, statsfile    parsed stats files and batched reads
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
+    fdbudget                 descriptor shortage (EMFILE/ENFILE), the reserve, VM fd cost
     schema, errors           KVM descriptor -> QAPI mapping; exception tree (pure)
 """
 

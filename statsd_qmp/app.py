@@ -30,6 +30,7 @@ from . import __version__, logconfig, sd_daemon
 from .commands import Commands
 from .discovery import Discovery
 from .errors import KvmError, StatsdQmpError
+from .fdbudget import FdBudget
 from .logconfig import LogFormat
 from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
@@ -86,9 +87,11 @@ class Daemon:
         self.on_stop: list[Callable[[], None]] = []
 
     def status(self) -> str:
+        waiting = self.discovery.waiting_for_fds if self.discovery is not None else 0
         return (
             f"STATUS=serving {len(self.registry.all_vms())} VMs to "
             f"{self.server.connections} clients"
+            + (f", {waiting} VMs waiting for file descriptors" if waiting else "")
         )
 
     def scanner_alive(self, within: float) -> bool:
@@ -143,6 +146,7 @@ class Daemon:
             self.server.apply_socket_settings(new.socket_mode, new.socket_gid)
         if self.discovery is not None:
             self.discovery.scan_interval = new.scan_interval
+            self.discovery.fd_budget.max_connections = new.limits.max_connections
         self.settings = replace(
             new,
             run_dir=old.run_dir,
@@ -208,7 +212,11 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
                 if settings.discover:
-                    daemon.discovery = Discovery(registry, scan_interval=settings.scan_interval)
+                    daemon.discovery = Discovery(
+                        registry,
+                        scan_interval=settings.scan_interval,
+                        fd_budget=FdBudget(settings.limits.max_connections),
+                    )
                     await nursery.start(daemon.discovery.run)
                 nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)
                 interval = sd_daemon.watchdog_interval()

@@ -4,8 +4,10 @@ Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new 
 borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
 dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
 then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
-alive), VM naming, and permission messages once per VM. May import registry, sources, vm,
-statsfile and trio; must not import the server, app or cli.
+alive), VM naming, permission messages once per VM, and adopting VMs only while the
+descriptor budget allows (:mod:`fdbudget`): short of descriptors, it stops adopting, says so
+once, keeps every VM it serves, and resumes when descriptors are free again. May import
+registry, sources, vm, statsfile, fdbudget and trio; must not import the server, app or cli.
 
 One VM per VMM process is the supported case. A process holding several ``kvm-vm-stats`` fds
 of different VMs gets its lowest-numbered VM stats fd and all its vCPU stats fds served, and a
@@ -26,6 +28,7 @@ import structlog
 import trio
 
 from .errors import StatsFileError
+from .fdbudget import FdBudget, is_shortage, vm_cost
 from .registry import DEMO_NAME, Registry, sanitize_name
 from .sources import borrowed
 from .statsfile import StatsFile
@@ -82,6 +85,14 @@ def _ignore_outcome(outcome: object) -> None:
     del outcome
 
 
+def _targets(found: borrowed.ProcessStatsFds) -> list[int]:
+    """The VMM's fd numbers a build borrows: its lowest VM stats fd, one fd per vCPU."""
+    targets = [min(fds) for fds in found.vcpu_stats.values()]
+    if found.vm_stats:
+        targets.append(min(found.vm_stats))
+    return targets
+
+
 def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -> str:
     """The VM's name: QEMU's -name or ``pid-PID``, made safe, unique and short enough."""
     name = sanitize_name(wanted) if wanted else f"pid-{pid}"
@@ -99,9 +110,19 @@ def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -
 class Discovery:
     """Keeps the registry in step with the VMMs on the host."""
 
-    def __init__(self, registry: Registry, *, scan_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        scan_interval: float = 1.0,
+        fd_budget: FdBudget | None = None,
+    ) -> None:
         self.registry = registry
         self.scan_interval = scan_interval
+        self.fd_budget = fd_budget if fd_budget is not None else FdBudget(max_connections=1000)
+        # VMMs found but not (fully) served for lack of descriptors at the last scan.
+        self.waiting_for_fds = 0
+        self._fds_short = False  # a shortage was logged and has not ended yet
         self.scanner = borrowed.ProcScanner()
         self.vmms: dict[int, BorrowedVm] = {}
         self.last_scan_finished = trio.current_time()
@@ -129,8 +150,17 @@ class Discovery:
     async def scan_once(self) -> None:
         async with self._lock:
             started = trio.current_time()
-            result = await self._scan(started)
-            await self._apply(result)
+            try:
+                result = await self._scan(started)
+            except OSError as exc:
+                if not is_shortage(exc):
+                    raise
+                # Not even /proc could be listed: serve what we have, try again next time.
+                self._note_fd_shortage(self.waiting_for_fds, exc)
+            else:
+                await self._apply(result)
+            # A scan cut short by a shortage still counts: the scanner is not stuck, and a
+            # watchdog restart would only meet the same limit again.
             self.last_scan_finished = trio.current_time()
 
     async def _scan(self, now: float) -> borrowed.ScanResult:
@@ -153,9 +183,14 @@ class Discovery:
         # A checkpoint after each VM added or dropped: a scan that finds 100 new VMMs must
         # not hold the event loop for the whole batch.
         for pid in list(self.vmms):
-            if pid not in result.vmms:
+            if pid not in result.vmms and pid not in result.unread:
                 self._drop(pid, "the process holds no KVM stats fds any more")
                 await trio.lowlevel.checkpoint()
+        # Descriptors VMs may still take. Counted once per scan: clients that connect while
+        # this batch is adopted take theirs from the reserve, which is there for them.
+        room = self.fd_budget.room()
+        waiting = 0
+        shortage = result.shortage
         for pid, found in result.vmms.items():
             known = self.vmms.get(pid)
             if known is not None and known.closed:
@@ -163,14 +198,29 @@ class Discovery:
                 del self.vmms[pid]
                 known = None
             if known is None:
-                await self._adopt(found)
-                changed = True
+                cost = vm_cost(len(_targets(found)))
             elif known.signature != found.signature():
-                await self._refresh(known, found)
-                changed = True
+                cost = sum(target not in known.fds for target in _targets(found))
             else:
                 continue
+            if shortage is not None or cost > room:
+                waiting += 1  # kept as it is (or not served yet) until descriptors free up
+                continue
+            try:
+                if known is None:
+                    await self._adopt(found)
+                else:
+                    await self._refresh(known, found)
+            except OSError as exc:
+                if not is_shortage(exc):
+                    raise
+                shortage = exc
+                waiting += 1
+                continue
+            room -= cost
+            changed = True
             await trio.lowlevel.checkpoint()
+        self._note_fd_shortage(waiting, shortage)
         if changed:
             # The new views live as long as their VMs: keep them out of the cyclic
             # collector's way, or each full collection walks every served descriptor (tens
@@ -178,7 +228,11 @@ class Discovery:
             gc.freeze()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
-                self._report(pid, reason, await self._qemu_name(pid))
+                try:
+                    name = await self._qemu_name(pid)
+                except OSError:
+                    name = None  # no descriptor to read it with: the pid names it
+                self._report(pid, reason, name)
         for pid in list(self._reported):
             if pid not in result.vmms and pid not in result.denied:
                 del self._reported[pid]
@@ -196,6 +250,44 @@ class Discovery:
         with trio.move_on_after(CMDLINE_TIMEOUT):
             argv = await trio.to_thread.run_sync(borrowed.read_cmdline, pid, abandon_on_cancel=True)
         return borrowed.qemu_name(argv)
+
+    def _note_fd_shortage(self, waiting: int, error: OSError | None) -> None:
+        """Say once that adopting stopped (the real cause and the fix), and once that it resumed."""
+        self.waiting_for_fds = waiting
+        if waiting == 0 and error is None:
+            if self._fds_short:
+                self._fds_short = False
+                log.info(
+                    "file descriptors are free again; adopting VMs",
+                    vms=len(self.vmms),
+                    **self.fd_budget.describe(),
+                )
+            return
+        if self._fds_short:
+            return
+        self._fds_short = True
+        if error is not None and error.errno == errno.ENFILE:
+            cause = "the host's open-file table is full (ENFILE, sysctl fs.file-max)"
+            fix = "raise fs.file-max or close descriptors elsewhere on the host"
+        else:
+            cause = (
+                f"this process's open-file limit ({borrowed.describe_errno(error.errno or 0)})"
+                if error is not None
+                else "this process's open-file limit, less the reserve kept for clients"
+            )
+            fix = (
+                "raise the hard RLIMIT_NOFILE: LimitNOFILE= in the systemd unit (the shipped "
+                "unit sets 1048576), or ulimit -Hn / prlimit --nofile when started by hand; "
+                "each VM takes its vCPUs + 3 descriptors (stats fds, pidfd, socket)"
+            )
+        log.warning(
+            "file descriptors ran short; not adopting new VMs until some are free",
+            cause=cause,
+            fix=fix,
+            vms=len(self.vmms),
+            vmms_waiting=waiting,
+            **self.fd_budget.describe(),
+        )
 
     def _report(self, pid: int, problem: str, name: str | None) -> None:
         """Log a VM we cannot read, once per VM (not once per scan)."""
@@ -220,6 +312,8 @@ class Discovery:
         except ProcessLookupError:
             return  # gone already
         except OSError as exc:
+            if is_shortage(exc):
+                raise  # not the VMM's fault: the caller stops adopting
             self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}", wanted)
             return
         name = unique_name(wanted, pid, self.registry.names_in_use(), self.registry.run_dir)
@@ -260,14 +354,11 @@ class Discovery:
                 ours = borrowed.pidfd_getfd(vmm.pidfd, target_fd)
             except OSError as exc:
                 code = exc.errno or 0
-                if code == errno.EMFILE or code == errno.ENFILE:
-                    log.warning(
-                        "file descriptors ran short",
-                        vm=vmm.name,
-                        error=borrowed.describe_errno(code),
-                        hint="raise LimitNOFILE / RLIMIT_NOFILE",
-                    )
-                elif code == errno.EPERM:
+                if is_shortage(exc):
+                    # The whole build stops: a VM served without some of its vCPUs would be
+                    # recorded as complete and never looked at again.
+                    raise
+                if code == errno.EPERM:
                     self._report(
                         vmm.pid,
                         "pidfd_getfd: EPERM: needs CAP_SYS_PTRACE (or the same uid and a "
@@ -296,7 +387,9 @@ class Discovery:
 
         Parsing a file costs ~0.3 ms; a checkpoint after each keeps a 256-vCPU VMM from
         blocking the event loop for 80 ms. Until the caller swaps the view in, the served one
-        keeps all its fds open; a VMM dropped meanwhile (it exited) ends the build.
+        keeps all its fds open; a VMM dropped meanwhile (it exited) ends the build. Raises
+        OSError (EMFILE, ENFILE) when a copy finds no descriptor; the fds copied so far stay
+        with ``vmm`` (closed with it, or reused by the next build).
         """
         wanted: set[int] = set()
         vm_file: StatsFile | None = None

@@ -24,6 +24,7 @@ RANK = {
     "introspection": 1,
     "_native": 1,
     "steps": 1,
+    "fdbudget": 1,
     "protocol": 2,
     "hmp": 2,
     "statsfile": 2,

@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..fdbudget import is_shortage
 from ..steps import Steps, finish
 
 VM_STATS_LINK = "anon_inode:kvm-vm-stats"
@@ -106,11 +107,17 @@ def qemu_name(argv: Iterable[str]) -> str | None:
 
 
 def read_cmdline(pid: int) -> list[str]:
-    """``/proc/PID/cmdline`` as a list (empty for kernel threads or a vanished process)."""
+    """``/proc/PID/cmdline`` as a list (empty for kernel threads or a vanished process).
+
+    Raises OSError (EMFILE, ENFILE) when no descriptor is left to open it: the caller must
+    not mistake that for a process without a command line (its VM would be misnamed for life).
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             raw = handle.read()
-    except OSError:
+    except OSError as exc:
+        if is_shortage(exc):
+            raise
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
@@ -137,7 +144,10 @@ def looks_like_vmm(pid: int) -> bool:
     if not _LOOKS_LIKE_VMM.search(read_comm(pid)):
         return False
     # Kernel threads (kvm-pit/..., kvm-nx-lpage-recovery) match by name but have no cmdline.
-    return bool(read_cmdline(pid))
+    try:
+        return bool(read_cmdline(pid))
+    except OSError:
+        return True  # no descriptor to look with: it did match by name
 
 
 # --- the /proc scan ------------------------------------------------------------------------
@@ -171,6 +181,11 @@ class ScanResult:
     denied: dict[int, str]  # pid -> why its fds could not be listed (only likely VMMs)
     processes: int
     full_scans: int
+    # Processes whose fds could not be listed for lack of descriptors (EMFILE, ENFILE): what
+    # was known of them is in ``vmms`` still; nothing about them may be concluded from this
+    # scan (a served VM among them must not be dropped).
+    unread: set[int] = field(default_factory=set)
+    shortage: OSError | None = None  # the first such error
 
 
 # fd links read between two yields of a scan: ~0.2 ms (a 256-vCPU QEMU has ~800 fds).
@@ -183,7 +198,7 @@ def list_stats_fds(pid: int) -> Steps[ProcessStatsFds]:
     A generator (``yield from`` it): it yields every ``_LINKS_PER_STEP`` links so that a
     scan can pause inside a VMM with hundreds of fds. Raises OSError when the directory
     cannot be listed (EACCES without the right to see another user's fds, ENOENT when the
-    process has gone).
+    process has gone, EMFILE/ENFILE when this process has no descriptor left to list it).
     """
     base = f"/proc/{pid}/fd"
     found = ProcessStatsFds(pid)
@@ -244,10 +259,14 @@ class ProcScanner:
 
         The caller may pause between steps (the daemon runs the scan on its event loop in
         slices of well under a millisecond); a process that exits meanwhile is skipped.
+        Raises OSError (EMFILE, ENFILE) when not even /proc can be listed; a process whose fds
+        cannot be listed for that reason is reported in ``unread`` with what was known of it.
         """
         vmms: dict[int, ProcessStatsFds] = {}
         denied: dict[int, str] = {}
         seen: set[int] = set()
+        unread: set[int] = set()
+        shortage: OSError | None = None
         full_scans = 0
         with os.scandir("/proc") as listing:
             names = [entry.name for entry in listing]
@@ -296,6 +315,15 @@ class ProcScanner:
                 if reason:
                     denied[pid] = reason
                 continue
+            except OSError as exc:
+                if not is_shortage(exc):
+                    continue  # exiting meanwhile (ESRCH and the like): the next scan tells
+                # Not a fact about the process: keep what we knew, look again next scan.
+                unread.add(pid)
+                shortage = shortage or exc
+                if known is not None and known.found is not None:
+                    vmms[pid] = known.found
+                continue
             holds_stats = bool(found.vm_stats or found.vcpu_stats)
             self._known[pid] = _Known(
                 fd_count, now + self.full_rescan_interval, found if holds_stats else None
@@ -308,7 +336,7 @@ class ProcScanner:
         for pid in list(self._denied):
             if pid not in seen:
                 del self._denied[pid]
-        return ScanResult(vmms, denied, len(seen), full_scans)
+        return ScanResult(vmms, denied, len(seen), full_scans, unread, shortage)
 
 
 def describe_errno(code: int) -> str:
