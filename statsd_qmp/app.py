@@ -89,7 +89,7 @@ class Daemon:
     def status(self) -> str:
         waiting = self.discovery.waiting_for_fds if self.discovery is not None else 0
         return (
-            f"STATUS=serving {len(self.registry.all_vms())} VMs to "
+            f"STATUS=serving {self.registry.count()} VMs to "
             f"{self.server.connections} clients"
             + (f", {waiting} VMs waiting for file descriptors" if waiting else "")
         )

@@ -20,6 +20,9 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import threading
+from collections import deque
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,14 @@ SCAN_SLICE = 0.0005
 
 # How long reading a VMM's command line (for its VM name) may take.
 CMDLINE_TIMEOUT = 2.0
+# Command lines read by one worker-thread call: a thread round trip per VMM cost more than
+# the read itself when thousands of VMMs appear at once; a batch this size reads in ~10 ms,
+# far inside CMDLINE_TIMEOUT, so only a hung VMM can make a batch time out.
+CMDLINE_BATCH = 500
+
+# How long one scan may go on adopting before the lock is let go (an on-demand rescan from
+# ``query-vms`` waits for the scan under way); the next scan follows at once.
+ADOPT_ROUND = 1.0
 
 # sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
@@ -73,7 +84,7 @@ class BorrowedVm:
         # The last reference to a dead VM's stats makes the kernel tear the VM down inside
         # close(), which took 300 ms for a large VM: not on the event loop. Nothing can read
         # these numbers any more (the VM left the registry first).
-        trio.lowlevel.start_thread_soon(lambda: _close_all(fds), _ignore_outcome)
+        _CLOSER.close_soon(fds)
 
 
 def _close_all(fds: list[int]) -> None:
@@ -85,6 +96,50 @@ def _ignore_outcome(outcome: object) -> None:
     del outcome
 
 
+class _BackgroundCloser:
+    """Closes fds in one worker thread, started when work arrives and ended when none is left.
+
+    A thread per exited VM (10,000 VMMs killed at once) made trio start thousands of threads,
+    and the event loop then waited for the GIL among them (46 ms in one step with 500 VMs).
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[list[int]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def close_soon(self, fds: list[int]) -> None:
+        with self._lock:
+            self._pending.append(fds)
+            if self._running:
+                return
+            self._running = True
+        trio.lowlevel.start_thread_soon(self._drain, _ignore_outcome)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._running = False
+                    return
+                fds = self._pending.popleft()
+            _close_all(fds)
+
+
+_CLOSER = _BackgroundCloser()
+
+
+def _read_names(pids: list[int], names: dict[int, str | None], current: list[int]) -> None:
+    """Worker thread: ``names[pid]`` for each pid in turn; ``current[0]`` is the one being read.
+
+    Stops at the first EMFILE/ENFILE (raised): the rest stay unread.
+    """
+    for pid in pids:
+        current[0] = pid
+        names[pid] = borrowed.qemu_name(borrowed.read_cmdline(pid))
+    current[0] = 0
+
+
 def _targets(found: borrowed.ProcessStatsFds) -> list[int]:
     """The VMM's fd numbers a build borrows: its lowest VM stats fd, one fd per vCPU."""
     targets = [min(fds) for fds in found.vcpu_stats.values()]
@@ -93,7 +148,7 @@ def _targets(found: borrowed.ProcessStatsFds) -> list[int]:
     return targets
 
 
-def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -> str:
+def unique_name(wanted: str | None, pid: int, in_use: Set[str], run_dir: Path) -> str:
     """The VM's name: QEMU's -name or ``pid-PID``, made safe, unique and short enough."""
     name = sanitize_name(wanted) if wanted else f"pid-{pid}"
     if name in in_use or name == DEMO_NAME:
@@ -127,6 +182,8 @@ class Discovery:
         self.vmms: dict[int, BorrowedVm] = {}
         self.last_scan_finished = trio.current_time()
         self._lock = trio.Lock()
+        self._scan_done = trio.Event()
+        self._unfinished = False  # the last scan left VMMs to adopt for the next round
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
         self._nursery: trio.Nursery | None = None
         self._warned_multi: set[int] = set()
@@ -136,32 +193,54 @@ class Discovery:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.registry.add_scanner(self.scan_once)
+                self.registry.add_scanner(self.scan_on_demand)
                 await self.scan_once()
+                while self._unfinished:  # the first scan found more than one round's work
+                    await self.scan_once()
                 task_status.started()
                 while True:
-                    await trio.sleep(self.scan_interval)
+                    if not self._unfinished:
+                        await trio.sleep(self.scan_interval)
                     await self.scan_once()
         finally:
             self._nursery = None
             for pid in list(self.vmms):
                 self._drop(pid, "daemon stopping")
 
+    async def scan_on_demand(self) -> None:
+        """A scan for a client that asks (``query-vms``, an unknown ``vm``).
+
+        When a scan is under way (on a dense host it may be adopting thousands of VMMs), the
+        client waits for that one to end, not for a second one after it.
+        """
+        if self._lock.locked():
+            await self._scan_done.wait()
+            return
+        await self.scan_once()
+
     async def scan_once(self) -> None:
         async with self._lock:
-            started = trio.current_time()
+            done = self._scan_done
             try:
-                result = await self._scan(started)
-            except OSError as exc:
-                if not is_shortage(exc):
-                    raise
-                # Not even /proc could be listed: serve what we have, try again next time.
-                self._note_fd_shortage(self.waiting_for_fds, exc)
-            else:
-                await self._apply(result)
-            # A scan cut short by a shortage still counts: the scanner is not stuck, and a
-            # watchdog restart would only meet the same limit again.
-            self.last_scan_finished = trio.current_time()
+                await self._scan_and_apply()
+            finally:
+                self._scan_done = trio.Event()
+                done.set()
+
+    async def _scan_and_apply(self) -> None:
+        started = trio.current_time()
+        try:
+            result = await self._scan(started)
+        except OSError as exc:
+            if not is_shortage(exc):
+                raise
+            # Not even /proc could be listed: serve what we have, try again next time.
+            self._note_fd_shortage(self.waiting_for_fds, exc)
+        else:
+            await self._apply(result)
+        # A scan cut short by a shortage still counts: the scanner is not stuck, and a
+        # watchdog restart would only meet the same limit again.
+        self.last_scan_finished = trio.current_time()
 
     async def _scan(self, now: float) -> borrowed.ScanResult:
         """Walk /proc on the event loop, in slices of at most ``SCAN_SLICE`` seconds.
@@ -191,6 +270,7 @@ class Discovery:
         room = self.fd_budget.room()
         waiting = 0
         shortage = result.shortage
+        todo: list[tuple[borrowed.ProcessStatsFds, BorrowedVm | None]] = []
         for pid, found in result.vmms.items():
             known = self.vmms.get(pid)
             if known is not None and known.closed:
@@ -206,20 +286,39 @@ class Discovery:
             if shortage is not None or cost > room:
                 waiting += 1  # kept as it is (or not served yet) until descriptors free up
                 continue
-            try:
-                if known is None:
-                    await self._adopt(found)
-                else:
-                    await self._refresh(known, found)
-            except OSError as exc:
-                if not is_shortage(exc):
-                    raise
-                shortage = exc
-                waiting += 1
-                continue
             room -= cost
-            changed = True
-            await trio.lowlevel.checkpoint()
+            todo.append((found, known))
+        round_ends = trio.current_time() + ADOPT_ROUND
+        self._unfinished = False
+        for start in range(0, len(todo), CMDLINE_BATCH):
+            batch = todo[start : start + CMDLINE_BATCH]
+            if shortage is not None:
+                waiting += len(batch)
+                continue
+            if trio.current_time() > round_ends:
+                self._unfinished = True  # the next scan follows at once
+                break
+            names, error = await self._qemu_names([f.pid for f, known in batch if known is None])
+            shortage = shortage or error
+            for found, known in batch:
+                if shortage is not None:
+                    waiting += 1
+                    continue
+                try:
+                    if known is not None:
+                        await self._refresh(known, found)
+                    elif found.pid in names:
+                        await self._adopt(found, names[found.pid])
+                    else:
+                        continue  # its command line was not read: the next scan adopts it
+                except OSError as exc:
+                    if not is_shortage(exc):
+                        raise
+                    shortage = exc
+                    waiting += 1
+                    continue
+                changed = True
+                await trio.lowlevel.checkpoint()
         self._note_fd_shortage(waiting, shortage)
         if changed:
             # The new views live as long as their VMs: keep them out of the cyclic
@@ -238,18 +337,39 @@ class Discovery:
                 del self._reported[pid]
 
     @staticmethod
-    async def _qemu_name(pid: int) -> str | None:
-        """The VM name in the process's QEMU-style command line, read in a worker thread.
+    async def _qemu_names(pids: list[int]) -> tuple[dict[int, str | None], OSError | None]:
+        """The VM names in these processes' QEMU-style command lines, read in a worker thread.
 
         Reading another process's cmdline takes its mmap lock, which a VMM busy mapping
-        memory (or preempted while holding it) keeps for milliseconds: not on the loop.
+        memory (or preempted while holding it) keeps for milliseconds: not on the loop. The
+        names read, and the EMFILE/ENFILE that stopped the reading (the pids after it are
+        left out: they are named at the next scan, not misnamed now).
         """
-        argv: list[str] = []
+        names: dict[int, str | None] = {}
+        if not pids:
+            return names, None
+        current = [0]
+        error: OSError | None = None
         # A VMM hung while holding that lock must not hang every scan after it: without its
-        # command line it is served as pid-PID.
+        # command line it is served as pid-PID; the ones after it wait for the next scan.
         with trio.move_on_after(CMDLINE_TIMEOUT):
-            argv = await trio.to_thread.run_sync(borrowed.read_cmdline, pid, abandon_on_cancel=True)
-        return borrowed.qemu_name(argv)
+            try:
+                await trio.to_thread.run_sync(
+                    _read_names, pids, names, current, abandon_on_cancel=True
+                )
+            except OSError as exc:
+                if not is_shortage(exc):
+                    raise
+                error = exc
+        if current[0] and current[0] not in names and error is None:
+            names[current[0]] = None
+        return dict(names), error
+
+    async def _qemu_name(self, pid: int) -> str | None:
+        names, error = await self._qemu_names([pid])
+        if error is not None:
+            raise error
+        return names.get(pid)
 
     def _note_fd_shortage(self, waiting: int, error: OSError | None) -> None:
         """Say once that adopting stopped (the real cause and the fix), and once that it resumed."""
@@ -304,9 +424,8 @@ class Discovery:
             "can still refuse",
         )
 
-    async def _adopt(self, found: borrowed.ProcessStatsFds) -> None:
+    async def _adopt(self, found: borrowed.ProcessStatsFds, wanted: str | None) -> None:
         pid = found.pid
-        wanted = await self._qemu_name(pid)
         try:
             pidfd = borrowed.pidfd_open(pid)
         except ProcessLookupError:

@@ -13,6 +13,7 @@ import os
 import select
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,9 +42,11 @@ class TinyVmms:
         vcpus: int = 2,
         prefix: str = "tvm",
         timeout: float = 120.0,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper``: a command that runs the program (``nsenter`` into a namespace)."""
         self.process = subprocess.Popen(
-            [str(binary), str(vcpus), str(count), "-name", f"{prefix}-########"],
+            [*wrapper, str(binary), str(vcpus), str(count), "-name", f"{prefix}-########"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
