@@ -2,13 +2,15 @@
 
 Layering (imports only go downwards; each module's docstring says what it must not import)::
 
-    cli                      argparse -> settings -> app / client
+    cli                      argparse, one registration per subcommand; each imports its own
+                             modules lazily (exec and query never import trio)
     app                      composition root: server, discovery, signals, watchdog
     server                   trio listeners, one task per connection, limits
     registry                 live VMs: sources -> VmStats, names, lifecycle (trio)
     commands, hmp            QMP commands: argument rules, filters, HMP text (pure)
     protocol                 sans-IO QMP: bytes <-> requests/replies (pure)
     vm, engine, statsfile    parsed stats files and batched reads
+    install_check            what a user (libvirt's QEMU user) cannot reach of this install
     sources.*                owned VMs, borrowed fds, synthetic files
     _native, steps           the compiled bulk pread helper; long work run in time slices
     fdbudget                 descriptor shortage (EMFILE/ENFILE), the reserve, VM fd cost

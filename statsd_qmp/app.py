@@ -28,17 +28,17 @@ import trio
 
 from . import __version__, logconfig, sd_daemon
 from .commands import Commands
+from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
 from .errors import KvmError, StatsdQmpError
 from .fdbudget import FdBudget
 from .logconfig import LogFormat
 from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
-from .server import Limits, Server, lock_run_dir
+from .server import Limits, Server
+from .socketfiles import lock_run_dir
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_RUN_DIR = Path("/run/statsd-qmp")
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
 
 def check_kernel() -> None:
     """Refuse kernels without KVM binary stats (KVM_CAP_BINARY_STATS_FD, Linux 5.14)."""
-    from .sources.owned import kvm_supports_binary_stats
+    from .sources.kvm_abi import kvm_supports_binary_stats
 
     if os.access("/dev/kvm", os.R_OK | os.W_OK):
         if not kvm_supports_binary_stats():

@@ -1,58 +1,167 @@
-"""Command line: ``statsd-qmp serve | query | demo-stats``.
+"""Command line: ``statsd-qmp serve | query | exec | demo-stats | check-install``.
 
-Owns: argparse definitions, turning flags into :class:`app.Settings`, and the human-facing
-output of the client subcommands. May import app, client and logconfig; nothing imports it.
+Owns: the argparse tree, one registration per subcommand (:func:`subcommand`), turning flags
+into :class:`app.Settings`, and the human-facing output of the client subcommands.
+
+Importing this module costs argparse and the package's constants, nothing more: every
+subcommand imports what it needs inside its own ``run`` function. ``statsd-qmp exec`` starts
+each VMM under libvirt and ``statsd-qmp query`` is polled from scripts, so neither may pay for
+trio, structlog or the daemon (``tests/test_cli.py`` checks ``sys.modules``;
+``tests/bench/bench_cli.py`` times them). Flags take the configuration file's rules and
+messages from :func:`config.check_flag`.
+
+To add a subcommand: write ``add_arguments(parser)`` (every flag with a ``help``) and
+``run(args) -> int``, register them with ``@subcommand(name, help=..., arguments=...)`` on
+``run``, and import your own module inside ``run``. May import (lazily, inside ``run``) app,
+client, config, holdlib, install_check, logconfig, registry and sources; nothing imports it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-import trio
-
-from . import __version__, logconfig
-from .app import DEFAULT_RUN_DIR, Settings, serve
-from .client import QmpClient, QmpClientError
-from .config import FileConfig, load_config, resolve_group
+from . import __version__
 from .errors import StatsdQmpError
-from .schema import HISTOGRAM_ORDERS
-from .server import Limits
+
+# Not typing.TYPE_CHECKING: importing typing alone costs a few ms on every ``exec``, which
+# does not even import argparse.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from .app import Settings
+
+    Run = Callable[[argparse.Namespace], int]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+class Subcommand:
+    """One ``statsd-qmp NAME``: its parser's arguments and the function that runs it."""
+
+    __slots__ = ("add_arguments", "description", "help", "name", "run")
+
+    def __init__(
+        self,
+        name: str,
+        help: str,  # noqa: A002 - argparse's own name for it
+        description: str | None,
+        add_arguments: Callable[[argparse.ArgumentParser], None],
+        run: Run,
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.description = description
+        self.add_arguments = add_arguments
+        self.run = run
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(
+    name: str,
+    *,
+    help: str,  # noqa: A002 - argparse's own name for it
+    arguments: Callable[[argparse.ArgumentParser], None],
+    description: str | None = None,
+) -> Callable[[Run], Run]:
+    """Register the decorated ``run(args) -> int`` as ``statsd-qmp NAME``.
+
+    ``arguments(parser)`` adds the subcommand's flags; it runs only when that subcommand is
+    the one invoked (or for a full parser, :func:`build_parser` without ``only``), so it may
+    import what its flags need.
+    """
+
+    def register(run: Run) -> Run:
+        if name in SUBCOMMANDS:
+            raise ValueError(f"subcommand {name!r} registered twice")
+        SUBCOMMANDS[name] = Subcommand(name, help, description, arguments, run)
+        return run
+
+    return register
+
+
+def config_flag(key: str) -> Callable[[str], Any]:
+    """An argparse ``type`` applying the configuration file's rule for ``key`` to a flag."""
+    import argparse
+
+    from .config import ConfigError, check_flag
+
+    def parse(text: str) -> Any:
+        try:
+            return check_flag(key, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(exc.problem) from None
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
-def _mode(text: str) -> int:
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not an octal mode such as 0660") from None
+def _default_socket() -> str:
+    from .config import DEFAULT_RUN_DIR
+
+    return str(DEFAULT_RUN_DIR / "qmp.sock")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only``, the flags of that subcommand alone are added (the
+    others are listed by name and help), so that a command pays for its own flags only."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="statsd-qmp",
         description="Serve KVM binary statistics of the VMs on this host over QMP.",
     )
     parser.add_argument("--version", action="version", version=f"statsd-qmp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in SUBCOMMANDS.values():
+        child = sub.add_parser(
+            command.name, help=command.help, description=command.description or command.help
+        )
+        if only is None or only == command.name:
+            command.add_arguments(child)
+        child.set_defaults(run=command.run)
+    return parser
 
-    run = sub.add_parser(
-        "serve",
-        help="run the daemon",
-        description="Run the daemon. Every option can also be set in the --config file; "
-        "an option given here wins over the file.",
-    )
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["exec"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Every VMM start under libvirt goes through here: straight to execve, no argparse.
+        return _exec_vmm(argv[1:])
+    # The top level has no option taking a value: the first word is the subcommand.
+    first = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(first if first in SUBCOMMANDS else None).parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except (StatsdQmpError, OSError) as exc:
+        print(f"statsd-qmp: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+def _serve_arguments(run: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    from .config import DEFAULT_RUN_DIR
+    from .logconfig import LOG_FORMATS, LOG_LEVELS
+    from .schema import HISTOGRAM_ORDERS
+
     run.add_argument(
         "--config",
         type=Path,
@@ -62,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--run-dir",
-        type=Path,
+        type=config_flag("run_dir"),
         default=None,
+        metavar="DIR",
         help=f"directory of qmp.sock and vm/NAME.sock (default {DEFAULT_RUN_DIR})",
     )
     run.add_argument(
@@ -74,35 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--demo-vcpus",
-        type=_positive_int,
+        type=config_flag("demo_vcpus"),
         default=None,
         metavar="N",
         help="vCPUs of the demo VM (default 2)",
     )
     run.add_argument(
         "--histogram-order",
-        choices=HISTOGRAM_ORDERS,
+        type=config_flag("histogram_order"),
         default=None,
+        metavar="{" + ",".join(HISTOGRAM_ORDERS) + "}",
         help="bucket order of histograms: the kernel's (default) or QEMU's reversed one",
     )
     run.add_argument(
         "--socket-mode",
-        type=_mode,
+        type=config_flag("socket_mode"),
         default=None,
-        help="permission bits of the sockets, octal (default 0660)",
+        metavar="MODE",
+        help="permission bits of the sockets, octal, at most 0777 (default 0660)",
     )
     run.add_argument(
         "--socket-group",
+        type=config_flag("socket_group"),
         default=None,
         metavar="GROUP",
         help="group of the sockets (name or gid; default: the daemon's)",
     )
     run.add_argument(
         "--scan-interval",
-        type=float,
+        type=config_flag("scan_interval"),
         default=None,
         metavar="SECONDS",
-        help="how often to look for VMs in /proc (default 1)",
+        help="how often to look for VMs in /proc, > 0 (default 1)",
     )
     run.add_argument(
         "--no-discovery",
@@ -114,47 +227,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure event-loop blocking; logged as 'loop stats' at exit",
     )
-    run.add_argument("--max-connections", type=_positive_int, default=None)
-    run.add_argument("--max-request-bytes", type=_positive_int, default=None)
-    run.add_argument("--max-output-bytes", type=_positive_int, default=None)
-    run.add_argument("--negotiation-timeout", type=float, default=None, metavar="SECONDS")
-    run.add_argument("--log-level", choices=logconfig.LOG_LEVELS, default=None)
-    run.add_argument("--log-format", choices=logconfig.LOG_FORMATS, default=None)
-
-    query = sub.add_parser("query", help="send one QMP command and print the reply")
-    query.add_argument(
-        "--socket",
-        default=str(DEFAULT_RUN_DIR / "qmp.sock"),
-        help="QMP socket (default %(default)s)",
-    )
-    query.add_argument("qmp_command", metavar="COMMAND", help="for example query-stats")
-    query.add_argument(
-        "arguments",
-        metavar="ARGUMENTS",
-        nargs="?",
+    run.add_argument(
+        "--max-connections",
+        type=config_flag("limits.max_connections"),
         default=None,
-        help='JSON object, for example \'{"target": "vm"}\'',
+        metavar="N",
+        help="clients served at once; more are refused with an error (default 1000)",
     )
-
-    hold = sub.add_parser(
-        "exec",
-        help="exec a VMM in place with the hold library preloaded",
-        description="Replace this process (same PID) with CMD, with the hold library "
-        "prepended to LD_PRELOAD so the VMM opens and keeps KVM stats fds for its VM and "
-        "vCPUs. Usable as libvirt's <emulator>.",
+    run.add_argument(
+        "--max-request-bytes",
+        type=config_flag("limits.max_request_bytes"),
+        default=None,
+        metavar="BYTES",
+        help="largest request; a larger one ends its connection (default 1048576)",
     )
-    hold.add_argument("vmm", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS...")
-
-    demo = sub.add_parser("demo-stats", help="create a demo VM and print its live stats")
-    demo.add_argument("--vcpus", type=_positive_int, default=2)
-    demo.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
-    demo.add_argument("--count", type=int, default=0, help="samples to print (0: until Ctrl-C)")
-    demo.add_argument(
-        "--names",
-        default="exits,io_exits,halt_exits,halt_wakeup,halt_wait_ns",
-        help="comma-separated stat names, or * for all",
+    run.add_argument(
+        "--max-output-bytes",
+        type=config_flag("limits.max_output_bytes"),
+        default=None,
+        metavar="BYTES",
+        help="replies waiting for a client that does not read before it is dropped "
+        "(default 16777216)",
     )
-    return parser
+    run.add_argument(
+        "--negotiation-timeout",
+        type=config_flag("limits.negotiation_timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="time a client has to send qmp_capabilities, > 0 (default 30)",
+    )
+    run.add_argument(
+        "--log-level",
+        type=config_flag("log_level"),
+        default=None,
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+        help="least severe log lines written (default info)",
+    )
+    run.add_argument(
+        "--log-format",
+        type=config_flag("log_format"),
+        default=None,
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+        help="log lines as JSON, as console text, or auto: console on a terminal (default)",
+    )
 
 
 def _first(*values: Any) -> Any:
@@ -164,12 +279,14 @@ def _first(*values: Any) -> Any:
 
 def build_settings(args: argparse.Namespace) -> Settings:
     """Defaults < configuration file < command-line flags. Raises ConfigError."""
+    from .app import Settings
+    from .config import FileConfig, load_config, resolve_group
+    from .server import Limits
+
     file = load_config(args.config) if args.config is not None else FileConfig()
     defaults = Settings()
     limit_defaults = Limits()
     group = _first(args.socket_group, file.socket_group, "")
-    if isinstance(group, str) and group.isdigit():
-        group = int(group)
     return Settings(
         run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
         demo=_first(args.demo, file.demo, defaults.demo),
@@ -206,7 +323,19 @@ def build_settings(args: argparse.Namespace) -> Settings:
     )
 
 
+@subcommand(
+    "serve",
+    help="run the daemon",
+    arguments=_serve_arguments,
+    description="Run the daemon. Every option can also be set in the --config file, with the "
+    "same rules; an option given here wins over the file.",
+)
 def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import logconfig
+    from .app import serve
+
     settings = build_settings(args)
     logconfig.configure(settings.log_level, settings.log_format)
     try:
@@ -218,21 +347,186 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- query ---------------------------------------------------------------------------------
+
+
+def _query_arguments(query: argparse.ArgumentParser) -> None:
+    query.add_argument(
+        "--socket",
+        default=_default_socket(),
+        metavar="PATH",
+        help="the daemon's host socket RUN_DIR/qmp.sock, or a VM's RUN_DIR/vm/NAME.sock "
+        "(default %(default)s)",
+    )
+    query.add_argument("qmp_command", metavar="COMMAND", help="for example query-stats")
+    query.add_argument(
+        "arguments",
+        metavar="ARGUMENTS",
+        nargs="?",
+        default=None,
+        help='the command\'s arguments as a JSON object, for example \'{"target": "vm"}\'',
+    )
+
+
+@subcommand(
+    "query",
+    help="send one QMP command and print the reply",
+    arguments=_query_arguments,
+    description="Connect, negotiate, send COMMAND and print the reply as JSON. Exit status: "
+    "0 for a reply with 'return', 1 for an error reply or any other problem.",
+)
 def _query(args: argparse.Namespace) -> int:
-    arguments = json.loads(args.arguments) if args.arguments else None
-    if arguments is not None and not isinstance(arguments, dict):
-        print("statsd-qmp: ARGUMENTS must be a JSON object", file=sys.stderr)
-        return 2
+    import json
+
+    from .client import QmpClient
+
+    arguments = None
+    if args.arguments is not None:
+        try:
+            arguments = json.loads(args.arguments)
+        except json.JSONDecodeError as exc:
+            print(f"statsd-qmp query: ARGUMENTS is not valid JSON: {exc}", file=sys.stderr)
+            return 1
+        if not isinstance(arguments, dict):
+            print(
+                "statsd-qmp query: ARGUMENTS must be a JSON object such as "
+                f'\'{{"target": "vm"}}\', got {args.arguments!r}',
+                file=sys.stderr,
+            )
+            return 1
     with QmpClient(args.socket) as client:
         reply = client.execute_raw(args.qmp_command, arguments)
     print(json.dumps(reply, indent=2))
     return 0 if "return" in reply else 1
 
 
+# --- exec ----------------------------------------------------------------------------------
+
+
+def _exec_arguments(hold: argparse.ArgumentParser) -> None:
+    import argparse
+
+    hold.add_argument(
+        "vmm",
+        nargs=argparse.REMAINDER,
+        metavar="[--] CMD ARGS...",
+        help="the VMM and its arguments, for example qemu-system-x86_64 -name guest=web1 ...",
+    )
+
+
+@subcommand(
+    "exec",
+    help="exec a VMM in place with the hold library preloaded",
+    arguments=_exec_arguments,
+    description="Replace this process (same PID) with CMD, with the hold library "
+    "prepended to LD_PRELOAD so the VMM opens and keeps KVM stats fds for its VM and "
+    "vCPUs. Usable as libvirt's <emulator>; 'statsd-qmp check-install --user USER' checks "
+    "that the user libvirt runs QEMU as can use this installation.",
+)
+def _exec(args: argparse.Namespace) -> int:
+    return _exec_vmm(args.vmm)
+
+
+def _exec_vmm(vmm: list[str]) -> int:
+    from .holdlib import exec_vmm
+
+    if vmm and vmm[0] == "--":
+        vmm = vmm[1:]
+    if not vmm:
+        print("statsd-qmp exec: missing the command to run", file=sys.stderr)
+        return 2
+    try:
+        exec_vmm(vmm)
+    except StatsdQmpError as exc:
+        print(f"statsd-qmp: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- check-install -------------------------------------------------------------------------
+
+
+def _check_install_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--user",
+        default=None,
+        metavar="USER",
+        help="the user that will run 'statsd-qmp exec' (libvirt's QEMU user, libvirt-qemu on "
+        "Debian); checking for another user needs root (default: the current user)",
+    )
+    parser.add_argument(
+        "--emulator",
+        default=None,
+        metavar="PATH",
+        help="also check the <emulator> wrapper script, for example /usr/local/bin/qemu-statsd",
+    )
+
+
+@subcommand(
+    "check-install",
+    help="check that a user (libvirt's QEMU user) can run 'statsd-qmp exec' from here",
+    arguments=_check_install_arguments,
+    description="Check, as USER would see them, every file 'statsd-qmp exec' needs: the "
+    "command, its interpreter, the standard library, the package and the hold library; then "
+    "run 'statsd-qmp exec -- true' as USER. Says what to fix; exit status 1 if anything fails.",
+)
+def _check_install(args: argparse.Namespace) -> int:
+    from .holdlib import library_location
+    from .install_check import check
+
+    lines, usable = check(args.user, library_location(), args.emulator)
+    print("\n".join(lines))
+    return 0 if usable else 1
+
+
+# --- demo-stats ----------------------------------------------------------------------------
+
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument(
+        "--vcpus",
+        type=config_flag("demo_vcpus"),
+        default=2,
+        metavar="N",
+        help="vCPUs of the demo VM (default 2)",
+    )
+    demo.add_argument(
+        "--interval",
+        type=config_flag("scan_interval"),
+        default=1.0,
+        metavar="SECONDS",
+        help="time between two samples, > 0 (default 1)",
+    )
+    demo.add_argument(
+        "--count",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="samples to print (default 0: until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--names",
+        default="exits,io_exits,halt_exits,halt_wakeup,halt_wait_ns",
+        metavar="NAMES",
+        help="comma-separated stat names, or * for all (default %(default)s)",
+    )
+
+
+@subcommand(
+    "demo-stats",
+    help="create a demo VM and print its live stats",
+    arguments=_demo_arguments,
+    description="Create a VM of this process's own on /dev/kvm (no daemon needed) and print "
+    "its vCPUs' counters every --interval seconds on stdout; problems go to stderr.",
+)
 def _demo_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from . import logconfig
     from .registry import vm_stats_from_owned
     from .sources.owned import OwnedVM
 
+    # stdout carries the samples only; anything worth saying goes to stderr.
+    logconfig.configure("warning", "auto", sys.stderr)
     wanted = None if args.names == "*" else frozenset(args.names.split(","))
     with OwnedVM.create(args.vcpus) as owned:
         vm = vm_stats_from_owned(owned, "demo")
@@ -250,33 +544,6 @@ def _demo_stats(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     return 0
-
-
-def _exec(args: argparse.Namespace) -> int:
-    from .holdlib import exec_vmm
-
-    vmm = list(args.vmm)
-    if vmm and vmm[0] == "--":
-        vmm = vmm[1:]
-    if not vmm:
-        print("statsd-qmp exec: missing the command to run", file=sys.stderr)
-        return 2
-    exec_vmm(vmm)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "exec":
-            return _exec(args)
-        if args.command == "query":
-            return _query(args)
-        return _demo_stats(args)
-    except (StatsdQmpError, QmpClientError, OSError) as exc:
-        print(f"statsd-qmp: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -1,26 +1,68 @@
 """A small blocking QMP client for the CLI's own subcommands (``statsd-qmp query``).
 
 Owns: connecting to a unix socket, reading the greeting, negotiating, sending one command and
-reading its reply line. Uses the protocol core's encoder so requests look like any client's.
-Must not import trio, the server or the registry.
+reading its reply line, and saying what is wrong when the socket cannot be reached (the path,
+and what to check). Must not import trio, the server or the registry: ``statsd-qmp query``
+imports only this, the errors and the stdlib.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
+import stat
 from typing import Any
 
+from .errors import StatsdQmpError
 
-class QmpClientError(Exception):
-    """The server closed the connection or sent something that is not a QMP reply."""
+
+class QmpClientError(StatsdQmpError):
+    """The socket cannot be reached, or the server closed the connection or sent something
+    that is not a QMP reply. Raised by :class:`QmpClient`; the message names the path."""
+
+
+_DAEMON_HINT = (
+    "is the daemon running, and with which --run-dir? ('statsd-qmp serve --run-dir DIR' "
+    "listens on DIR/qmp.sock and DIR/vm/NAME.sock; pass that path with --socket)"
+)
+
+
+def connect_error(path: str, exc: OSError) -> QmpClientError:
+    """What is wrong with ``path`` when connect() failed with ``exc``, and what to check."""
+    code = exc.errno
+    if code == errno.ENOENT:
+        return QmpClientError(f"no socket at {path}: {_DAEMON_HINT}")
+    if code == errno.ECONNREFUSED:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFSOCK
+        if not stat.S_ISSOCK(mode):
+            return QmpClientError(f"{path} is not a socket: {_DAEMON_HINT}")
+        return QmpClientError(
+            f"nothing listens on {path} (a socket left by a daemon that is gone?): {_DAEMON_HINT}"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return QmpClientError(
+            f"no permission to connect to {path}: the sockets are mode 0660; join their group "
+            "(--socket-group) or run as its owner"
+        )
+    if code == errno.ENOTDIR:
+        return QmpClientError(f"{path}: a part of the path is not a directory")
+    return QmpClientError(f"cannot connect to {path}: {exc.strerror or exc}")
 
 
 class QmpClient:
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
-        self._sock.connect(path)
+        try:
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise connect_error(path, exc) from None
         self._file = self._sock.makefile("rb")
         self.greeting = self._read()
         reply = self.execute_raw("qmp_capabilities")

@@ -26,7 +26,7 @@ from typing import Any, Final, Protocol
 
 from . import QEMU_VERSION, hmp, introspection, render
 from .errors import CommandNotFoundError, QmpError, StatsFileError
-from .protocol import first_unexpected_member
+from .hash_order import first_unexpected_member
 from .schema import PROVIDER, HistogramOrder
 from .steps import Steps, finish
 from .vm import VmStats, vcpu_path, vm_path

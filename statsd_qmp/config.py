@@ -35,11 +35,10 @@ for syntax errors).
 
 from __future__ import annotations
 
-import difflib
 import grp
 import math
 import re
-import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,7 +47,17 @@ from .errors import StatsdQmpError
 from .logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat
 from .schema import HISTOGRAM_ORDERS, HistogramOrder
 
-__all__ = ["ConfigError", "FileConfig", "LimitsConfig", "load_config", "resolve_group"]
+__all__ = [
+    "DEFAULT_RUN_DIR",
+    "ConfigError",
+    "FileConfig",
+    "LimitsConfig",
+    "check_flag",
+    "load_config",
+    "resolve_group",
+]
+
+DEFAULT_RUN_DIR: Final = Path("/run/statsd-qmp")
 
 
 class ConfigError(StatsdQmpError):
@@ -132,6 +141,8 @@ LIMIT_KEYS: Final = (
 
 def load_config(path: str | Path) -> FileConfig:
     """Read and check the TOML file at ``path``; :class:`ConfigError` if it is not usable."""
+    import tomllib  # here, not at the top: the command line imports this module for its rules
+
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -169,6 +180,124 @@ def resolve_group(group: str | int, *, path: Path | None = None) -> int:
         raise ConfigError(path, "socket_group", f"no group named {group!r}") from None
 
 
+class _Invalid(Exception):
+    """A value breaks its key's rule; ``args[0]`` says how (the caller adds file and key)."""
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Invalid(f"expected a positive integer, got {_show(value)}")
+    return value
+
+
+def _positive_seconds(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _Invalid(f"expected a positive number of seconds, got {_show(value)}")
+    return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or value not in choices:
+            listed = ", ".join(f'"{choice}"' for choice in choices)
+            raise _Invalid(f"expected one of {listed}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _run_dir(value: Any) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise _Invalid(f"expected an absolute path, got {_show(value)}")
+    return Path(value)
+
+
+def _socket_mode(value: Any) -> int:
+    expected = 'expected permission bits as an octal string such as "0660"'
+    if isinstance(value, str):
+        digits = value.removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
+            raise _Invalid(f"{expected}, got {_show(value)}")
+        return int(digits, 8)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 0o777:
+            raise _Invalid(
+                f"{expected} (or a TOML octal integer such as 0o660), got {value}"
+                f" (= 0o{value:o}; a decimal integer is not a mode)"
+            )
+        return value
+    raise _Invalid(f"{expected}, got {_show(value)}")
+
+
+def _socket_group(value: Any) -> str | int:
+    if isinstance(value, str) and value and ":" not in value and "\0" not in value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+        return value
+    raise _Invalid(f"expected a group name or a numeric gid, got {_show(value)}")
+
+
+# The one rule per key, shared by the file and the command-line flags (``check_flag``).
+_RULES: Final[dict[str, Callable[[Any], Any]]] = {
+    "run_dir": _run_dir,
+    "socket_mode": _socket_mode,
+    "socket_group": _socket_group,
+    "scan_interval": _positive_seconds,
+    "histogram_order": _choice(HISTOGRAM_ORDERS),
+    "log_level": _choice(LOG_LEVELS),
+    "log_format": _choice(LOG_FORMATS),
+    "demo": _boolean,
+    "demo_vcpus": _positive_int,
+    "limits.max_request_bytes": _positive_int,
+    "limits.max_connections": _positive_int,
+    "limits.negotiation_timeout": _positive_seconds,
+    "limits.max_output_bytes": _positive_int,
+}
+
+# Keys whose flag text is always a string (a mode "660" is octal, a path or name is text).
+_TEXT_FLAGS: Final = frozenset(
+    {"run_dir", "socket_mode", "socket_group", "histogram_order", "log_level", "log_format"}
+)
+
+
+def check_flag(key: str, text: str) -> Any:
+    """The value of the command-line flag for the dotted configuration ``key``, checked by the
+    same rule as the file's key; :class:`ConfigError` (``path`` None) with the same problem text.
+
+    Numbers on the command line are read as TOML values (``1``, ``0.5``, ``inf``, ``nan``,
+    ``-1``); text that is no TOML value is a string and fails the numeric rules with the file's
+    message. A numeric ``socket_group`` is a gid; a relative ``run_dir`` is taken from the
+    current directory (unlike the file, a command line has one).
+    """
+    value: Any = text
+    if key == "run_dir" and text and not text.startswith("/") and "\0" not in text:
+        value = str(Path(text).absolute())
+    elif key == "socket_group" and text.isdigit():
+        value = int(text)
+    elif key not in _TEXT_FLAGS:
+        import tomllib
+
+        try:
+            value = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text
+    try:
+        return _RULES[key](value)
+    except _Invalid as exc:
+        raise ConfigError(None, key, exc.args[0]) from None
+
+
 class _Checker:
     """Turns a parsed document into :class:`FileConfig`, failing on the first bad key."""
 
@@ -187,112 +316,33 @@ class _Checker:
             raise self.fail("limits", f"expected a table ([limits]), got {_show(limits_table)}")
         self.reject_unknown(limits_table, LIMIT_KEYS, prefix="limits.")
         limits = LimitsConfig(
-            max_request_bytes=self.positive_int(limits_table, "max_request_bytes", "limits."),
-            max_connections=self.positive_int(limits_table, "max_connections", "limits."),
-            negotiation_timeout=self.positive_float(limits_table, "negotiation_timeout", "limits."),
-            max_output_bytes=self.positive_int(limits_table, "max_output_bytes", "limits."),
+            **{key: self.value(limits_table, key, "limits.") for key in LIMIT_KEYS}
         )
         return FileConfig(
-            run_dir=self.run_dir(document),
-            socket_mode=self.socket_mode(document),
-            socket_group=self.socket_group(document),
-            scan_interval=self.positive_float(document, "scan_interval"),
-            histogram_order=self.choice(document, "histogram_order", HISTOGRAM_ORDERS),
-            log_level=self.choice(document, "log_level", LOG_LEVELS),
-            log_format=self.choice(document, "log_format", LOG_FORMATS),
-            demo=self.boolean(document, "demo"),
-            demo_vcpus=self.positive_int(document, "demo_vcpus"),
+            **{key: self.value(document, key) for key in TOP_LEVEL_KEYS if key != "limits"},
             limits=limits,
         )
 
     def reject_unknown(self, table: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
         for key in table:
             if key not in known:
+                import difflib
+
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
                 raise self.fail(
                     f"{prefix}{key}", f"unknown key '{prefix}{key}'{hint}", key_in_message=False
                 )
 
-    def run_dir(self, table: dict[str, Any]) -> Path | None:
-        value = table.get("run_dir")
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-            raise self.fail("run_dir", f"expected an absolute path, got {_show(value)}")
-        return Path(value)
-
-    def socket_mode(self, table: dict[str, Any]) -> int | None:
-        value = table.get("socket_mode")
-        if value is None:
-            return None
-        expected = 'expected permission bits as an octal string such as "0660"'
-        if isinstance(value, str):
-            digits = value.removeprefix("0o")
-            if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
-                raise self.fail("socket_mode", f"{expected}, got {_show(value)}")
-            return int(digits, 8)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not 0 <= value <= 0o777:
-                raise self.fail(
-                    "socket_mode",
-                    f"{expected} (or a TOML octal integer such as 0o660), got {value}"
-                    f" (= 0o{value:o}; a decimal integer is not a mode)",
-                )
-            return value
-        raise self.fail("socket_mode", f"{expected}, got {_show(value)}")
-
-    def socket_group(self, table: dict[str, Any]) -> str | int | None:
-        value = table.get("socket_group")
-        if value is None:
-            return None
-        if isinstance(value, str) and value and ":" not in value and "\0" not in value:
-            return value
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
-            return value
-        raise self.fail(
-            "socket_group", f"expected a group name or a numeric gid, got {_show(value)}"
-        )
-
-    def positive_int(self, table: dict[str, Any], key: str, prefix: str = "") -> int | None:
+    def value(self, table: dict[str, Any], key: str, prefix: str = "") -> Any:
+        """The checked value of ``key`` in ``table``, None when it is not set."""
         value = table.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(prefix + key, f"expected a positive integer, got {_show(value)}")
-        return value
-
-    def positive_float(self, table: dict[str, Any], key: str, prefix: str = "") -> float | None:
-        value = table.get(key)
-        if value is None:
-            return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise self.fail(
-                prefix + key, f"expected a positive number of seconds, got {_show(value)}"
-            )
-        return float(value)
-
-    def boolean(self, table: dict[str, Any], key: str) -> bool | None:
-        value = table.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, got {_show(value)}")
-        return value
-
-    def choice(self, table: dict[str, Any], key: str, choices: tuple[Any, ...]) -> Any:
-        value = table.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or value not in choices:
-            listed = ", ".join(f'"{choice}"' for choice in choices)
-            raise self.fail(key, f"expected one of {listed}, got {_show(value)}")
-        return value
+        try:
+            return _RULES[prefix + key](value)
+        except _Invalid as exc:
+            raise self.fail(prefix + key, exc.args[0]) from None
 
 
 def _show(value: Any) -> str:

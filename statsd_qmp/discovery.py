@@ -9,6 +9,12 @@ descriptor budget allows (:mod:`fdbudget`): short of descriptors, it stops adopt
 once, keeps every VM it serves, and resumes when descriptors are free again. May import
 registry, sources, vm, statsfile, fdbudget and trio; must not import the server, app or cli.
 
+A VM is served once, from its creator: every stats fd names the process that created the VM
+(``kvm-PID`` in the VM stats id string; a vCPU's ``kvm-TID/vcpu-N`` names a thread of it).
+Another statsd-qmp daemon holds copies of the same fds; a process whose VM was created by
+another live process that holds stats fds itself (or by this daemon) is only holding copies
+and is not served. When the creator is gone, a holder of copies is served as before.
+
 One VM per VMM process is the supported case. A process holding several ``kvm-vm-stats`` fds
 of different VMs gets its lowest-numbered VM stats fd and all its vCPU stats fds served, and a
 warning in the log (the kernel's vCPU id strings name the creating thread, not the VM, so
@@ -36,7 +42,7 @@ from .registry import DEMO_NAME, Registry, sanitize_name
 from .sources import borrowed
 from .statsfile import StatsFile
 from .steps import run_in_slices
-from .vm import VcpuStats, VmStats, parse_vcpu_id
+from .vm import VcpuStats, VmStats, parse_vcpu_id, parse_vm_id
 
 log = structlog.get_logger(__name__)
 
@@ -187,6 +193,9 @@ class Discovery:
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
         self._nursery: trio.Nursery | None = None
         self._warned_multi: set[int] = set()
+        # Processes holding copies of another live process's VM: pid -> (creator, signature).
+        self._copies: dict[int, tuple[int, Any]] = {}
+        self._holders: set[int] = set()  # pids holding stats fds in the latest scan
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Scan now, report started, then rescan every ``scan_interval`` until cancelled."""
@@ -259,6 +268,10 @@ class Discovery:
 
     async def _apply(self, result: borrowed.ScanResult) -> None:
         changed = False
+        self._holders = set(result.vmms)
+        for pid in list(self._copies):
+            if pid not in result.vmms:
+                del self._copies[pid]
         # A checkpoint after each VM added or dropped: a scan that finds 100 new VMMs must
         # not hold the event loop for the whole batch.
         for pid in list(self.vmms):
@@ -278,6 +291,9 @@ class Discovery:
                 del self.vmms[pid]
                 known = None
             if known is None:
+                copy = self._copies.get(pid)
+                if copy is not None and copy[1] == found.signature() and self._alive(copy[0]):
+                    continue  # still a holder of copies; its creator still serves the VM
                 cost = vm_cost(len(_targets(found)))
             elif known.signature != found.signature():
                 cost = sum(target not in known.fds for target in _targets(found))
@@ -517,6 +533,9 @@ class Discovery:
             vm_file = self._borrow(vmm, first, f"vm {vmm.name}")
             if vm_file is not None:
                 wanted.add(first)
+                creator = parse_vm_id(vm_file.id)
+                if self._copies_of_another(vmm, found, creator):
+                    return None
             if len(found.vm_stats) > 1 and vmm.pid not in self._warned_multi:
                 self._warned_multi.add(vmm.pid)
                 log.warning(
@@ -541,6 +560,14 @@ class Discovery:
                 continue
             ident = parse_vcpu_id(stats_file.id)
             thread_id = ident[0] if ident else 0
+            # No VM stats fd (QEMU >= 8.1): the creating thread's process is the creator.
+            if (
+                vm_file is None
+                and not vcpus
+                and thread_id
+                and self._copies_of_another(vmm, found, thread_id)
+            ):
+                return None
             vcpus.append(VcpuStats(vcpu_id, thread_id, stats_file))
             wanted.add(target)
         if vm_file is None and not vcpus:
@@ -553,6 +580,40 @@ class Discovery:
                 stale.append(ours)
         vmm.signature = found.signature()
         return VmStats(vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus)), stale
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        return os.path.exists(f"/proc/{pid}")
+
+    def _copies_of_another(
+        self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, creator: int | None
+    ) -> bool:
+        """True (and remembered) when ``vmm`` holds copies of a VM another process serves.
+
+        ``creator`` is the id the kernel wrote (the creating thread). The creator serves the
+        VM when it is this daemon (its own VM) or a live process that holds stats fds itself;
+        a process left holding copies after its creator exited keeps being served.
+        """
+        if creator is None or creator == vmm.pid:
+            return False
+        if creator not in self._holders and creator != self.scanner.self_pid:
+            creator = borrowed.thread_group(creator)  # a thread id: its process
+            if creator is None or creator == vmm.pid:
+                return False
+        if creator != self.scanner.self_pid and not (
+            creator in self._holders and self._alive(creator)
+        ):
+            return False
+        if vmm.pid not in self._copies:
+            log.info(
+                "not serving copies of another process's VM",
+                pid=vmm.pid,
+                creator=creator,
+                hint="another statsd-qmp daemon, or a process given the fds; the VM is served "
+                "from its creator",
+            )
+        self._copies[vmm.pid] = (creator, found.signature())
+        return True
 
     def _drop(self, pid: int, reason: str) -> None:
         self.scanner.forget(pid)

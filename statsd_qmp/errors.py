@@ -11,6 +11,7 @@ Tree::
     |   +-- StatsReadError         the read itself failed (errno), or came back short
     +-- NativeUnavailableError     the compiled ``_statsread`` extension is not built
     +-- KvmError                   an ioctl on /dev/kvm, a VM or a vCPU failed (owned VMs)
+    +-- RunDirBusyError            another daemon holds the run directory's lock
     +-- QmpError                   an error that becomes a QMP ``error`` reply
         +-- CommandNotFoundError   ``qmp_class`` is "CommandNotFound"
 """
@@ -78,6 +79,13 @@ class KvmError(StatsdQmpError):
     def __init__(self, what: str, errno: int | None = None) -> None:
         self.errno = errno
         super().__init__(what)
+
+
+class RunDirBusyError(StatsdQmpError):
+    """Another daemon holds the run directory's lock.
+
+    Raised by ``socketfiles.lock_run_dir``, naming the other daemon's pid.
+    """
 
 
 class QmpError(StatsdQmpError):

@@ -13,19 +13,23 @@ none. Preloaded, the library wraps ``ioctl`` and, after every successful ``KVM_C
 the process's life (close-on-exec), changing no return value or errno the VMM sees.
 
 ``exec_vmm`` execs in place (same PID), so it can be libvirt's ``<emulator>`` wrapper: libvirt
-watches the PID it started, and the VMM's fds are then found under that PID.
+watches the PID it started, and the VMM's fds are then found under that PID. It runs before
+every VMM start, so this module imports only ``os``, ``sys`` and ``errors`` at run time (no
+``pathlib``, no ``typing``): ``statsd-qmp exec`` costs about a bare interpreter start.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import NoReturn
 
 from .errors import StatsdQmpError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+    from typing import NoReturn
 
 LIBRARY_NAME = "libkvmstatshold.so"
 
@@ -35,15 +39,37 @@ _BUILD_HINT = (
 )
 
 
-def library_path() -> Path:
-    """The absolute path of the installed hold library.
+def library_location() -> str:
+    """Where the hold library belongs (next to this module), whether or not it is there."""
+    return os.path.join(os.path.dirname(os.path.realpath(__file__)), LIBRARY_NAME)
 
-    Raises :class:`StatsdQmpError` with the build command when it is not there.
+
+def library_file() -> str:
+    """The absolute path of the installed hold library, checked to be readable by this user.
+
+    Raises :class:`StatsdQmpError` with the build command when it is not there, and with what
+    to fix when this user may not read it: ld.so would then skip it with a warning on stderr
+    and the VMM would run without held stats fds, invisible to the daemon.
     """
-    path = Path(__file__).resolve().with_name(LIBRARY_NAME)
-    if not path.is_file():
+    path = library_location()
+    try:
+        is_file = os.path.isfile(path) and os.access(path, os.R_OK)
+    except OSError:
+        is_file = False
+    if is_file:
+        return path
+    if not os.path.lexists(path):
         raise StatsdQmpError(f"the stats-fd hold library {path} is missing; {_BUILD_HINT}")
-    return path
+    from .install_check import unreadable_library_message
+
+    raise StatsdQmpError(unreadable_library_message(path))
+
+
+def library_path() -> Path:
+    """:func:`library_file` as a :class:`pathlib.Path`."""
+    from pathlib import Path
+
+    return Path(library_file())
 
 
 def preload_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -53,7 +79,7 @@ def preload_env(environ: Mapping[str, str]) -> dict[str, str]:
     second time when it is already first (other copies of it further down are dropped, the
     loader would ignore them anyway).
     """
-    lib = os.fspath(library_path())
+    lib = library_file()
     # ld.so splits LD_PRELOAD on colons and spaces: a path holding either cannot be preloaded.
     if ":" in lib or " " in lib:
         raise StatsdQmpError(
@@ -81,8 +107,10 @@ def exec_vmm(argv: Sequence[str]) -> NoReturn:
     env = preload_env(os.environ)
     # os.exec* does not flush Python's buffers; anything already printed would be lost.
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to save
+        try:  # noqa: SIM105 - contextlib would cost an import on every VMM start
             stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing to save
+            pass
     try:
         os.execvpe(args[0], args, env)
     except FileNotFoundError as exc:

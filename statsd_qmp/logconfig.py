@@ -2,16 +2,18 @@
 
 Owns: the processor chain and the level filter. Every module logs through
 ``structlog.get_logger(__name__)`` and binds ``conn_id`` / ``vm`` with contextvars; this module
-only decides how the lines look. Must not import the rest of the package.
+only decides how the lines look. Must not import the rest of the package. structlog itself is
+imported by :func:`configure` only: the names below are needed by the command line and the
+configuration file, whose cheap commands (``statsd-qmp query``, ``exec``) never log.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
-import structlog
+if TYPE_CHECKING:
+    import structlog.typing
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
@@ -20,6 +22,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | None = None) -> None:
     """Configure structlog once at start (and again on reload)."""
+    import logging
+
+    import structlog
+
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: structlog.typing.Processor = (

@@ -1,8 +1,9 @@
 """The QMP server side as a sans-IO state machine: bytes in -> events, replies -> bytes.
 
-Pure module: imports ``errors`` and ``jsonstream`` only (no trio, no os, no structlog, no
-sockets). Behaviour and texts follow QEMU 7.2 (``monitor/qmp.c``, ``qapi/qmp-dispatch.c``,
-``monitor/qmp-cmds-control.c``), checked byte for byte against a live QEMU.
+Pure module: imports ``errors``, ``hash_order`` and ``qjson`` only (no trio, no os, no
+structlog, no sockets). Behaviour and texts follow QEMU 7.2 (``monitor/qmp.c``,
+``qapi/qmp-dispatch.c``, ``monitor/qmp-cmds-control.c``), checked byte for byte against a live
+QEMU.
 
 Theory of operation
 ===================
@@ -36,7 +37,7 @@ check :attr:`QmpConnection.negotiated`). A successful ``qmp_capabilities`` (``{"
 command ignored``. Errors never change state; the connection stays usable after any error
 except the size limit.
 
-Input: a JSON stream, not lines (see :mod:`statsd_qmp.jsonstream`): back-to-back objects,
+Input: a JSON stream, not lines (see :mod:`statsd_qmp.qjson.streamer`): back-to-back objects,
 whitespace anywhere, single-quoted strings; a message whose outermost ``{}`` balance is
 handled at once, a top-level scalar only once the next byte ends it. A request is validated in
 QEMU's order: not an object -> ``QMP input must be a JSON object`` (no ``id``); then its members
@@ -51,30 +52,24 @@ Members are written in the order of the dicts given, which callers build in QEMU
 the helpers here do so for replies, events and the greeting.
 
 Divergences from QEMU (on purpose): one error reply per bad message instead of QEMU's
-cascades after lexical and limit errors (details in :mod:`statsd_qmp.jsonstream`); a limit on
-the bytes of one message (``max_request_bytes``, default 1 MiB; QEMU has none) that ends the
+cascades after lexical and limit errors (details in :mod:`statsd_qmp.qjson.streamer`); a limit
+on the bytes of one message (``max_request_bytes``, default 1 MiB; QEMU has none) that ends the
 connection with a GenericError ``QMP input exceeds the limit of N bytes per message``; replies
 strictly in input order (see above). Which member QEMU names in ``Parameter 'x' is unexpected``
-when several are unexpected comes from a GLib hash table; :func:`first_unexpected_member`
-reproduces GLib 2.74's table for that.
+when several are unexpected comes from a GLib hash table;
+:func:`statsd_qmp.hash_order.first_unexpected_member` reproduces GLib 2.74's table for that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from statsd_qmp.errors import QmpError
-from statsd_qmp.jsonstream import (
-    JsonError,
-    JsonStreamParser,
-    JsonTooLong,
-    JsonValue,
-    dumps,
-    qdict_key_order,
-    quote,
-)
+from .errors import QmpError
+from .hash_order import first_unexpected_member, qdict_key_order
+from .qjson.streamer import JsonError, JsonStreamParser, JsonTooLong, JsonValue
+from .qjson.writer import dumps, quote
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -86,10 +81,10 @@ __all__ = [
     "SendBytes",
     "encode",
     "event",
-    "first_unexpected_member",
     "reply_error",
     "reply_exception",
     "reply_return",
+    "reply_return_parts",
 ]
 
 DEFAULT_MAX_REQUEST_BYTES: Final = 1 << 20
@@ -146,7 +141,7 @@ Event = Request | SendBytes | Close
 def encode(obj: Any) -> bytes:
     """Return ``obj`` as QEMU writes a QMP message: one line of JSON plus ``\\r\\n``.
 
-    Dict members are written in the dict's order; see :func:`statsd_qmp.jsonstream.dumps`
+    Dict members are written in the dict's order; see :func:`statsd_qmp.qjson.writer.dumps`
     for everything else (escapes, ``%.17g`` floats).
     """
     return dumps(obj).encode("ascii") + b"\r\n"
@@ -182,6 +177,20 @@ def reply_return(request: Request, value: Any) -> bytes:
     return _return_line(request.has_id, request.id, value)
 
 
+_RETURN_HEAD: Final = b'{"return": '
+
+
+def reply_return_parts(request: Request) -> tuple[bytes, bytes]:
+    """The bytes before and after the value in :func:`reply_return`'s reply to ``request``.
+
+    For a value whose JSON text was made elsewhere (the C renderer): head + text + tail is
+    the reply :func:`reply_return` would write for that value.
+    """
+    if request.has_id:
+        return _RETURN_HEAD, (', "id": ' + _id_json(request.id) + "}\r\n").encode("ascii")
+    return _RETURN_HEAD, b"}\r\n"
+
+
 def reply_error(request: Request | None, qmp_class: str, desc: str) -> bytes:
     """``{"id": id, "error": {"class": qmp_class, "desc": desc}}`` (``id`` only if given).
 
@@ -209,144 +218,6 @@ def event(name: str, data: dict[str, Any] | None, seconds: int, microseconds: in
     return (head + ', "event": ' + quote(name) + ', "data": ' + dumps(data) + "}\r\n").encode(
         "ascii"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# GLib hash table order (QAPI's "Parameter 'x' is unexpected")
-
-_GLIB_PRIME_MOD: Final = (
-    1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521,
-    131071, 262139, 524287, 1048573, 2097143, 4194301, 8388593, 16777213, 33554393,
-    67108859, 134217689, 268435399, 536870909, 1073741789, 2147483647,
-)  # fmt: skip
-
-
-def _g_str_hash(key: str) -> int:
-    value = 5381
-    for byte in key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80"):
-        # GLib hashes signed chars.
-        value = (value * 33 + (byte - 256 if byte >= 0x80 else byte)) & 0xFFFFFFFF
-    return value if value >= 2 else 2
-
-
-class _GHashTableModel:
-    """Slot layout of a GLib 2.74 ``GHashTable`` (open addressing), enough to iterate it."""
-
-    def __init__(self) -> None:
-        self._set_shift(3)
-        self.hashes = [0] * self.size
-        self.keys: list[str | None] = [None] * self.size
-        self.nnodes = 0
-        self.noccupied = 0
-
-    def _set_shift(self, shift: int) -> None:
-        self.size = 1 << shift
-        self.mod = _GLIB_PRIME_MOD[shift]
-        self.mask = self.size - 1
-
-    def _index(self, key_hash: int) -> int:
-        return ((key_hash * 11) & 0xFFFFFFFF) % self.mod
-
-    def _lookup(self, key: str, key_hash: int) -> int:
-        index = self._index(key_hash)
-        step = 0
-        tombstone = -1
-        while self.hashes[index] != 0:
-            if self.hashes[index] == key_hash and self.keys[index] == key:
-                return index
-            if self.hashes[index] == 1 and tombstone < 0:
-                tombstone = index
-            step += 1
-            index = (index + step) & self.mask
-        return tombstone if tombstone >= 0 else index
-
-    def insert(self, key: str) -> None:
-        key_hash = _g_str_hash(key)
-        index = self._lookup(key, key_hash)
-        old = self.hashes[index]
-        if old >= 2:
-            return
-        self.hashes[index] = key_hash
-        self.keys[index] = key
-        self.nnodes += 1
-        if old == 0:
-            self.noccupied += 1
-            self._maybe_resize()
-
-    def remove(self, key: str) -> None:
-        index = self._lookup(key, _g_str_hash(key))
-        if self.hashes[index] < 2:
-            return
-        self.hashes[index] = 1
-        self.keys[index] = None
-        self.nnodes -= 1
-        self._maybe_resize()
-
-    def _maybe_resize(self) -> None:
-        size, occupied = self.size, self.noccupied
-        if (size > self.nnodes * 4 and size > 8) or size <= occupied + occupied // 16:
-            self._resize()
-
-    def _resize(self) -> None:
-        old_size = self.size
-        self._set_shift(max(int(self.nnodes * 1.333).bit_length(), 3))
-        if self.size > old_size:
-            self.hashes += [0] * (self.size - old_size)
-            self.keys += [None] * (self.size - old_size)
-        moved = [False] * max(self.size, old_size)
-        for i in range(old_size):
-            node_hash = self.hashes[i]
-            if node_hash < 2:
-                self.hashes[i] = 0
-                continue
-            if moved[i]:
-                continue
-            self.hashes[i] = 0
-            key, self.keys[i] = self.keys[i], None
-            while True:
-                index = self._index(node_hash)
-                step = 0
-                while moved[index]:
-                    step += 1
-                    index = (index + step) & self.mask
-                moved[index] = True
-                replaced = self.hashes[index]
-                self.hashes[index] = node_hash
-                if replaced < 2:
-                    self.keys[index] = key
-                    break
-                node_hash = replaced
-                key, self.keys[index] = self.keys[index], key
-        del self.hashes[self.size :]
-        del self.keys[self.size :]
-        self.noccupied = self.nnodes
-
-    def first(self) -> str | None:
-        for key_hash, key in zip(self.hashes, self.keys, strict=True):
-            if key_hash >= 2:
-                return key
-        return None
-
-
-def first_unexpected_member(members: Sequence[str], consumed: Collection[str]) -> str | None:
-    """Return the member QEMU names in ``Parameter '%s' is unexpected``, or None.
-
-    ``members`` are an object's keys in the order the client sent them; ``consumed`` the
-    ones the QAPI visitor took (present members of the struct). QEMU puts all keys into a
-    GLib hash table (in QDict order), removes each member it visits and reports the first key
-    left in table order -- which this reproduces for GLib 2.74. Callers prefix their path
-    (``providers[0].``) themselves.
-    """
-    leftover = [key for key in members if key not in consumed]
-    if len(leftover) <= 1:
-        return leftover[0] if leftover else None
-    table = _GHashTableModel()
-    for key in qdict_key_order(list(members)):
-        table.insert(key)
-    for key in members:
-        if key in consumed:
-            table.remove(key)
-    return table.first()
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +250,7 @@ class QmpConnection:
     ``max_request_bytes`` bounds one message (None: unbounded, like QEMU); a longer message
     ends the connection with :class:`Close`. ``cascade_errors=True`` answers bad input exactly
     like QEMU, cascades included (for comparisons with a real QEMU; see
-    :class:`~statsd_qmp.jsonstream.JsonStreamParser`).
+    :class:`~statsd_qmp.qjson.streamer.JsonStreamParser`).
     """
 
     def __init__(

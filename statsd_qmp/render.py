@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._native import native
-from .jsonstream import dumps
+from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder, ServedStat
 from .vm import VmStats, vcpu_path, vm_path
 

@@ -1,11 +1,14 @@
-"""trio QMP server: the host socket, one socket per VM, one task per connection, limits.
+"""trio QMP server: the host socket, one socket per VM, one :class:`Connection` per client.
 
-Owns: binding and cleaning the unix sockets (``DIR/qmp.sock``, ``DIR/vm/NAME.sock``), the
-one-daemon-per-run-dir lock, accepting clients with ``trio.serve_listeners``, feeding bytes to
-the sans-IO :mod:`protocol` core, dispatching requests to :mod:`commands`, the per-request log
-line, and the limits QEMU lacks (connections, negotiation time, buffered output). May import
-protocol, commands, registry, loopstats (to name a step's work) and trio; must not import
-app or cli.
+Owns: listening on the host socket (bound here or handed over by systemd) and on one socket per
+VM as the registry adds and removes VMs, accepting clients with ``trio.serve_listeners``, and
+each client's conversation (:class:`Connection`): feeding bytes to the sans-IO
+:mod:`~statsd_qmp.protocol` core, dispatching requests to :mod:`~statsd_qmp.commands`, the
+per-request log line, and the limits QEMU lacks (connections, negotiation time, buffered
+output). Socket files (lock, stale sockets, bind, modes) are :mod:`~statsd_qmp.socketfiles`';
+the write queue is :mod:`~statsd_qmp.outbox`'s. May import protocol, commands, registry, vm,
+steps, loopstats (to name a step's work), socketfiles, outbox and trio; must not import app or
+cli.
 
 Each connection runs a reader (bytes -> events -> replies) and a writer draining an outbox, so
 a client that stops reading only fills its own bounded outbox; it never stalls other clients
@@ -15,16 +18,11 @@ and never makes the daemon grow without bound.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
-import math
-import os
 import socket
-import stat
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +33,25 @@ import trio
 from . import loopstats, protocol
 from .commands import Commands, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
+from .outbox import Outbox
 from .registry import Registry
+from .socketfiles import (
+    HOST_SOCKET,
+    bind_unix,
+    remove_stale_sockets,
+    set_mode_and_group,
+    unlink_socket,
+)
 from .steps import run_in_slices
 from .vm import VmStats
 
+__all__ = ["Connection", "Limits", "Server"]
+
 log = structlog.get_logger(__name__)
 
-HOST_SOCKET = "qmp.sock"
-_RETURN_PREFIX = b'{"return": '
 SHUTDOWN_WRITE_GRACE = 1.0
 INLINE_PARSE_BYTES = 16384  # a chunk this small, starting a fresh message, is parsed inline
 STEP_SLICE = 0.0005  # how long a reply made in steps may hold the event loop at a time
-WRITE_CHUNK = 256 * 1024  # most bytes handed to one send(): ~0.1-0.3 ms in the kernel
-LOCK_FILE = "statsd-qmp.lock"
 
 
 @dataclass(frozen=True)
@@ -64,174 +68,6 @@ class Limits:
     close_grace: float = 2.0
     # How long a removed VM's connections have to receive their last replies.
     vm_gone_grace: float = 1.0
-
-
-class RunDirBusyError(StatsdQmpError):
-    """Another daemon holds the run directory's lock. Raised by :func:`lock_run_dir`."""
-
-
-@contextmanager
-def lock_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold ``DIR/statsd-qmp.lock`` (flock) for the daemon's life: one daemon per run dir."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirBusyError(
-                f"another statsd-qmp (pid {holder}) already serves {run_dir}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def unlink_socket(path: Path) -> bool:
-    """Remove ``path`` if it is a socket file; never anything else. True when removed."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def remove_stale_sockets(run_dir: Path, *, keep_host: bool = False) -> list[Path]:
-    """Unlink socket files a killed daemon left behind (only sockets, only ours).
-
-    ``keep_host``: the host socket is systemd's (socket activation) and must stay.
-    """
-    candidates = [] if keep_host else [run_dir / HOST_SOCKET]
-    vm_dir = run_dir / "vm"
-    if vm_dir.is_dir():
-        candidates.extend(vm_dir.glob("*.sock"))
-    return [path for path in candidates if unlink_socket(path)]
-
-
-def bind_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> trio.SocketListener:
-    """A listening unix socket at ``path``, bound at once (an old file there must be gone).
-
-    Binding is synchronous on purpose: a VM is listed by query-vms as soon as it is added, so
-    its socket must exist by then.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(os.fspath(path))
-        if gid is not None:
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-
-
-class Outbox:
-    """Replies waiting to be written to one client, and the writer's side of it."""
-
-    def __init__(self, direct_fd: int | None = None) -> None:
-        self.size = 0
-        self.closing = False
-        self._chunks: deque[bytes | memoryview] = deque()
-        self._wakeup = trio.Event()
-        # The client's socket (non-blocking): a reply put while the writer is idle is sent
-        # at once, without waking the writer task (one task step less per request).
-        self._direct_fd = direct_fd
-        self._writer_idle = False
-        self._drained = trio.Event()
-        self.shield: trio.CancelScope | None = None
-        self.stop_deadline = math.inf
-
-    def end_writes_by(self, deadline: float) -> None:
-        """Give the write in progress (and any later one) until ``deadline`` to finish."""
-        self.stop_deadline = min(self.stop_deadline, deadline)
-        if self.shield is not None:
-            self.shield.deadline = self.stop_deadline
-
-    def put(self, data: bytes) -> None:
-        if self._writer_idle and self._direct_fd is not None and not self._chunks:
-            try:
-                sent = os.write(self._direct_fd, memoryview(data)[:WRITE_CHUNK])
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # the writer's own send will meet the error and end the connection
-            if sent == len(data):
-                return
-            if sent:
-                self._queue(memoryview(data)[sent:])  # the rest waits for the writer
-                return
-        self._queue(data)
-
-    def _queue(self, data: bytes | memoryview) -> None:
-        self._chunks.append(data)
-        self.size += len(data)
-        self._wakeup.set()
-
-    def finish(self, data: bytes = b"") -> None:
-        """Queue a last line; the writer ends once everything is written."""
-        if data:
-            self.put(data)
-        self.closing = True
-        self._wakeup.set()
-
-    async def wait_below(self, limit: int) -> None:
-        while self.size > limit:
-            self._drained = trio.Event()
-            await self._drained.wait()
-
-    async def drain_to(self, stream: trio.abc.SendStream) -> None:
-        while True:
-            while not self._chunks:
-                if self.closing:
-                    return
-                self._wakeup = trio.Event()
-                self._writer_idle = True
-                try:
-                    await self._wakeup.wait()
-                finally:
-                    self._writer_idle = False
-            # Finish a started write even when the daemon stops, so a client that reads never
-            # sees a partial line; the server puts a deadline on this shield when it stops.
-            with trio.CancelScope(shield=True, deadline=self.stop_deadline) as self.shield:
-                while self._chunks:
-                    data = self._take(WRITE_CHUNK)
-                    await stream.send_all(data)
-                    self.size -= len(data)
-                    self._drained.set()
-            self.shield = None
-            if self._chunks:
-                return  # the deadline passed: the connection is being closed unflushed
-
-    def _take(self, limit: int) -> bytes | memoryview:
-        """The next bytes to send: small replies joined, a big one cut, up to ``limit``.
-
-        One send of a multi-megabyte reply to a client that reads as fast as we write runs
-        inside the kernel for as long as the client keeps reading (13 ms for a 4.5 MB
-        host-wide reply, one event-loop step); in pieces, every piece is a step of its own.
-        """
-        first = self._chunks[0]
-        if len(first) >= limit:
-            view = memoryview(first)
-            if len(view) > limit:
-                self._chunks[0] = view[limit:]
-            else:
-                self._chunks.popleft()
-            return view[:limit]
-        pieces = [self._chunks.popleft()]
-        total = len(pieces[0])
-        while self._chunks and total + len(self._chunks[0]) <= limit:
-            piece = self._chunks.popleft()
-            pieces.append(piece)
-            total += len(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class Server:
@@ -361,9 +197,7 @@ class Server:
             paths.append(self.host_socket)
         for path in paths:
             try:
-                if gid is not None:
-                    os.chown(path, -1, gid)
-                os.chmod(path, mode)
+                set_mode_and_group(path, mode, gid)
             except OSError as exc:
                 log.warning(
                     "cannot change a socket's mode or group", path=str(path), error=str(exc)
@@ -398,116 +232,120 @@ class Server:
                     await stream.send_all(line)
                 log.warning("connection refused", reason="connection limit")
                 return
-            await self._converse(stream, scope)
+            connection = Connection(self, stream, scope)
+            self._outboxes.add(connection.outbox)
+            try:
+                await connection.run()
+            finally:
+                self._outboxes.discard(connection.outbox)
         finally:
             self.connections -= 1
             log.info("client disconnected", clients=self.connections)
 
-    async def _converse(self, stream: trio.SocketStream, scope: Scope) -> None:
-        conn = protocol.QmpConnection(max_request_bytes=self.limits.max_request_bytes)
-        outbox = Outbox(stream.socket.fileno())
-        self._outboxes.add(outbox)
-        try:
-            await self._converse_with(stream, scope, conn, outbox)
-        finally:
-            self._outboxes.discard(outbox)
 
-    async def _converse_with(
-        self,
-        stream: trio.SocketStream,
-        scope: Scope,
-        conn: protocol.QmpConnection,
-        outbox: Outbox,
-    ) -> None:
-        outbox.put(conn.greeting(self.commands.version(), ["oob"]))
-        limits = self.limits
+class Connection:
+    """One client's conversation: a reader task, a writer task and the limits on both.
 
+    The reader turns bytes into protocol events and each request into a reply
+    (:meth:`_read_requests`, :meth:`_execute`); the writer drains the outbox
+    (:meth:`_write_replies`). :meth:`close` ends the conversation after a last line, with a
+    grace period for flushing it (:meth:`_force_close_after_grace`);
+    :meth:`_enforce_negotiation_deadline` closes a client that never negotiates.
+    """
+
+    def __init__(self, server: Server, stream: trio.SocketStream, scope: Scope) -> None:
+        self.server = server
+        self.stream = stream
+        self.scope = scope
+        self.qmp = protocol.QmpConnection(max_request_bytes=server.limits.max_request_bytes)
+        self.outbox = Outbox(stream.socket.fileno())
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        """Greet, then converse until the client leaves or the connection is closed."""
+        self.outbox.put(self.qmp.greeting(self.server.commands.version(), ["oob"]))
         async with trio.open_nursery() as nursery:
-
-            async def writer() -> None:
-                try:
-                    await outbox.drain_to(stream)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.info("client went away before reading its replies", error=str(exc))
-                nursery.cancel_scope.cancel()
-
-            async def force_close() -> None:
-                await trio.sleep(limits.close_grace)
-                log.info("closing without flushing", unsent=outbox.size)
-                outbox.end_writes_by(trio.current_time())
-                nursery.cancel_scope.cancel()
-
-            def close(line: bytes, reason: str | None) -> None:
-                if outbox.closing:
-                    return
-                if reason:
-                    log.warning("closing", reason=reason)
-                outbox.finish(line)
-                nursery.start_soon(force_close)
-
-            async def negotiation_deadline() -> None:
-                await trio.sleep(limits.negotiation_timeout)
-                if not conn.negotiated:
-                    close(
-                        _error_line(
-                            "No capabilities negotiation within "
-                            f"{limits.negotiation_timeout:g} s, closing"
-                        ),
-                        "no negotiation in time",
-                    )
-
-            nursery.start_soon(writer)
-            nursery.start_soon(negotiation_deadline)
+            self._nursery = nursery
+            nursery.start_soon(self._write_replies)
+            nursery.start_soon(self._enforce_negotiation_deadline)
             try:
-                await self._reader(stream, scope, conn, outbox, close)
+                await self._read_requests()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("client went away", error=str(exc))
                 nursery.cancel_scope.cancel()
                 return
-            close(b"", None)
+            self.close(b"", None)
 
-    async def _reader(
-        self,
-        stream: trio.SocketStream,
-        scope: Scope,
-        conn: protocol.QmpConnection,
-        outbox: Outbox,
-        close: Callable[[bytes, str | None], None],
-    ) -> None:
-        limit = self.limits.max_output_bytes
+    def close(self, line: bytes, reason: str | None) -> None:
+        """Send ``line`` last (``reason``, if any, is logged), then end the connection."""
+        if self.outbox.closing:
+            return
+        if reason:
+            log.warning("closing", reason=reason)
+        self.outbox.finish(line)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._force_close_after_grace)
+
+    async def _write_replies(self) -> None:
+        try:
+            await self.outbox.drain_to(self.stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("client went away before reading its replies", error=str(exc))
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _force_close_after_grace(self) -> None:
+        await trio.sleep(self.server.limits.close_grace)
+        log.info("closing without flushing", unsent=self.outbox.size)
+        self.outbox.end_writes_by(trio.current_time())
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _enforce_negotiation_deadline(self) -> None:
+        timeout = self.server.limits.negotiation_timeout
+        await trio.sleep(timeout)
+        if not self.qmp.negotiated:
+            self.close(
+                _error_line(f"No capabilities negotiation within {timeout:g} s, closing"),
+                "no negotiation in time",
+            )
+
+    async def _read_requests(self) -> None:
+        stream, qmp, outbox = self.stream, self.qmp, self.outbox
+        limit = self.server.limits.max_output_bytes
         while not outbox.closing:
             data = await stream.receive_some(65536)
             if not data:
                 return
-            if len(data) < INLINE_PARSE_BYTES and conn.idle:
-                events = conn.receive_data(data)
+            if len(data) < INLINE_PARSE_BYTES and qmp.idle:
+                events = qmp.receive_data(data)
             else:
                 # Large or partial messages may take long to parse (the exact parser costs
                 # ~3 us per token); a worker thread keeps the event loop serving others, the
                 # GIL being handed back every switch interval.
-                events = await trio.to_thread.run_sync(conn.receive_data, data)
+                events = await trio.to_thread.run_sync(qmp.receive_data, data)
             last = len(events) - 1
             for index, event in enumerate(events):
                 if isinstance(event, protocol.Close):
-                    close(event.data, event.reason)
+                    self.close(event.data, event.reason)
                     return
                 if isinstance(event, protocol.SendBytes):
                     outbox.put(event.data)
                 else:
-                    reply, vm_gone = await self._execute(scope, event)
+                    reply, vm_gone = await self._execute(event)
                     outbox.put(reply)
                     if vm_gone:
-                        close(b"", "the VM of this socket is gone")
+                        self.close(b"", "the VM of this socket is gone")
                         return
                 # Let the writer (and every other client) run between requests; after the
                 # last one, receive_some() yields anyway (trio checkpoints every socket call).
                 if index != last:
                     await trio.lowlevel.checkpoint()
                 if outbox.size > limit:
-                    with trio.move_on_after(self.limits.output_stall_timeout):
+                    with trio.move_on_after(self.server.limits.output_stall_timeout):
                         await outbox.wait_below(limit)
                     if outbox.size > limit:
-                        close(
+                        self.close(
                             _error_line(
                                 f"More than {limit} bytes of replies are waiting for this "
                                 "client to read them, closing"
@@ -516,13 +354,15 @@ class Server:
                         )
                         return
 
-    async def _execute(self, scope: Scope, request: protocol.Request) -> tuple[bytes, bool]:
+    async def _execute(self, request: protocol.Request) -> tuple[bytes, bool]:
         """Run one request: its reply, and whether this per-VM socket's VM is gone."""
         started = time.perf_counter()
         loopstats.doing(request.command)
+        registry, commands = self.server.registry, self.server.commands
+        scope = self.scope
         arguments = request.arguments
-        if self.commands.needs_rescan(scope, request.command, arguments):
-            await self.registry.rescan()
+        if commands.needs_rescan(scope, request.command, arguments):
+            await registry.rescan()
         vm = scope.vm.name if scope.vm else arguments.get("vm")
         vm_gone = False
         try:
@@ -530,22 +370,19 @@ class Server:
                 # Look the VM up again: the registry may have swapped in a new view of it
                 # (vCPUs came or went), or dropped it; a stale view must never be read, its
                 # fd numbers may already belong to other files.
-                current = self.registry.find_vm(scope.vm.name)
+                current = registry.find_vm(scope.vm.name)
                 if current is None or current.pid != scope.vm.pid:
                     vm_gone = True
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
                 scope = Scope(host=False, vm=current)
-            value = self.commands.execute(scope, request.command, arguments, oob=request.oob)
+            value = commands.execute(scope, request.command, arguments, oob=request.oob)
             if isinstance(value, RawSteps):
                 parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
                 value = RawJson(parts)
             if isinstance(value, RawJson):
-                # Splice the pre-rendered text in place of a placeholder: the id is then
-                # written by the protocol core exactly as for any other reply.
-                template = protocol.reply_return(request, 0)
-                reply = b"".join(
-                    (_RETURN_PREFIX, *value.parts, template[len(_RETURN_PREFIX) + 1 :])
-                )
+                # Text rendered in C: the protocol core writes what goes around it (the id).
+                head, tail = protocol.reply_return_parts(request)
+                reply = b"".join((head, *value.parts, tail))
             else:
                 reply = protocol.reply_return(request, value)
             outcome = "ok"
@@ -555,7 +392,7 @@ class Server:
         except StatsdQmpError as exc:  # a source failed in a way the command did not map
             reply = protocol.reply_error(request, exc.qmp_class, str(exc))
             outcome = exc.qmp_class
-        if scope.vm is not None and self.registry.find_vm(scope.vm.name) is not scope.vm:
+        if scope.vm is not None and registry.find_vm(scope.vm.name) is not scope.vm:
             vm_gone = True  # this very request found the VM's fds dead and dropped it
         # Debug, not info: a monitoring system polling 100 VMs at 10 Hz would otherwise
         # write a thousand journal lines a second.

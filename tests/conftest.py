@@ -22,7 +22,7 @@ def kvm_problem() -> str | None:
         return "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not readable and writable by this user"
-    from statsd_qmp.sources.owned import kvm_supports_binary_stats
+    from statsd_qmp.sources.kvm_abi import kvm_supports_binary_stats
 
     if not kvm_supports_binary_stats():
         return "KVM lacks KVM_CAP_BINARY_STATS_FD"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pytest
 
 from statsd_qmp.errors import KvmError
-from statsd_qmp.sources import owned
+from statsd_qmp.sources import kvm_abi
 from statsd_qmp.sources.owned import OwnedVM
 
 pytestmark = pytest.mark.kvm
@@ -87,7 +87,7 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
 def kernel_max_vcpus() -> int:
     kvm_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     try:
-        return fcntl.ioctl(kvm_fd, owned.KVM_CHECK_EXTENSION, owned.KVM_CAP_MAX_VCPUS)
+        return fcntl.ioctl(kvm_fd, kvm_abi.KVM_CHECK_EXTENSION, kvm_abi.KVM_CAP_MAX_VCPUS)
     finally:
         os.close(kvm_fd)
 
@@ -111,20 +111,20 @@ def vm() -> Iterator[OwnedVM]:
 
 def test_ioctl_numbers_match_the_kernel_headers() -> None:
     # Values of the uapi macros as the C preprocessor expands them on x86-64.
-    assert owned.KVM_GET_API_VERSION == 0xAE00
-    assert owned.KVM_CREATE_VCPU == 0xAE41
-    assert owned.KVM_RUN == 0xAE80
-    assert owned.KVM_GET_STATS_FD == 0xAECE
-    assert owned.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
-    assert owned.KVM_GET_REGS == 0x8090AE81
-    assert owned.KVM_SET_REGS == 0x4090AE82
-    assert owned.KVM_GET_SREGS == 0x8138AE83
-    assert owned.KVM_SET_SREGS == 0x4138AE84
-    assert owned.KVM_SET_MP_STATE == 0x4004AE99
+    assert kvm_abi.KVM_GET_API_VERSION == 0xAE00
+    assert kvm_abi.KVM_CREATE_VCPU == 0xAE41
+    assert kvm_abi.KVM_RUN == 0xAE80
+    assert kvm_abi.KVM_GET_STATS_FD == 0xAECE
+    assert kvm_abi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert kvm_abi.KVM_GET_REGS == 0x8090AE81
+    assert kvm_abi.KVM_SET_REGS == 0x4090AE82
+    assert kvm_abi.KVM_GET_SREGS == 0x8138AE83
+    assert kvm_abi.KVM_SET_SREGS == 0x4138AE84
+    assert kvm_abi.KVM_SET_MP_STATE == 0x4004AE99
 
 
 def test_kvm_supports_binary_stats_here() -> None:
-    assert owned.kvm_supports_binary_stats() is True
+    assert kvm_abi.kvm_supports_binary_stats() is True
 
 
 def test_stats_ids_carry_pid_and_the_vcpu_thread_tids(vm: OwnedVM) -> None:

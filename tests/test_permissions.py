@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,113 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
                     pipe.close()
+
+
+@pytest.mark.kvm
+@pytest.mark.ptrace
+def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
+    """A root VMM whose name says nothing (here ``python``, running ``demo-stats``) is still
+    reported once: its KVM worker thread gives it away."""
+    run_dir = shared_dir / "run"
+    run_dir.mkdir()
+    os.chown(run_dir, NOBODY, NOBODY)
+    log_path = shared_dir / "daemon.log"
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        vmm = subprocess.Popen(
+            [sys.executable, "-m", "statsd_qmp.cli", "demo-stats", "--interval", "0.1"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(vmm)
+        assert vmm.stdout is not None
+        assert vmm.stdout.readline().startswith("demo VM: pid ")
+        assert vmm.stdout.readline().startswith("[1] vcpu 0: ")  # its vCPUs have run
+        with open(f"/proc/{vmm.pid}/comm") as comm:
+            assert comm.read().strip() == "python"
+        with open(log_path, "w") as log:
+            daemon = subprocess.Popen(
+                [
+                    *drop_to_nobody(keep_dac_read_search=True),
+                    sys.executable,
+                    "-m",
+                    "statsd_qmp.cli",
+                    "serve",
+                    "--run-dir",
+                    str(run_dir),
+                    "--log-format",
+                    "json",
+                    "--scan-interval",
+                    "0.2",
+                ],
+                stdout=log,
+                stderr=log,
+                text=True,
+            )
+        processes.append(daemon)
+        deadline = time.monotonic() + 20
+        while not (run_dir / "qmp.sock").exists():
+            assert daemon.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+        time.sleep(1.0)  # several scans: said once
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+        refusals = [
+            r for r in records if r.get("event") == "cannot read vm" and r["pid"] == vmm.pid
+        ]
+        assert len(refusals) == 1, log_path.read_text()
+        assert refusals[0]["vm"] == f"pid-{vmm.pid}"
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def test_demo_stats_without_kvm_access_prints_only_the_error() -> None:
+    """stdout carries samples only; a refused /dev/kvm is one error line on stderr, with no
+    "closed" line for a VM that never existed."""
+    done = subprocess.run(
+        [
+            *drop_to_nobody(keep_dac_read_search=True),  # reads, cannot open /dev/kvm O_RDWR
+            sys.executable,
+            "-m",
+            "statsd_qmp.cli",
+            "demo-stats",
+            "--count",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("statsd-qmp: "), line
+    assert "/dev/kvm" in line, line
+    assert "owned_vm_closed" not in done.stderr
+
+
+@pytest.mark.kvm
+def test_demo_stats_stdout_holds_samples_only() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "statsd_qmp.cli", "demo-stats", "--count", "2", "--interval", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("demo VM: pid ")
+    assert len(lines) == 1 + 2 * 2
+    assert all(re.match(r"\[[12]\] vcpu [01]: (\w+=\d+ ?)+$", line) for line in lines[1:]), lines
+    assert done.stderr == ""

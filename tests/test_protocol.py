@@ -1,4 +1,4 @@
-"""Tests of the sans-IO QMP core (``protocol``) and QEMU's JSON dialect (``jsonstream``).
+"""Tests of the sans-IO QMP core (``protocol``) and QEMU's JSON dialect (``qjson``).
 
 Expected bytes marked [live] were produced by QEMU 7.2.22 (qemu-system-x86_64 -machine none
 -qmp unix:...) while these modules were written; the reference transcript is replayed as is.
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statsd_qmp import jsonstream, protocol
+from statsd_qmp import hash_order, protocol
 from statsd_qmp.errors import CommandNotFoundError, QmpError
-from statsd_qmp.jsonstream import JsonError, JsonStreamParser, JsonTooLong, JsonValue, dumps
+from statsd_qmp.hash_order import first_unexpected_member
 from statsd_qmp.protocol import (
     Close,
     QmpConnection,
@@ -29,11 +29,13 @@ from statsd_qmp.protocol import (
     SendBytes,
     encode,
     event,
-    first_unexpected_member,
     reply_error,
     reply_exception,
     reply_return,
 )
+from statsd_qmp.qjson import fastpath, lexer, parser, streamer, unicode, writer
+from statsd_qmp.qjson.streamer import JsonError, JsonStreamParser, JsonTooLong, JsonValue
+from statsd_qmp.qjson.writer import dumps
 
 TRANSCRIPT = Path(__file__).resolve().parent / "golden/qemu-7.2/transcript.jsonl"
 VERSION_72 = {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "statsd-qmp test"}
@@ -660,7 +662,7 @@ def test_transcript_replies_reencode_exactly() -> None:
 
 
 def test_qdict_order_reproduces_qemus_wire_order() -> None:
-    order = jsonstream.qdict_key_order
+    order = hash_order.qdict_key_order
     assert order(["major", "minor", "micro"]) == ["micro", "minor", "major"]
     assert order(["qemu", "package"]) == ["qemu", "package"]
     assert order(["id", "return"]) == ["return", "id"]
@@ -860,23 +862,65 @@ def test_encode_round_trips_and_matches_the_reference_writer(value: Any) -> None
     assert data.count(b"\n") == 1
     assert data.isascii()
     assert json.loads(data) == value  # %.17g is exact for doubles
-    assert data[:-2].decode() == jsonstream._write(value, qdict_order=False)
+    assert data[:-2].decode() == writer.write_exact(value)
     for escape in re.finditer(rb"\\(\\|u(....))", data):  # pairs: "\\" is no escape
         hex_digits = escape.group(2)
         assert hex_digits is None or hex_digits == hex_digits.upper()
+
+
+# Every code point (lone surrogates and noncharacters too), and strings that look like the
+# floats and escapes the public encoder writes differently from QEMU.
+writer_text = st.text(st.characters(exclude_categories=()), max_size=12) | st.from_regex(
+    r"-?[0-9]+(\.[0-9]+)?(e[-+][0-9]+)?|Infinity|NaN|\\u00e9|x 0\.1\]", fullmatch=True
+)
+writer_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | writer_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(writer_text, inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@HYPOTHESIS
+@given(writer_values)
+def test_writer_takes_the_public_encoder_only_where_it_is_qemus(value: Any) -> None:
+    exact = writer.write_exact(value)
+    assert dumps(value) == exact
+    assert exact.isascii()
+    if isinstance(value, str):
+        assert writer.quote(value) == exact
+    for escape in re.finditer(r"\\(\\|u(....))", exact):
+        hex_digits = escape.group(2)
+        assert hex_digits is None or (hex_digits == hex_digits.upper() and hex_digits != "FFFE")
+
+
+def test_writer_exact_path_cases() -> None:
+    # Each of these is one reason the public encoder's text is not QEMU's.
+    assert dumps([0.5, "a"]) == '[0.5, "a"]'
+    assert dumps({"f": 1e300}) == '{"f": 1.0000000000000001e+300}'
+    assert dumps([math.nan, -math.inf]) == "[nan, -inf]"
+    assert dumps("\ufeff") == '"\\uFEFF"'
+    assert dumps("\ud83d") == '"\\uFFFD"'
+    # No float, no escape: the public encoder's text as it is.
+    assert dumps({"v": "1.0.3", "n": [1, -2, True, None]}) == (
+        '{"v": "1.0.3", "n": [1, -2, true, null]}'
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # 10. Purity: the protocol core imports no I/O and no logging
 
 
-@pytest.mark.parametrize("module", [protocol, jsonstream])
+@pytest.mark.parametrize(
+    "module", [protocol, hash_order, fastpath, lexer, parser, streamer, unicode, writer]
+)
 def test_pure_modules_import_no_io(module: Any) -> None:
     tree = ast.parse(Path(module.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            imported.add("statsd_qmp")  # relative: inside the package
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "json", "re", "dataclasses", "typing", "functools",

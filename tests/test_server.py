@@ -27,7 +27,8 @@ from structlog.testing import capture_logs
 
 from statsd_qmp import __version__, logconfig
 from statsd_qmp.app import Settings, serve
-from statsd_qmp.server import Limits, RunDirBusyError, Server
+from statsd_qmp.errors import RunDirBusyError
+from statsd_qmp.server import Limits, Server
 from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.vm import VcpuStats, VmStats

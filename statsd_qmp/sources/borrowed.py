@@ -122,27 +122,57 @@ def read_cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
 
-def read_comm(pid: int) -> str:
+def read_comm(pid: int, *, task_of: int | None = None) -> str:
+    """The process's (or, with ``task_of``, that process's thread ``pid``'s) comm."""
+    path = f"/proc/{task_of}/task/{pid}/comm" if task_of is not None else f"/proc/{pid}/comm"
     try:
-        with open(f"/proc/{pid}/comm") as handle:
+        with open(path) as handle:
             return handle.read().strip()
     except OSError:
         return ""
+
+
+def thread_group(tid: int) -> int | None:
+    """The process (thread group) a thread id belongs to, None when it is gone."""
+    try:
+        with open(f"/proc/{tid}/status") as handle:
+            for line in handle:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 # Matched against comm, which the kernel cuts to 15 characters ("cloud-hyperviso").
 _LOOKS_LIKE_VMM = re.compile(r"qemu|kvm|firecracker|cloud-hyperviso|crosvm", re.IGNORECASE)
 
 
+# The comm of the worker KVM starts in a VM's process once a vCPU has run (x86, Linux >= 6.13:
+# "kvm-nx-lpage-recovery", cut to 15 characters). Readable for any process by any user.
+KVM_WORKER_COMM = "kvm-nx-lpage-re"
+
+
+def has_kvm_worker(pid: int) -> bool:
+    """True when one of the process's threads is KVM's own worker: it runs a KVM VM."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(read_comm(int(tid), task_of=pid) == KVM_WORKER_COMM for tid in tids)
+
+
 def looks_like_vmm(pid: int) -> bool:
     """A guess for processes we may not inspect: is this probably a VMM?
 
-    Only used to word the permission message; the real test is the fd scan.
+    Only used to word the permission message; the real test is the fd scan. Any process
+    running a KVM VM whose vCPUs have run carries KVM's worker thread, whatever its name
+    (a daemon's own demo VM, a VMM called anything); otherwise the name has to do.
     """
     # By comm: reading another process's cmdline takes its mmap lock, which a busy VMM may
     # hold for a while; comm does not, and rules out almost every process.
     if not _LOOKS_LIKE_VMM.search(read_comm(pid)):
-        return False
+        return has_kvm_worker(pid)
     # Kernel threads (kvm-pit/..., kvm-nx-lpage-recovery) match by name but have no cmdline.
     try:
         return bool(read_cmdline(pid))
@@ -242,13 +272,27 @@ class ProcScanner:
         self.self_pid = os.getpid() if self_pid is None else self_pid
         self.full_rescan_interval = full_rescan_interval
         self._known: dict[int, _Known] = {}
-        self._denied: dict[int, str] = {}
+        # pid -> (why its fds cannot be read, "" for "not a VMM" ; when to judge it again).
+        self._denied: dict[int, tuple[str, float]] = {}
         # This process always has fds open, so a 0 here means the kernel predates fd counts.
         self.fd_counts_supported = os.stat(f"/proc/{os.getpid()}/fd").st_size > 0
 
     def forget(self, pid: int) -> None:
         """Read ``pid`` afresh next time (it exited: its number may come back as another)."""
         self._known.pop(pid, None)
+
+    def _denial(self, pid: int, problem: str, now: float) -> str:
+        """``problem`` if the process we may not inspect looks like a VMM, else "".
+
+        A process judged not to be one is judged again after ``full_rescan_interval``: a VMM
+        whose vCPUs had not run yet at the first look has no KVM worker thread to show.
+        """
+        known = self._denied.get(pid)
+        if known is not None and (known[0] or now < known[1]):
+            return known[0]
+        reason = problem if looks_like_vmm(pid) else ""
+        self._denied[pid] = (reason, now + self.full_rescan_interval)
+        return reason
 
     def scan(self, now: float) -> ScanResult:
         """The whole scan at once."""
@@ -283,12 +327,7 @@ class ProcScanner:
             except FileNotFoundError:
                 continue
             except PermissionError as exc:
-                reason = self._denied.get(pid)
-                if reason is None:
-                    reason = (
-                        f"cannot list /proc/{pid}/fd: {exc.strerror}" if looks_like_vmm(pid) else ""
-                    )
-                    self._denied[pid] = reason
+                reason = self._denial(pid, f"cannot list /proc/{pid}/fd: {exc.strerror}", now)
                 if reason:
                     denied[pid] = reason
                 continue
@@ -308,10 +347,7 @@ class ProcScanner:
             except FileNotFoundError:
                 continue
             except PermissionError as exc:
-                reason = self._denied.get(pid)
-                if reason is None:
-                    reason = f"/proc/{pid}/fd: {exc.strerror}" if looks_like_vmm(pid) else ""
-                    self._denied[pid] = reason
+                reason = self._denial(pid, f"/proc/{pid}/fd: {exc.strerror}", now)
                 if reason:
                     denied[pid] = reason
                 continue

@@ -1,17 +1,16 @@
-"""VMs owned by the daemon process itself, created on /dev/kvm.
+"""VMs owned by the daemon process itself, created on /dev/kvm: their lifecycle.
 
-Owns: everything about a VM that this process creates: the ioctl numbers and uapi struct
-layouts it needs, the tiny built-in guest that makes real kernel counters move, one thread per
-vCPU, and the teardown of every fd and mapping. It is the built-in demo VM and the source of
-real kernel stats in tests. It must not import trio, the server or the registry (it may import
-``errors`` only); callers that live in trio run :meth:`OwnedVM.create` and
-:meth:`OwnedVM.close` in a worker thread.
+Owns: creating a VM with its memory, in-kernel irqchip and stats fds, one thread per vCPU that
+creates, sets up and runs its vCPU, the run loop's handling of exits, and the teardown of every
+fd, mapping and thread. It is the built-in demo VM and the source of real kernel stats in
+tests. The ioctl numbers and structs are :mod:`~statsd_qmp.sources.kvm_abi`'s; the code the
+vCPUs run is :mod:`~statsd_qmp.sources.guest`'s. Must not import trio, the server or the
+registry (it imports ``errors`` and those two). :meth:`OwnedVM.create` and
+:meth:`OwnedVM.close` block while vCPU threads start or end; the daemon calls ``create`` on
+its main thread before it serves (so the VM's stats id is ``kvm-PID``, as a VMM's would be).
 
 Rules followed, from the KVM API documentation (Documentation/virt/kvm/api.rst):
 
-* KVM_GET_API_VERSION must return 12 (api.rst, KVM_GET_API_VERSION).
-* KVM_GET_STATS_FD exists when KVM_CHECK_EXTENSION(KVM_CAP_BINARY_STATS_FD) > 0
-  (api.rst, KVM_GET_STATS_FD).
 * The vCPU stats id is ``kvm-<TID>/vcpu-<id>`` where TID is the thread that issued
   KVM_CREATE_VCPU; the VM's is ``kvm-<TID>`` of the thread that issued KVM_CREATE_VM. So each
   vCPU is created on the thread that runs it (as QEMU does), and :attr:`OwnedVM.vm_thread_id`
@@ -21,17 +20,8 @@ Rules followed, from the KVM API documentation (Documentation/virt/kvm/api.rst):
 * With an in-kernel irqchip, application processors (vcpu_id > 0) start waiting for INIT/SIPI
   (api.rst, KVM_GET_MP_STATE); we set them RUNNABLE before their first KVM_RUN.
 
-The guest (x86 only) is 16-bit real-mode code in "unreal mode": DS's cached base is the xAPIC
-page 0xFEE00000 so ``mov dword [offset], imm32`` programs the in-kernel LAPIC without a
-userspace exit. It arms the LAPIC timer, then loops ``sti; hlt``: each vCPU halts inside the kernel
-(moving ``halt_*`` stats and the ``halt_wait_hist`` histogram) and wakes at every tick, whose
-handler does one ``out 0x80, al`` (one KVM_EXIT_IO to this process, moving ``exits`` and
-``io_exits``), re-arms the timer, writes EOI and returns.
-
-On a PVM host (module ``kvm_pvm``, no VMX/SVM) the same guest runs: real mode goes through
-KVM's instruction emulator (``insn_emulation`` moves) and port I/O is emulated after a #GP, a
-path that never counts ``io_exits``, so there that stat stays 0 while ``exits``, the halt
-stats and :meth:`OwnedVM.io_exit_counts` (the exits this process saw) still move.
+On a PVM host the kernel's ``io_exits`` stays 0 (see :mod:`~statsd_qmp.sources.guest`);
+:meth:`OwnedVM.io_exit_counts` (the exits this process saw) still moves.
 """
 
 from __future__ import annotations
@@ -42,7 +32,6 @@ import mmap
 import os
 import platform
 import signal
-import struct
 import threading
 import time
 from types import TracebackType
@@ -50,313 +39,59 @@ from types import TracebackType
 import structlog
 
 from ..errors import KvmError
+from .guest import (
+    GUEST_TIMER_VECTOR,
+    KVM_APIC_BUS_HZ,
+    MAX_TICK_HZ,
+    MIN_TICK_HZ,
+    MSI_BROADCAST_ADDRESS,
+    TSS_ADDR,
+    guest_ram_size,
+    load_guest,
+    set_guest_registers,
+    set_guest_segments,
+)
+from .kvm_abi import (
+    KVM_CAP_MAX_VCPUS,
+    KVM_CHECK_EXTENSION,
+    KVM_CREATE_IRQCHIP,
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_IO,
+    KVM_EXIT_NAMES,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
+    KVM_GET_STATS_FD,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_MP_STATE_RUNNABLE,
+    KVM_RUN,
+    KVM_RUN_EXIT_REASON,
+    KVM_RUN_EXIT_REASON_OFFSET,
+    KVM_RUN_UNION_OFFSET,
+    KVM_SET_MP_STATE,
+    KVM_SET_REGS,
+    KVM_SET_SREGS,
+    KVM_SET_TSS_ADDR,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_SIGNAL_MSI,
+    U32,
+    U64,
+    KvmMpState,
+    KvmMsi,
+    KvmRegs,
+    KvmSregs,
+    KvmUserspaceMemoryRegion,
+    check_kvm,
+    ioctl_int,
+    ioctl_struct,
+    open_kvm,
+)
 
 _log = structlog.get_logger(__name__)
 
-KVM_DEVICE = "/dev/kvm"
-
-# --- ioctl request encoding (include/uapi/asm-generic/ioctl.h) -----------------------------
-_IOC_NONE = 0
-_IOC_WRITE = 1
-_IOC_READ = 2
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = 8
-_IOC_SIZESHIFT = 16
-_IOC_DIRSHIFT = 30
-KVMIO = 0xAE  # the KVM ioctl "type" byte (include/uapi/linux/kvm.h)
-
-
-def _ioc(direction: int, number: int, size: int) -> int:
-    """Encode an ioctl request number the way the kernel's _IOC() macro does."""
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-        | (KVMIO << _IOC_TYPESHIFT)
-        | (number << _IOC_NRSHIFT)
-    )
-
-
-def _io(number: int) -> int:
-    """_IO(KVMIO, number): no argument struct (the argument, if any, is passed by value)."""
-    return _ioc(_IOC_NONE, number, 0)
-
-
-def _ior(number: int, struct_type: type[ctypes.Structure]) -> int:
-    """_IOR(KVMIO, number, struct): the kernel writes the struct."""
-    return _ioc(_IOC_READ, number, ctypes.sizeof(struct_type))
-
-
-def _iow(number: int, struct_type: type[ctypes.Structure]) -> int:
-    """_IOW(KVMIO, number, struct): the kernel reads the struct."""
-    return _ioc(_IOC_WRITE, number, ctypes.sizeof(struct_type))
-
-
-# --- uapi structs (include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h) ---------------
-# ctypes lays fields out with the same natural alignment as the x86-64 C ABI; the sizes are
-# checked below so a typo cannot silently produce a wrong ioctl number.
-
-
-class KvmUserspaceMemoryRegion(ctypes.Structure):
-    """struct kvm_userspace_memory_region (include/uapi/linux/kvm.h)."""
-
-    _fields_ = (
-        ("slot", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("guest_phys_addr", ctypes.c_uint64),
-        ("memory_size", ctypes.c_uint64),
-        ("userspace_addr", ctypes.c_uint64),
-    )
-
-
-class KvmSegment(ctypes.Structure):
-    """struct kvm_segment (arch/x86/include/uapi/asm/kvm.h): a segment register's hidden cache."""
-
-    _fields_ = (
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint32),
-        ("selector", ctypes.c_uint16),
-        ("type", ctypes.c_uint8),
-        ("present", ctypes.c_uint8),
-        ("dpl", ctypes.c_uint8),
-        ("db", ctypes.c_uint8),
-        ("s", ctypes.c_uint8),
-        ("l", ctypes.c_uint8),
-        ("g", ctypes.c_uint8),
-        ("avl", ctypes.c_uint8),
-        ("unusable", ctypes.c_uint8),
-        ("padding", ctypes.c_uint8),
-    )
-
-
-class KvmDtable(ctypes.Structure):
-    """struct kvm_dtable (arch/x86/include/uapi/asm/kvm.h): GDTR/IDTR."""
-
-    _fields_ = (
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint16),
-        ("padding", ctypes.c_uint16 * 3),
-    )
-
-
-class KvmSregs(ctypes.Structure):
-    """struct kvm_sregs (arch/x86/include/uapi/asm/kvm.h)."""
-
-    _fields_ = (
-        ("cs", KvmSegment),
-        ("ds", KvmSegment),
-        ("es", KvmSegment),
-        ("fs", KvmSegment),
-        ("gs", KvmSegment),
-        ("ss", KvmSegment),
-        ("tr", KvmSegment),
-        ("ldt", KvmSegment),
-        ("gdt", KvmDtable),
-        ("idt", KvmDtable),
-        ("cr0", ctypes.c_uint64),
-        ("cr2", ctypes.c_uint64),
-        ("cr3", ctypes.c_uint64),
-        ("cr4", ctypes.c_uint64),
-        ("cr8", ctypes.c_uint64),
-        ("efer", ctypes.c_uint64),
-        ("apic_base", ctypes.c_uint64),
-        # (KVM_NR_INTERRUPTS + 63) / 64 with KVM_NR_INTERRUPTS = 256
-        ("interrupt_bitmap", ctypes.c_uint64 * 4),
-    )
-
-
-class KvmRegs(ctypes.Structure):
-    """struct kvm_regs (arch/x86/include/uapi/asm/kvm.h): general registers, RIP and RFLAGS."""
-
-    _fields_ = tuple(
-        (name, ctypes.c_uint64)
-        for name in (
-            "rax",
-            "rbx",
-            "rcx",
-            "rdx",
-            "rsi",
-            "rdi",
-            "rsp",
-            "rbp",
-            "r8",
-            "r9",
-            "r10",
-            "r11",
-            "r12",
-            "r13",
-            "r14",
-            "r15",
-            "rip",
-            "rflags",
-        )
-    )
-
-
-class KvmMsi(ctypes.Structure):
-    """struct kvm_msi (include/uapi/linux/kvm.h): an MSI message for KVM_SIGNAL_MSI."""
-
-    _fields_ = (
-        ("address_lo", ctypes.c_uint32),
-        ("address_hi", ctypes.c_uint32),
-        ("data", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("devid", ctypes.c_uint32),
-        ("pad", ctypes.c_uint8 * 12),
-    )
-
-
-class KvmMpState(ctypes.Structure):
-    """struct kvm_mp_state (include/uapi/linux/kvm.h)."""
-
-    _fields_ = (("mp_state", ctypes.c_uint32),)
-
-
-for _struct_type, _size in (
-    (KvmUserspaceMemoryRegion, 32),
-    (KvmSegment, 24),
-    (KvmDtable, 16),
-    (KvmSregs, 312),
-    (KvmRegs, 144),
-    (KvmMpState, 4),
-    (KvmMsi, 32),
-):
-    if ctypes.sizeof(_struct_type) != _size:  # pragma: no cover - a layout typo, caught on import
-        raise AssertionError(f"{_struct_type.__name__} is {ctypes.sizeof(_struct_type)} bytes")
-
-# --- ioctl numbers (include/uapi/linux/kvm.h) ------------------------------------------------
-KVM_GET_API_VERSION = _io(0x00)
-KVM_CREATE_VM = _io(0x01)
-KVM_CHECK_EXTENSION = _io(0x03)
-KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
-KVM_CREATE_VCPU = _io(0x41)
-KVM_SET_USER_MEMORY_REGION = _iow(0x46, KvmUserspaceMemoryRegion)
-KVM_SET_TSS_ADDR = _io(0x47)
-KVM_CREATE_IRQCHIP = _io(0x60)
-KVM_RUN = _io(0x80)
-KVM_GET_REGS = _ior(0x81, KvmRegs)
-KVM_SET_REGS = _iow(0x82, KvmRegs)
-KVM_GET_SREGS = _ior(0x83, KvmSregs)
-KVM_SET_SREGS = _iow(0x84, KvmSregs)
-KVM_SET_MP_STATE = _iow(0x99, KvmMpState)
-KVM_SIGNAL_MSI = _iow(0xA5, KvmMsi)
-KVM_GET_STATS_FD = _io(0xCE)
-
-KVM_API_VERSION = 12
-KVM_CAP_MAX_VCPUS = 66
-KVM_CAP_BINARY_STATS_FD = 203
-KVM_MP_STATE_RUNNABLE = 0
-
-# struct kvm_run: __u8 request_interrupt_window, immediate_exit, padding1[6]; __u32 exit_reason
-# at offset 8; the exit-specific union starts at offset 32.
-_KVM_RUN_EXIT_REASON = struct.Struct("=I")
-_KVM_RUN_EXIT_REASON_OFFSET = 8
-_KVM_RUN_UNION_OFFSET = 32
-_U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
-
-KVM_EXIT_IO = 2
-KVM_EXIT_NAMES = {
-    0: "KVM_EXIT_UNKNOWN",
-    1: "KVM_EXIT_EXCEPTION",
-    2: "KVM_EXIT_IO",
-    3: "KVM_EXIT_HYPERCALL",
-    4: "KVM_EXIT_DEBUG",
-    5: "KVM_EXIT_HLT",
-    6: "KVM_EXIT_MMIO",
-    7: "KVM_EXIT_IRQ_WINDOW_OPEN",
-    8: "KVM_EXIT_SHUTDOWN",
-    9: "KVM_EXIT_FAIL_ENTRY",
-    10: "KVM_EXIT_INTR",
-    17: "KVM_EXIT_INTERNAL_ERROR",
-    24: "KVM_EXIT_SYSTEM_EVENT",
-}
-_KVM_EXIT_FAIL_ENTRY = 9
-_KVM_EXIT_INTERNAL_ERROR = 17
-
-# --- guest memory layout (guest-physical addresses) ------------------------------------------
-GUEST_MIN_RAM = 64 * 1024
-GUEST_CODE_ADDR = 0x1000  # the IVT occupies 0x000-0x3FF
-GUEST_STACKS_ADDR = 0x2000  # one small real-mode stack per vCPU from here
-GUEST_STACK_BYTES = 32  # an interrupt frame is 6 bytes; handlers never nest (IF=0 inside)
-GUEST_TIMER_VECTOR = 0x40  # any vector >= 16 is legal for the LAPIC
-XAPIC_BASE = 0xFEE00000  # default xAPIC MMIO base, emulated by the in-kernel LAPIC
-# The TSS address only has to be 3 free pages below 4 GiB outside guest RAM (api.rst,
-# KVM_SET_TSS_ADDR). It is passed by value and fcntl.ioctl passes a C int, hence an address
-# below 2 GiB (QEMU's 0xfeffd000 would overflow).
-TSS_ADDR = 0x7FFF_D000
-# xAPIC register offsets (Intel SDM vol. 3, "Local APIC Register Address Map")
-APIC_EOI = 0x0B0
-APIC_SVR = 0x0F0
-APIC_LVT_TIMER = 0x320
-APIC_TIMER_INITIAL_COUNT = 0x380
-APIC_TIMER_DIVIDE = 0x3E0
-APIC_SVR_ENABLE_SPURIOUS_FF = 0x1FF  # bit 8 = APIC software enable, spurious vector 0xFF
-APIC_DIVIDE_BY_1 = 0xB
-# MSI address: 0xFEE in bits 31-20, destination APIC ID in bits 19-12 (physical mode). 0xFF is
-# the xAPIC broadcast ID, so one message reaches every vCPU whatever their number.
-MSI_BROADCAST_ADDRESS = XAPIC_BASE | (0xFF << 12)
-KVM_APIC_BUS_HZ = 1_000_000_000  # KVM's emulated APIC bus runs at 1 GHz (1 count = 1 ns)
-
-MIN_TICK_HZ = 0.5
-MAX_TICK_HZ = 1000.0
 _MAX_CONSECUTIVE_EINTR = 1000  # KVM_RUN interrupted this often in a row with no exit: give up
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
-
-
-def guest_ram_size(vcpus: int) -> int:
-    """Bytes of guest RAM for ``vcpus`` vCPUs: 64 KiB, or more if the stacks need it."""
-    return max(GUEST_MIN_RAM, _round_up(GUEST_STACKS_ADDR + GUEST_STACK_BYTES * vcpus, 4096))
-
-
-def _mov_ds_dword(offset: int, value: int) -> bytes:
-    """``mov dword [offset], value`` in 16-bit code: 66 C7 06 disp16 imm32."""
-    return bytes((0x66, 0xC7, 0x06)) + struct.pack("<HI", offset, value)
-
-
-def assemble_guest(period_ns: int) -> tuple[bytes, int, int]:
-    """The guest's machine code, its entry offset and its timer-handler offset.
-
-    DS points at the xAPIC page (unreal mode), so the ``mov [..]`` below are LAPIC register
-    writes. The LVT timer is programmed one-shot and re-armed by the handler: KVM only accepts
-    the periodic mode bit once KVM_SET_CPUID2 has set the LAPIC's timer_mode_mask, and this
-    VM sets no CPUID (arch/x86/kvm/lapic.c; seen here: a periodic LVT value read back as
-    one-shot and the guest got a single tick).
-    """
-    code = bytearray()
-    entry = len(code)
-    code += _mov_ds_dword(APIC_SVR, APIC_SVR_ENABLE_SPURIOUS_FF)
-    code += _mov_ds_dword(APIC_TIMER_DIVIDE, APIC_DIVIDE_BY_1)
-    code += _mov_ds_dword(APIC_LVT_TIMER, GUEST_TIMER_VECTOR)  # one-shot, unmasked
-    code += _mov_ds_dword(APIC_TIMER_INITIAL_COUNT, period_ns)
-    main_loop = len(code)
-    code += bytes((0xFB,))  # sti
-    code += bytes((0xF4,))  # hlt: blocks in the kernel until the next tick
-    code += bytes((0xEB, (main_loop - (len(code) + 2)) & 0xFF))  # jmp main_loop
-    handler = len(code)
-    code += bytes((0xE6, 0x80))  # out 0x80, al: one KVM_EXIT_IO to userspace per tick
-    code += _mov_ds_dword(APIC_TIMER_INITIAL_COUNT, period_ns)  # re-arm the one-shot timer
-    code += _mov_ds_dword(APIC_EOI, 0)
-    code += bytes((0xCF,))  # iret
-    return bytes(code), entry, handler
-
-
-def _ioctl_int(fd: int, request: int, arg: int, what: str) -> int:
-    """ioctl with an integer argument; OSError becomes KvmError naming ``what``."""
-    try:
-        return fcntl.ioctl(fd, request, arg)
-    except OSError as exc:
-        raise KvmError(f"{what} failed: {exc.strerror}", exc.errno) from exc
-
-
-def _ioctl_struct(fd: int, request: int, buffer: ctypes.Structure, what: str) -> None:
-    """ioctl with a pointer to ``buffer`` (read and/or written by the kernel)."""
-    try:
-        fcntl.ioctl(fd, request, buffer, True)
-    except OSError as exc:
-        raise KvmError(f"{what} failed: {exc.strerror}", exc.errno) from exc
 
 
 def _close_quietly(fd: int | None) -> None:
@@ -366,39 +101,6 @@ def _close_quietly(fd: int | None) -> None:
         os.close(fd)
     except OSError as exc:  # pragma: no cover - only a double close could get here
         _log.warning("owned_vm_close_failed", fd=fd, error=str(exc))
-
-
-def _open_kvm() -> int:
-    try:
-        return os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise KvmError(f"cannot open {KVM_DEVICE}: {exc.strerror}", exc.errno) from exc
-
-
-def _check_kvm(kvm_fd: int) -> None:
-    version = _ioctl_int(kvm_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
-    if version != KVM_API_VERSION:
-        raise KvmError(f"KVM_GET_API_VERSION returned {version}, expected {KVM_API_VERSION}")
-    has_stats = _ioctl_int(
-        kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_BINARY_STATS_FD, "KVM_CHECK_EXTENSION"
-    )
-    if has_stats <= 0:
-        raise KvmError("kernel lacks KVM_CAP_BINARY_STATS_FD (needs Linux >= 5.14)")
-
-
-def kvm_supports_binary_stats() -> bool:
-    """True when /dev/kvm opens, speaks API 12 and offers KVM_CAP_BINARY_STATS_FD."""
-    try:
-        kvm_fd = _open_kvm()
-    except KvmError:
-        return False
-    try:
-        _check_kvm(kvm_fd)
-    except KvmError:
-        return False
-    finally:
-        os.close(kvm_fd)
-    return True
 
 
 class _Vcpu:
@@ -504,26 +206,24 @@ class OwnedVM:
     def _build(self) -> None:
         if platform.machine() not in ("x86_64", "AMD64"):
             raise KvmError(f"owned VMs need an x86-64 host, this is {platform.machine()}")
-        self._kvm_fd = kvm_fd = _open_kvm()
-        _check_kvm(kvm_fd)
-        max_vcpus = _ioctl_int(
-            kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_MAX_VCPUS, "KVM_CHECK_EXTENSION"
-        )
+        self._kvm_fd = kvm_fd = open_kvm()
+        check_kvm(kvm_fd)
+        max_vcpus = ioctl_int(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_MAX_VCPUS, "KVM_CHECK_EXTENSION")
         if self.vcpus > max_vcpus:
             raise KvmError(
                 f"KVM allows at most {max_vcpus} vCPUs per VM (KVM_CAP_MAX_VCPUS), "
                 f"asked for {self.vcpus}"
             )
         if self.run_guest:
-            self._run_size = _ioctl_int(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
-        self._vm_fd = vm_fd = _ioctl_int(kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+            self._run_size = ioctl_int(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        self._vm_fd = vm_fd = ioctl_int(kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         self._setup_memory(vm_fd)
         # In-kernel PIC/IOAPIC/LAPIC: HLT then blocks in the kernel and the LAPIC timer and
         # xAPIC MMIO are handled there too (api.rst, KVM_CREATE_IRQCHIP).
-        _ioctl_int(vm_fd, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+        ioctl_int(vm_fd, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
         # Intel without unrestricted guest needs it to run real mode; harmless elsewhere.
-        _ioctl_int(vm_fd, KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
-        self._vm_stats_fd = _ioctl_int(vm_fd, KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD (VM)")
+        ioctl_int(vm_fd, KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
+        self._vm_stats_fd = ioctl_int(vm_fd, KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD (VM)")
         self.vm_stats_fd = self._vm_stats_fd
         # Creating vCPUs one after another keeps vcpu_idx == vcpu_id, as in QEMU.
         for vcpu_id in range(self.vcpus):
@@ -553,27 +253,22 @@ class OwnedVM:
             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
             prot=mmap.PROT_READ | mmap.PROT_WRITE,
         )
-        code, entry, handler = assemble_guest(self._period_ns)
-        memory[GUEST_CODE_ADDR : GUEST_CODE_ADDR + len(code)] = code
-        # Real-mode IVT entry for the timer vector: offset then segment (segment 0, base 0).
-        ivt = 4 * GUEST_TIMER_VECTOR
-        memory[ivt : ivt + 4] = struct.pack("<HH", GUEST_CODE_ADDR + handler, 0)
-        self._entry_ip = GUEST_CODE_ADDR + entry
+        self._entry_ip = load_guest(memory, self._period_ns)
         # The temporary ctypes view is released at once, so the mmap can be closed later.
         address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
         region = KvmUserspaceMemoryRegion(
             slot=0, flags=0, guest_phys_addr=0, memory_size=size, userspace_addr=address
         )
-        _ioctl_struct(vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+        ioctl_struct(vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
     def _create_vcpu(self, slot: _Vcpu) -> None:
         """Runs on the vCPU's own thread: KVM_CREATE_VCPU, stats fd, registers."""
         assert self._vm_fd is not None
         vcpu_id = slot.vcpu_id
-        slot.fd = fd = _ioctl_int(
+        slot.fd = fd = ioctl_int(
             self._vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU (vcpu {vcpu_id})"
         )
-        slot.stats_fd = _ioctl_int(fd, KVM_GET_STATS_FD, 0, f"KVM_GET_STATS_FD (vcpu {vcpu_id})")
+        slot.stats_fd = ioctl_int(fd, KVM_GET_STATS_FD, 0, f"KVM_GET_STATS_FD (vcpu {vcpu_id})")
         if not self.run_guest:
             return
         try:
@@ -590,7 +285,7 @@ class OwnedVM:
         if vcpu_id > 0:
             # APs wait for INIT/SIPI under an in-kernel irqchip (api.rst KVM_GET_MP_STATE).
             mp_state = KvmMpState(mp_state=KVM_MP_STATE_RUNNABLE)
-            _ioctl_struct(fd, KVM_SET_MP_STATE, mp_state, f"KVM_SET_MP_STATE (vcpu {vcpu_id})")
+            ioctl_struct(fd, KVM_SET_MP_STATE, mp_state, f"KVM_SET_MP_STATE (vcpu {vcpu_id})")
 
     def _set_guest_registers(self, slot: _Vcpu) -> None:
         assert slot.fd is not None
@@ -598,19 +293,13 @@ class OwnedVM:
         sregs = KvmSregs()
         # Read first so apic_base (LAPIC enabled, BSP flag on vCPU 0 only), CR0 and the rest
         # keep KVM's reset values; only the segment caches change.
-        _ioctl_struct(slot.fd, KVM_GET_SREGS, sregs, f"KVM_GET_SREGS (vcpu {vcpu_id})")
-        _real_mode_segment(sregs.cs, base=0, code=True)
-        _real_mode_segment(sregs.ds, base=XAPIC_BASE, code=False)  # unreal mode: LAPIC page
-        _real_mode_segment(sregs.es, base=0, code=False)
-        stack_base = GUEST_STACKS_ADDR + GUEST_STACK_BYTES * vcpu_id
-        _real_mode_segment(sregs.ss, base=stack_base, code=False)
-        _ioctl_struct(slot.fd, KVM_SET_SREGS, sregs, f"KVM_SET_SREGS (vcpu {vcpu_id})")
+        ioctl_struct(slot.fd, KVM_GET_SREGS, sregs, f"KVM_GET_SREGS (vcpu {vcpu_id})")
+        set_guest_segments(sregs, vcpu_id)
+        ioctl_struct(slot.fd, KVM_SET_SREGS, sregs, f"KVM_SET_SREGS (vcpu {vcpu_id})")
         regs = KvmRegs()
-        _ioctl_struct(slot.fd, KVM_GET_REGS, regs, f"KVM_GET_REGS (vcpu {vcpu_id})")
-        regs.rip = self._entry_ip
-        regs.rsp = GUEST_STACK_BYTES
-        regs.rflags = 0x2  # bit 1 is always set; IF stays clear until the guest's sti
-        _ioctl_struct(slot.fd, KVM_SET_REGS, regs, f"KVM_SET_REGS (vcpu {vcpu_id})")
+        ioctl_struct(slot.fd, KVM_GET_REGS, regs, f"KVM_GET_REGS (vcpu {vcpu_id})")
+        set_guest_registers(regs, self._entry_ip)
+        ioctl_struct(slot.fd, KVM_SET_REGS, regs, f"KVM_SET_REGS (vcpu {vcpu_id})")
 
     # --- the vCPU threads -----------------------------------------------------------------
 
@@ -656,7 +345,7 @@ class OwnedVM:
                 self._guest_error(f"vcpu {vcpu_id}: KVM_RUN failed: {exc.strerror}")
                 return
             consecutive_eintr = 0
-            reason = _KVM_RUN_EXIT_REASON.unpack_from(run_map, _KVM_RUN_EXIT_REASON_OFFSET)[0]
+            reason = KVM_RUN_EXIT_REASON.unpack_from(run_map, KVM_RUN_EXIT_REASON_OFFSET)[0]
             if reason == KVM_EXIT_IO:
                 # The tick's `out 0x80`: nothing to emulate, the port is a sink. Only this
                 # thread writes the counter, so no lock is needed.
@@ -669,15 +358,15 @@ class OwnedVM:
         assert slot.fd is not None
         assert slot.run_map is not None
         text = f"unexpected exit {KVM_EXIT_NAMES.get(reason, 'reason')} ({reason})"
-        if reason == _KVM_EXIT_INTERNAL_ERROR:
-            suberror = _U32.unpack_from(slot.run_map, _KVM_RUN_UNION_OFFSET)[0]
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            suberror = U32.unpack_from(slot.run_map, KVM_RUN_UNION_OFFSET)[0]
             text += f", suberror {suberror}"
-        elif reason == _KVM_EXIT_FAIL_ENTRY:
-            hw_reason = _U64.unpack_from(slot.run_map, _KVM_RUN_UNION_OFFSET)[0]
+        elif reason == KVM_EXIT_FAIL_ENTRY:
+            hw_reason = U64.unpack_from(slot.run_map, KVM_RUN_UNION_OFFSET)[0]
             text += f", hardware_entry_failure_reason {hw_reason:#x}"
         regs = KvmRegs()
         try:
-            _ioctl_struct(slot.fd, KVM_GET_REGS, regs, "KVM_GET_REGS")
+            ioctl_struct(slot.fd, KVM_GET_REGS, regs, "KVM_GET_REGS")
         except KvmError:
             return text
         return text + f", rip {regs.rip:#x}"
@@ -742,6 +431,7 @@ class OwnedVM:
             slot.fd = None
         _close_quietly(self._vm_stats_fd)
         self._vm_stats_fd = None
+        had_vm = self._vm_fd is not None
         _close_quietly(self._vm_fd)
         self._vm_fd = None
         _close_quietly(self._kvm_fd)
@@ -749,7 +439,8 @@ class OwnedVM:
         if self._memory is not None and not stuck:
             self._memory.close()
             self._memory = None
-        _log.debug("owned_vm_closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
+        if had_vm:  # a VM that never came to be (no /dev/kvm access) was not "closed"
+            _log.debug("owned_vm_closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
 
     def _kick_vcpus(self) -> None:
         """Interrupt every vCPU now so the halted ones return to userspace (best effort)."""
@@ -778,23 +469,3 @@ class OwnedVM:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _real_mode_segment(segment: KvmSegment, *, base: int, code: bool) -> None:
-    """Fill a segment cache for 16-bit real mode with an arbitrary ``base``.
-
-    The selector is ``base >> 4`` when that fits (a plain real-mode segment) and 0 otherwise
-    (the unreal-mode DS); the guest never reloads a segment register, so only the cache counts.
-    """
-    segment.base = base
-    segment.limit = 0xFFFF
-    segment.selector = base >> 4 if base < 0x100000 else 0
-    segment.type = 0xB if code else 0x3  # execute/read accessed code, read/write accessed data
-    segment.present = 1
-    segment.dpl = 0
-    segment.db = 0
-    segment.s = 1
-    segment.l = 0
-    segment.g = 0
-    segment.avl = 0
-    segment.unusable = 0

@@ -1,0 +1,184 @@
+"""The streamer's shortcut: a complete, plain message parsed by the stdlib ``json`` scanner (C).
+
+Owns: deciding when the stdlib scanner's result cannot differ from QEMU's parser
+(:func:`parse_plain`) and the cheap bracket pre-scan that waits for such a message to arrive
+whole without lexing it (:class:`Prescan`). The streamer (:mod:`.streamer`) decides when to try
+them. Pure (stdlib only); imports :mod:`.parser` (QEMU's integer conversion).
+
+The scanner's result is used only for pure ASCII without a ``\\u`` escape (Python accepts lone
+surrogates and noncharacters, and its UTF-8 is not QEMU's modified UTF-8), without a ``0e``
+exponent (one number for Python, three tokens for QEMU), ``NaN`` / ``Infinity`` or a duplicate
+key, with bounded nesting and size; integers are converted the QEMU way by a hook. The
+pre-scan stops at the first byte the exact lexer would call stray, so the exact path reports
+it as early as it would have anyway: results, and when they appear, are the same on both paths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+from .parser import parse_integer
+
+__all__ = ["INCOMPLETE", "NOT_PLAIN", "Prescan", "parse_plain"]
+
+INCOMPLETE: Final = -1
+""":meth:`Prescan.run`: the message has not ended yet."""
+NOT_PLAIN: Final = -2
+""":meth:`Prescan.run`: the message holds something only the exact path may judge."""
+
+
+class _Unsafe(Exception):
+    """The stdlib scanner saw something only the exact path may judge."""
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Unsafe
+    return obj
+
+
+def _reject_constant(name: str) -> object:
+    raise _Unsafe
+
+
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_pairs_without_duplicates,
+    parse_constant=_reject_constant,
+    parse_int=parse_integer,
+)
+# "0e5" is one number for Python but three tokens for QEMU ("0", "e", "5").
+_ZERO_EXPONENT_RE: Final = re.compile(r"(?<![0-9.])0[eE]")
+_STRING_OR_BRACKET_RE: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _too_deep(text: str, limit: int) -> bool:
+    """True if valid JSON ``text`` nests ``{``/``[`` deeper than ``limit``."""
+    depth = 0
+    for m in _STRING_OR_BRACKET_RE.finditer(text):
+        bracket = m.group()
+        if bracket == "{" or bracket == "[":
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket == "}" or bracket == "]":
+            depth -= 1
+    return False
+
+
+def parse_plain(
+    text: str, start: int, expected_end: int, max_bytes: int, max_nesting: int
+) -> tuple[Any, int] | None:
+    """Parse the object or array at ``text[start]`` (latin-1 view of the input bytes).
+
+    Return ``(value, end)`` when the stdlib result is QEMU's, else None (the exact path
+    decides). ``expected_end`` (-1: any) is where the pre-scan saw the message end;
+    ``max_bytes`` bounds the message.
+    """
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError, _Unsafe):
+        return None
+    if end - start > max_bytes or (expected_end >= 0 and end != expected_end):
+        return None
+    msg = text[start:end]
+    if (
+        not msg.isascii()  # QEMU's modified UTF-8 differs from Python's UTF-8
+        or "\\u" in msg  # Python accepts lone surrogates and noncharacters
+        or (("0e" in msg or "0E" in msg) and _ZERO_EXPONENT_RE.search(msg))
+        or (msg.count("{") + msg.count("[") > max_nesting and _too_deep(msg, max_nesting))
+    ):
+        return None
+    return value, end
+
+
+# Outside strings: whitespace, "," ":", keywords and numbers that QEMU's lexer takes without
+# error (conservatively: nothing that could continue a number may follow one), so that every
+# byte the exact lexer would call stray stops the pre-scan.
+_SCAN_PLAIN_RE: Final = re.compile(
+    rb"(?:[ \t\r\n,:]+|[a-z]+|-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?"
+    rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)(?![0-9.eE]))*"
+)
+_SCAN_STRING_RE: Final = re.compile(
+    rb'[^"\\\x00-\x1f\x7f-\xff]*(?:\\[\x20-\x7e][^"\\\x00-\x1f\x7f-\xff]*)*'
+)
+# A keyword or number cut short by the end of the buffer (a prefix QEMU's lexer accepts).
+_SCAN_TAIL_RE: Final = re.compile(
+    rb"[a-z]+|-?(?:0(?:\.(?:[0-9]+(?:[eE][-+]?[0-9]*)?)?)?"
+    rb"|[1-9][0-9]*(?:\.(?:[0-9]+(?:[eE][-+]?[0-9]*)?)?|[eE][-+]?[0-9]*)?)?"
+)
+_SCAN_TAIL_BYTES: Final = frozenset(b"-+.0123456789abcdefghijklmnopqrstuvwxyzE")
+
+
+class Prescan:
+    """Brackets outside strings of a message still arriving, counted as QEMU's streamer does.
+
+    Resumable: each :meth:`run` goes on from where the last one stopped. ``pos`` is a buffer
+    index; the streamer moves it when it drops consumed bytes.
+    """
+
+    __slots__ = ("brace", "bracket", "in_string", "pos")
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+        self.brace = 0
+        self.bracket = 0
+        self.in_string = False
+
+    def run(self, buf: bytearray, start: int, max_nesting: int, max_bytes: int) -> int:
+        """Scan on; return the end of the message, :data:`INCOMPLETE` or :data:`NOT_PLAIN`
+        (control, non-ASCII, single quote, odd escape, too deep or too many bytes)."""
+        n = len(buf)
+        j = self.pos
+        brace, bracket, in_string = self.brace, self.bracket, self.in_string
+        result = INCOMPLETE
+        while True:
+            if in_string:
+                j = _SCAN_STRING_RE.match(buf, j).end()  # type: ignore[union-attr]
+                if j >= n:
+                    break
+                byte = buf[j]
+                if byte == 0x22:
+                    in_string = False
+                    j += 1
+                    continue
+                if byte != 0x5C or j + 1 < n:
+                    result = NOT_PLAIN
+                break  # a backslash at the end waits for the next byte
+            j = _SCAN_PLAIN_RE.match(buf, j).end()  # type: ignore[union-attr]
+            if j >= n:
+                # The last number or keyword may go on in the next chunk: back up to its first
+                # byte and wait (the exact lexer needs the next byte to end it, too).
+                while j > start and buf[j - 1] in _SCAN_TAIL_BYTES:
+                    j -= 1
+                break
+            if _SCAN_TAIL_RE.fullmatch(buf, j, n):
+                break  # a token cut short, no error yet: wait at its first byte
+            byte = buf[j]
+            j += 1
+            if byte == 0x22:
+                in_string = True
+            elif byte == 0x7B:
+                brace += 1
+            elif byte == 0x7D:
+                brace -= 1
+            elif byte == 0x5B:
+                bracket += 1
+            elif byte == 0x5D:
+                bracket -= 1
+            else:
+                result = NOT_PLAIN
+                break
+            if not ((brace > 0 or bracket > 0) and brace >= 0 and bracket >= 0):
+                result = j
+                break
+            if brace + bracket > max_nesting:
+                result = NOT_PLAIN  # the exact path reports this at once
+                break
+        if result == INCOMPLETE and len(buf) - start > max_bytes:
+            result = NOT_PLAIN
+        self.pos = j
+        self.brace, self.bracket, self.in_string = brace, bracket, in_string
+        return result
