@@ -27,6 +27,7 @@ from typing import Any, Final, Protocol
 from . import QEMU_VERSION, hmp, introspection, render
 from .errors import CommandNotFoundError, QmpError, StatsFileError
 from .hash_order import first_unexpected_member
+from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder
 from .steps import Steps, finish
 from .vm import VmStats, vcpu_path, vm_path
@@ -333,17 +334,31 @@ class Commands:
 
     def _query_vms(self, scope: Scope, args: Args) -> Any:
         _no_arguments(args)
-        return [
-            {
-                "name": vm.name,
-                "pid": vm.pid,
-                "vcpus": len(vm.vcpus),
-                "vm-stats": vm.has_vm_stats,
-                "origin": vm.origin,
-                "socket": vm.socket_path,
-            }
-            for vm in self.context.all_vms()
-        ]
+        return RawSteps(self._vm_list(self.context.all_vms()))
+
+    def _vm_list(self, vms: Sequence[VmStats]) -> Steps[tuple[bytes | memoryview, ...]]:
+        """``query-vms``' text, one VM per step: 10,000 VMs took ~100 ms in one piece.
+
+        The same text as the writer makes of the whole list (elements joined by ``, ``). A VM
+        dropped while others ran between two steps is left out, as if gone before.
+        """
+        entries: list[str] = []
+        for vm in vms:
+            if self.context.find_vm(vm.name) is vm:
+                entries.append(
+                    dumps(
+                        {
+                            "name": vm.name,
+                            "pid": vm.pid,
+                            "vcpus": len(vm.vcpus),
+                            "vm-stats": vm.has_vm_stats,
+                            "origin": vm.origin,
+                            "socket": vm.socket_path,
+                        }
+                    )
+                )
+            yield None
+        return (("[" + ", ".join(entries) + "]").encode("ascii"),)
 
     # --- stats ---------------------------------------------------------------------------
 

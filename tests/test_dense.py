@@ -15,16 +15,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+
+from statsd_qmp.commands import CommandContext, Commands, RawSteps, Scope
+from statsd_qmp.qjson.writer import dumps
 
 from .conftest import need, program_problem
 from .qemu_helpers import RawQmp
 from .test_service import DAEMON, log_events
 from .tiny_vmms import TinyVmms, build
-
-pytestmark = pytest.mark.kvm
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,7 @@ SHORT = "file descriptors ran short; not adopting new VMs until some are free"
 FREE_AGAIN = "file descriptors are free again; adopting VMs"
 
 
+@pytest.mark.kvm
 def test_fd_exhaustion_is_survived_and_ends(tmp_path: Path, tiny_vmm: Path) -> None:
     """600 descriptors, 200 VMMs of 5 fds each: the daemon serves what fits, and lives.
 
@@ -161,6 +163,7 @@ def test_fd_exhaustion_is_survived_and_ends(tmp_path: Path, tiny_vmm: Path) -> N
         assert os.path.exists(f"/proc/{isolated.pid}")
 
 
+@pytest.mark.kvm
 def test_five_hundred_vms(tmp_path: Path, tiny_vmm: Path) -> None:
     """500 VMMs x 2 vCPUs: all listed and served, and all let go when they exit."""
     run_dir, log = tmp_path / "run", tmp_path / "daemon.log"
@@ -189,3 +192,69 @@ def test_five_hundred_vms(tmp_path: Path, tiny_vmm: Path) -> None:
         )
         assert not list((run_dir / "vm").glob("dense-*.sock"))
     assert not events(log, "cannot read vm")
+
+
+# --- query-vms in steps (no VMM needed) --------------------------------------------------
+
+
+@dataclass(eq=False)
+class _ListedVm:
+    name: str
+    pid: int
+    vcpus: tuple[int, ...] = (0, 1)
+    has_vm_stats: bool = True
+    origin: str = "borrowed"
+    socket_path: str = ""
+
+
+class _Registry:
+    histogram_order = "kernel"
+    package = "statsd-qmp test"
+
+    def __init__(self, vms: list[_ListedVm]) -> None:
+        self.vms = {vm.name: vm for vm in vms}
+
+    def all_vms(self) -> list[_ListedVm]:
+        return [self.vms[name] for name in sorted(self.vms)]
+
+    def find_vm(self, name: str) -> _ListedVm | None:
+        return self.vms.get(name)
+
+    def read_failed(self, vm: object, error: object) -> None:
+        raise AssertionError("nothing is read")
+
+
+def test_query_vms_in_steps_is_the_writers_text() -> None:
+    """One step per VM; the text is what the writer makes of the whole list; a VM dropped
+    between two steps is left out."""
+    vms = [
+        _ListedVm(f"vm{index:05d}", 1000 + index, socket_path=f"/r/vm/vm{index:05d}.sock")
+        for index in range(3000)
+    ]
+    vms[7].name = 'odd "name\\ é'  # escapes as QEMU writes them
+    registry = _Registry(vms)
+    commands = Commands(cast(CommandContext, registry))
+    value = commands.execute(Scope(host=True), "query-vms", {}, oob=False)
+    assert isinstance(value, RawSteps)
+    expected = [
+        {
+            "name": vm.name,
+            "pid": vm.pid,
+            "vcpus": 2,
+            "vm-stats": True,
+            "origin": "borrowed",
+            "socket": vm.socket_path,
+        }
+        for vm in registry.all_vms()
+    ]
+    steps = 0
+    try:
+        while True:
+            next(value.steps)
+            steps += 1
+            if steps == 10:
+                del registry.vms["vm00100"]  # dropped while others ran
+    except StopIteration as done:
+        text = b"".join(done.value)
+    assert steps == 3000
+    assert text == dumps([entry for entry in expected if entry["name"] != "vm00100"]).encode()
