@@ -1,23 +1,19 @@
 """Composition root: builds the registry, commands and server and runs them in one nursery.
 
-Owns: the daemon's settings object, start-up order (lock the run dir, create the demo VM,
-bind sockets or take systemd's, first scan, then READY=1), signal handling (SIGTERM/SIGINT
-stop, SIGHUP reloads), the systemd watchdog, and orderly shutdown (close clients, remove
-sockets, close every fd). May import everything below it; nothing imports it but the CLI and
-tests.
+Owns: the daemon's settings object, start-up order (check the kernel, lock the run dir,
+create the demo VM, bind sockets or take systemd's, first scan, then READY=1), signal handling
+(SIGTERM/SIGINT stop, SIGHUP reloads), the systemd watchdog, and orderly shutdown (close
+clients, remove sockets, close every fd). Of the process-wide settings it changes only the
+soft open-file limit, which serving needs; the rest is :mod:`~statsd_qmp.tuning`'s, applied by
+the CLI. May import everything below it; nothing imports it but the CLI and tests.
 """
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
-import gc
 import os
 import platform
-import resource
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +33,7 @@ from .registry import DEMO_NAME, Registry
 from .schema import HistogramOrder
 from .server import Limits, Server
 from .socketfiles import lock_run_dir
+from .tuning import raise_fd_limit
 
 log = structlog.get_logger(__name__)
 
@@ -175,9 +172,6 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
     """Run the daemon until cancelled or until SIGTERM/SIGINT; SIGHUP reloads."""
     check_kernel()
     raise_fd_limit()
-    presize_fd_table()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    tune_allocator()
     instrument = None
     if settings.measure_loop:
         from .loopstats import LoopLagInstrument
@@ -232,9 +226,6 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                     socket_activated=activated is not None,
                     watchdog_seconds=interval,
                 )
-                # Start-up objects live as long as the daemon: keep them out of the
-                # collector's way, so a full collection does not pause every client.
-                gc.freeze()
                 task_status.started(server)
         finally:
             registry.close()
@@ -267,68 +258,3 @@ def check_kernel() -> None:
         raise KvmError(
             f"kernel {release} predates KVM binary stats (KVM_CAP_BINARY_STATS_FD, Linux 5.14)"
         )
-
-
-def tune_allocator() -> None:
-    """Keep freed heap memory instead of returning it to the kernel after every reply.
-
-    A 256-vCPU reply is ~0.5 MB; with glibc's defaults such blocks are mmapped or trimmed
-    back after each request, and the next request pays ~250 minor page faults to get them
-    again (measured: p50 2.4 ms with, 1.2 ms without). Peak memory is unchanged.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return  # not glibc
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # the largest value glibc accepts on 64-bit
-    mallopt(m_trim_threshold, 128 << 20)
-
-
-# How long a worker thread (parsing a huge request) may keep the GIL from the event loop
-# once the loop asks for it; Python's default is 5 ms, the whole loop-blocking budget.
-GIL_SWITCH_INTERVAL = 0.0005
-
-# fd table slots reserved at start: 100 VMs of 4 vCPUs plus 1000 connections fit twice over.
-FD_TABLE_SLOTS = 16384
-
-
-def presize_fd_table(slots: int = FD_TABLE_SLOTS) -> int:
-    """Grow the process's fd table to ``slots`` entries now; return its size (``FDSize``).
-
-    The kernel grows an fd table by doubling, and in a process with more than one thread
-    every growth waits for an RCU grace period (``expand_fdtable`` -> ``synchronize_rcu``):
-    16 ms here, inside whichever ``accept()`` or ``pidfd_getfd()`` needed the new slot,
-    with the event loop stalled for every client. The table never shrinks, so taking one
-    high slot once, at start, removes those stalls (``slots`` x 8 bytes: 128 KiB).
-    """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = min(slots, soft)
-    if wanted > 0:
-        with open(os.devnull, "rb") as null:
-            try:
-                # F_DUPFD takes the lowest free slot >= the argument: never one in use.
-                high = fcntl.fcntl(null.fileno(), fcntl.F_DUPFD_CLOEXEC, wanted - 1)
-            except OSError:
-                pass
-            else:
-                os.close(high)
-    return fd_table_size()
-
-
-def fd_table_size() -> int:
-    """``FDSize`` of /proc/self/status: the slots of this process's fd table."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("FDSize:"):
-                return int(line.split()[1])
-    return 0
-
-
-def raise_fd_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: every served vCPU costs one fd."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log.info("raised the open-file limit", soft_before=soft, soft=hard)

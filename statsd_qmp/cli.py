@@ -12,16 +12,17 @@ messages from :func:`config.check_flag`.
 
 To add a subcommand: write ``add_arguments(parser)`` (every flag with a ``help``) and
 ``run(args) -> int``, register them with ``@subcommand(name, help=..., arguments=...)`` on
-``run``, and import your own module inside ``run``. May import (lazily, inside ``run``) app,
-client, config, holdlib, install_check, logconfig, registry and sources; nothing imports it.
+``run``, and import your own module inside ``run``. ``serve`` also applies the process-wide
+tuning (:mod:`tuning`) once, here and not in the library. May import (lazily, inside ``run``)
+what its entry in the map of ``statsd_qmp/__init__.py`` names; nothing imports it.
 """
 
 from __future__ import annotations
 
 import sys
 
-from . import __version__
-from .errors import StatsdQmpError
+from . import DEFAULT_RUN_DIR, __version__
+from .errors import QmpClientError, StatsdQmpError
 
 # Not typing.TYPE_CHECKING: importing typing alone costs a few ms on every ``exec``, which
 # does not even import argparse.
@@ -110,9 +111,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _default_socket() -> str:
-    from .config import DEFAULT_RUN_DIR
-
-    return str(DEFAULT_RUN_DIR / "qmp.sock")
+    return f"{DEFAULT_RUN_DIR}/qmp.sock"  # not via config: a client needs none of its rules
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -146,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(first if first in SUBCOMMANDS else None).parse_args(argv)
     try:
         code: int = args.run(args)
-    except (StatsdQmpError, OSError) as exc:
+    except (StatsdQmpError, QmpClientError, OSError) as exc:
         print(f"statsd-qmp: {exc}", file=sys.stderr)
         return 1
     return code
@@ -158,7 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve_arguments(run: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    from .config import DEFAULT_RUN_DIR
     from .logconfig import LOG_FORMATS, LOG_LEVELS
     from .schema import HISTOGRAM_ORDERS
 
@@ -338,6 +336,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = build_settings(args)
     logconfig.configure(settings.log_level, settings.log_format)
+    from .tuning import tune_process  # process-wide, so here and not in the library
+
+    tune_process()
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:

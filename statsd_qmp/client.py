@@ -2,8 +2,9 @@
 
 Owns: connecting to a unix socket, reading the greeting, negotiating, sending one command and
 reading its reply line, and saying what is wrong when the socket cannot be reached (the path,
-and what to check). Must not import trio, the server or the registry: ``statsd-qmp query``
-imports only this, the errors and the stdlib.
+and what to check). Requests are written with the stdlib ``json`` (any JSON the server parses
+will do; only replies must be in QEMU's format). Imports nothing of the package but ``errors``:
+``statsd-qmp query`` imports only this, the errors and the stdlib (no trio, no server).
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ import socket
 import stat
 from typing import Any
 
-from .errors import StatsdQmpError
+from .errors import QmpClientError
 
-
-class QmpClientError(StatsdQmpError):
-    """The socket cannot be reached, or the server closed the connection or sent something
-    that is not a QMP reply. Raised by :class:`QmpClient`; the message names the path."""
+__all__ = ["QmpClient", "QmpClientError", "connect_error"]
 
 
 _DAEMON_HINT = (

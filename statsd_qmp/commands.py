@@ -1,10 +1,11 @@
 """QMP commands: the command table, QAPI-style argument rules and the stats filters.
 
 Owns: which commands a socket serves, QEMU's argument validation order and exact error texts
-(qapi/qobject-input-visitor.c behaviour, ../shared/notes/qemu-qmp-stats.md 2.1), and the
-``query-stats`` / ``query-stats-schemas`` semantics (notes 2.2-2.4): empty lists mean nothing,
-unknown names and paths are ignored, results without stats are left out, duplicate provider
-requests are duplicated, every list comes out in QEMU's (prepended, i.e. reversed) order.
+(the behaviour of QEMU 7.2's ``qapi/qobject-input-visitor.c``), and the ``query-stats`` /
+``query-stats-schemas`` semantics of QEMU 7.2's ``qmp_query_stats`` (checked against a live
+QEMU 7.2): empty lists mean nothing, unknown names and paths are ignored, results without
+stats are left out, duplicate provider requests are duplicated, every list comes out in
+QEMU's (prepended, i.e. reversed) order.
 Must not import trio, os or the server; the registry reaches it only through
 :class:`CommandContext`.
 

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import StatsdQmpError
+from . import DEFAULT_RUN_DIR as PACKAGE_RUN_DIR
+from .errors import ConfigError
 from .logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat
 from .schema import HISTOGRAM_ORDERS, HistogramOrder
 
@@ -57,40 +58,7 @@ __all__ = [
     "resolve_group",
 ]
 
-DEFAULT_RUN_DIR: Final = Path("/run/statsd-qmp")
-
-
-class ConfigError(StatsdQmpError):
-    """The configuration file cannot be used.
-
-    Raised by :func:`load_config` (unreadable file, TOML syntax, unknown key, wrong type or
-    range) and :func:`resolve_group` (no such group). ``path`` is the file (None when the
-    value did not come from one), ``key`` the dotted key (None for whole-file problems such as
-    syntax), ``problem`` what is wrong, ``line`` a 1-based line number when known. ``str()``
-    is the one line to show: ``FILE[, line N]: KEY: PROBLEM``.
-    """
-
-    def __init__(
-        self,
-        path: Path | None,
-        key: str | None,
-        problem: str,
-        *,
-        line: int | None = None,
-        key_in_message: bool = True,
-    ) -> None:
-        self.path = path
-        self.key = key
-        self.problem = problem
-        self.line = line
-        where = [str(path)] if path is not None else []
-        if line is not None:
-            where.append(f"line {line}")
-        parts = [", ".join(where)] if where else []
-        if key is not None and key_in_message:
-            parts.append(key)
-        parts.append(problem)
-        super().__init__(": ".join(parts))
+DEFAULT_RUN_DIR: Final = Path(PACKAGE_RUN_DIR)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ then every fd of that VM is closed at once, since a held stats fd keeps the kern
 alive), VM naming, permission messages once per VM, and adopting VMs only while the
 descriptor budget allows (:mod:`fdbudget`): short of descriptors, it stops adopting, says so
 once, keeps every VM it serves, and resumes when descriptors are free again. May import
-registry, sources, vm, statsfile, fdbudget and trio; must not import the server, app or cli.
+errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm and trio; must not import
+the server, app or cli.
 
 A VM is served once, from its creator: every stats fd names the process that created the VM
 (``kvm-PID`` in the VM stats id string; a vCPU's ``kvm-TID/vcpu-N`` names a thread of it).
@@ -24,7 +25,6 @@ vCPUs cannot be told apart by VM).
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import threading
 from collections import deque
@@ -267,7 +267,6 @@ class Discovery:
     # --- applying a scan -----------------------------------------------------------------
 
     async def _apply(self, result: borrowed.ScanResult) -> None:
-        changed = False
         self._holders = set(result.vmms)
         for pid in list(self._copies):
             if pid not in result.vmms:
@@ -333,14 +332,8 @@ class Discovery:
                     shortage = exc
                     waiting += 1
                     continue
-                changed = True
                 await trio.lowlevel.checkpoint()
         self._note_fd_shortage(waiting, shortage)
-        if changed:
-            # The new views live as long as their VMs: keep them out of the cyclic
-            # collector's way, or each full collection walks every served descriptor (tens
-            # of ms with 100 VMs) while all clients wait.
-            gc.freeze()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
                 try:

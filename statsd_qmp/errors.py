@@ -1,7 +1,8 @@
 """The project's exception tree; each error knows the QMP error class it maps to.
 
-Owns: every exception the package raises on purpose. Imports the stdlib only (no trio, no os,
-no structlog), so the pure modules (``schema``, ``protocol``) can use it.
+Owns: every exception the package raises on purpose and lets leave a module (the JSON
+parser's internal ``qjson.parser.ParseError`` never does: it becomes a ``JsonError`` item).
+Imports the stdlib only (no trio, no os, no structlog), so the pure modules can use it.
 
 Tree::
 
@@ -12,11 +13,16 @@ Tree::
     +-- NativeUnavailableError     the compiled ``_statsread`` extension is not built
     +-- KvmError                   an ioctl on /dev/kvm, a VM or a vCPU failed (owned VMs)
     +-- RunDirBusyError            another daemon holds the run directory's lock
+    +-- ConfigError                the configuration file cannot be used
     +-- QmpError                   an error that becomes a QMP ``error`` reply
         +-- CommandNotFoundError   ``qmp_class`` is "CommandNotFound"
+
+    QmpClientError                 (client side) the server closed or sent no QMP reply
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class StatsdQmpError(Exception):
@@ -88,6 +94,39 @@ class RunDirBusyError(StatsdQmpError):
     """
 
 
+class ConfigError(StatsdQmpError):
+    """The configuration file cannot be used.
+
+    Raised by ``config.load_config`` (unreadable file, TOML syntax, unknown key, wrong type
+    or range) and ``config.resolve_group`` (no such group). ``path`` is the file (None when the
+    value did not come from one), ``key`` the dotted key (None for whole-file problems such as
+    syntax), ``problem`` what is wrong, ``line`` a 1-based line number when known. ``str()``
+    is the one line to show: ``FILE[, line N]: KEY: PROBLEM``.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        key: str | None,
+        problem: str,
+        *,
+        line: int | None = None,
+        key_in_message: bool = True,
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        self.line = line
+        where = [str(path)] if path is not None else []
+        if line is not None:
+            where.append(f"line {line}")
+        parts = [", ".join(where)] if where else []
+        if key is not None and key_in_message:
+            parts.append(key)
+        parts.append(problem)
+        super().__init__(": ".join(parts))
+
+
 class QmpError(StatsdQmpError):
     """An error that is answered to a QMP client as ``{"error": {"class", "desc"}}``.
 
@@ -103,3 +142,12 @@ class CommandNotFoundError(QmpError):
     """QMP class ``CommandNotFound``: unknown command, or any command before negotiation."""
 
     qmp_class = "CommandNotFound"
+
+
+class QmpClientError(Exception):
+    """The socket cannot be reached, or the server closed the connection or sent something
+    that is not a QMP reply; the message names the path and what to check.
+
+    Raised by ``client.QmpClient`` (the CLI's ``query``); not a daemon error, so not a
+    :class:`StatsdQmpError`.
+    """

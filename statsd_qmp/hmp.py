@@ -2,10 +2,10 @@
 
 Owns: HMP command-line parsing (command names, sub-commands, ``s``/``S`` string arguments,
 ``"``-quoted strings with ``\\n \\r \\\\ \\' \\"`` escapes), the ``help`` listing, and the exact
-text of ``info stats`` and ``info version`` as QEMU 7.2 prints them
-(../shared/notes/qemu-qmp-stats.md section 5; help strings and parser corner cases checked
-against a live QEMU 7.2.22). Pure: the stats come from the ``query_stats``/``query_schemas``
-callbacks, so this module must not import trio, os, structlog or any I/O module.
+text of ``info stats`` and ``info version`` as QEMU 7.2 prints them (``monitor/hmp-cmds.c``
+behaviour; help strings and parser corner cases checked against a live QEMU 7.2.22). Pure:
+the stats come from the ``query_stats``/``query_schemas`` callbacks, so this module must not
+import trio, os, structlog or any I/O module.
 
 Supported: ``help|? [cmd]``, ``info`` (alone: the info list), ``info stats target [names]
 [provider]`` and ``info version``; anything else is ``unknown command: '...'``, as for QEMU.

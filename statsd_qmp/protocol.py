@@ -1,7 +1,9 @@
 """The QMP server side as a sans-IO state machine: bytes in -> events, replies -> bytes.
 
-Pure module: imports ``errors``, ``hash_order`` and ``qjson`` only (no trio, no os, no
-structlog, no sockets). Behaviour and texts follow QEMU 7.2 (``monitor/qmp.c``,
+Owns: :class:`QmpConnection` (negotiation state, request validation in QEMU's order, the
+replies it makes itself), the reply builders for everything else, and the byte form of every
+message. Pure module: imports ``errors``, ``hash_order`` and ``qjson`` only (no trio, no os,
+no structlog, no sockets). Behaviour and texts follow QEMU 7.2 (``monitor/qmp.c``,
 ``qapi/qmp-dispatch.c``, ``monitor/qmp-cmds-control.c``), checked byte for byte against a live
 QEMU.
 

@@ -1,9 +1,11 @@
 """The live set of served VMs: names, sockets, adding and dropping, rescans.
 
-Owns: the mapping name -> :class:`VmStats`, the per-VM socket path, the naming rules, the
-owned VMs' lifetime, and telling subscribers (the server) when a VM comes or goes. Implements
-``commands.CommandContext``. May import sources, statsfile, vm and trio; must not import the
-server or the CLI.
+Owns: the mapping name -> :class:`VmStats`, the per-VM socket path, the character rule of VM
+names (:func:`sanitize_name`; discovery picks the names), the owned VMs' lifetime, and telling
+subscribers (the server) when a VM comes or goes; a rescan is delegated to the scanner
+discovery registers. Implements ``commands.CommandContext``. May import errors, schema,
+sources.owned, statsfile, vm and structlog (not even trio: it only holds state); must not
+import the server or the CLI.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ include/uapi/linux/kvm.h), the :class:`Descriptor` model, and the rules by which
 descriptor and its values into ``StatsSchemaValue`` and ``StatsValue`` (qapi/stats.json,
 QEMU's KVM stats provider). Must not import trio, os, structlog or any I/O module.
 
-QEMU's rules, reproduced exactly (see ../shared/notes/qemu-qmp-stats.md section 3):
+QEMU's rules (its KVM stats provider in ``accel/kvm/kvm-all.c``), reproduced exactly:
 
 * A value is served only when its type is one of the five known, its unit one of the five
   known and its base pow10 or pow2; otherwise the stat is skipped.

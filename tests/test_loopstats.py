@@ -105,7 +105,7 @@ def test_presize_fd_table_reserves_slots_without_keeping_an_fd() -> None:
     script = textwrap.dedent(
         """
         import os
-        from statsd_qmp.app import fd_table_size, presize_fd_table
+        from statsd_qmp.tuning import fd_table_size, presize_fd_table
         before = fd_table_size()
         open_before = sorted(os.listdir("/proc/self/fd"))
         after = presize_fd_table(4096)
@@ -125,7 +125,7 @@ def test_presize_fd_table_stays_within_the_soft_limit() -> None:
     script = textwrap.dedent(
         """
         import resource
-        from statsd_qmp.app import presize_fd_table
+        from statsd_qmp.tuning import presize_fd_table
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
         print(presize_fd_table(16384))
         """

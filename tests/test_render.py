@@ -17,9 +17,10 @@ from statsd_qmp._native import native
 from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope, parse_stats_filter
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
-from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.vm import VcpuStats, VmStats
+
+from .synthetic import SyntheticStat, build, make_flags, memfd_with
 
 
 @dataclass

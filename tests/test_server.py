@@ -29,12 +29,12 @@ from statsd_qmp import __version__, logconfig
 from statsd_qmp.app import Settings, serve
 from statsd_qmp.errors import RunDirBusyError
 from statsd_qmp.server import Limits, Server
-from statsd_qmp.sources.synthetic import SyntheticStat, build, make_flags, memfd_with
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.vm import VcpuStats, VmStats
 
 from .conftest import need
 from .procnet import listening_sockets
+from .synthetic import SyntheticStat, build, make_flags, memfd_with
 
 TRANSCRIPT = Path(__file__).resolve().parent / "golden/qemu-7.2/transcript.jsonl"
 

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from statsd_qmp import schema
 from statsd_qmp.engine import BatchReader
 from statsd_qmp.errors import StatsFormatError, StatsReadError
-from statsd_qmp.sources.synthetic import (
+from statsd_qmp.statsfile import StatsFile, words_of
+
+from .synthetic import (
     BlockName,
     BuiltFile,
     Layout,
@@ -25,7 +27,6 @@ from statsd_qmp.sources.synthetic import (
     memfd_with,
     update_values,
 )
-from statsd_qmp.statsfile import StatsFile, words_of
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 

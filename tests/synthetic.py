@@ -1,4 +1,4 @@
-"""Synthetic KVM binary-stats files, for tests and benchmarks.
+"""Synthetic KVM binary-stats files: a test fixture (tests and benchmarks), not shipped.
 
 Owns: a writer of the layout described in api.rst 4.133 with every knob the real kernel does
 not exercise (any name size, block order, gaps, data order different from descriptor order,
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..schema import BASE_SHIFT, UNIT_SHIFT
+from statsd_qmp.schema import BASE_SHIFT, UNIT_SHIFT
 
 BlockName = Literal["id", "desc", "data"]
 
