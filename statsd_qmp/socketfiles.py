@@ -94,8 +94,13 @@ def bind_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> trio.Soc
     Binding is synchronous on purpose: a VM is listed by query-vms as soon as it is added, so
     its socket must exist by then.
     """
+    return trio.SocketListener(trio.socket.from_stdlib_socket(listen_unix(path, mode, gid)))
+
+
+def listen_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> socket.socket:
+    """:func:`bind_unix` as a plain non-blocking socket (for a caller that polls many)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.bind(os.fspath(path))
         set_mode_and_group(path, mode, gid)
@@ -103,4 +108,4 @@ def bind_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> trio.Soc
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return sock
