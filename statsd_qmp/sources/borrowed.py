@@ -183,6 +183,12 @@ def looks_like_vmm(pid: int) -> bool:
 # --- the /proc scan ------------------------------------------------------------------------
 
 
+Signature = tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]
+
+# Processes looked at between two yields of a scan when nothing needs reading.
+_PROCESSES_PER_STEP = 256
+
+
 @dataclass
 class ProcessStatsFds:
     """The KVM stats fds one process holds (fd numbers in *its* table)."""
@@ -190,12 +196,17 @@ class ProcessStatsFds:
     pid: int
     vm_stats: list[int] = field(default_factory=list)
     vcpu_stats: dict[int, list[int]] = field(default_factory=dict)  # vcpu_id -> fds
+    _signature: Signature | None = field(default=None, repr=False, compare=False)
 
-    def signature(self) -> tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]:
-        return (
-            tuple(sorted(self.vm_stats)),
-            tuple(sorted((k, tuple(sorted(v))) for k, v in self.vcpu_stats.items())),
-        )
+    def signature(self) -> Signature:
+        """What the process holds, comparable across scans (made once: a scan reports an
+        unchanged process with the same object, and 10,000 of them are compared each scan)."""
+        if self._signature is None:
+            self._signature = (
+                tuple(sorted(self.vm_stats)),
+                tuple(sorted((k, tuple(sorted(v))) for k, v in self.vcpu_stats.items())),
+            )
+        return self._signature
 
 
 @dataclass
@@ -312,8 +323,12 @@ class ProcScanner:
         unread: set[int] = set()
         shortage: OSError | None = None
         full_scans = 0
+        names: list[str] = []
         with os.scandir("/proc") as listing:
-            names = [entry.name for entry in listing]
+            for entry in listing:
+                names.append(entry.name)
+                if len(names) % _PROCESSES_PER_STEP == 0:
+                    yield
         for name in names:
             if not name.isdigit():
                 continue
@@ -366,9 +381,11 @@ class ProcScanner:
             )
             if holds_stats:
                 vmms[pid] = found
-        for pid in list(self._known):
+        for index, pid in enumerate(list(self._known)):
             if pid not in seen:
                 del self._known[pid]
+            if index % _PROCESSES_PER_STEP == 0:
+                yield
         for pid in list(self._denied):
             if pid not in seen:
                 del self._denied[pid]
