@@ -54,6 +54,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     # Re-reads the configuration (file < flags) on SIGHUP; None: nothing to reload.
     reload: Callable[[], Settings] | None = field(default=None, compare=False)
+    # Called after a scan adopted VMs (the CLI's serve: tuning.freeze_long_lived).
+    after_adoption: Callable[[], None] | None = field(default=None, compare=False)
 
     @property
     def package(self) -> str:
@@ -210,6 +212,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                         registry,
                         scan_interval=settings.scan_interval,
                         fd_budget=FdBudget(settings.limits.max_connections),
+                        after_adoption=settings.after_adoption,
                     )
                     await nursery.start(daemon.discovery.run)
                 nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)

@@ -29,7 +29,7 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Set
+from collections.abc import Callable, Set
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,10 +186,12 @@ class Discovery:
         *,
         scan_interval: float = 1.0,
         fd_budget: FdBudget | None = None,
+        after_adoption: Callable[[], None] | None = None,
     ) -> None:
         self.registry = registry
         self.scan_interval = scan_interval
         self.fd_budget = fd_budget if fd_budget is not None else FdBudget(max_connections=1000)
+        self.after_adoption = after_adoption
         # VMMs found but not (fully) served for lack of descriptors at the last scan.
         self.waiting_for_fds = 0
         self._fds_short = False  # a shortage was logged and has not ended yet
@@ -327,6 +329,7 @@ class Discovery:
             todo.append((found, known))
         round_ends = trio.current_time() + ADOPT_ROUND
         self._unfinished = False
+        adopted = False
         for start in range(0, len(todo), CMDLINE_BATCH):
             batch = todo[start : start + CMDLINE_BATCH]
             if shortage is not None:
@@ -346,6 +349,7 @@ class Discovery:
                         await self._refresh(known, found)
                     elif found.pid in names:
                         await self._adopt(found, names[found.pid])
+                        adopted = True
                     else:
                         continue  # its command line was not read: the next scan adopts it
                 except OSError as exc:
@@ -356,6 +360,8 @@ class Discovery:
                     continue
                 await trio.lowlevel.checkpoint()
         self._note_fd_shortage(waiting, shortage)
+        if adopted and self.after_adoption is not None:
+            self.after_adoption()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
                 try:

@@ -6,7 +6,9 @@ writes ``tests/bench/results/bench_dense.json`` (and ``.txt``). As root it raise
 RLIMIT_NOFILE (soft and hard) to what the VMs need, so the daemon inherits it, as
 ``LimitNOFILE=`` gives it under systemd.
 
-Steps, each on the same daemon (``statsd-qmp serve --measure-loop``, run dir in tmpfs):
+Steps, each on the same daemon (``statsd-qmp serve --measure-loop``, run dir in tmpfs), run
+as pid 1 of a PID namespace of its own with the VMMs started into it: it sees only them, not
+the other VMs of a shared host:
 
 1. empty: RSS and descriptors once it listens (and one ``query-vms``);
 2. one VM: p50 of ``query-stats`` target vcpu on its own socket (the reference), then it exits;
@@ -29,6 +31,8 @@ import argparse
 import json
 import os
 import resource
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +44,10 @@ from typing import Any
 from tests.bench.bench_qmp import (
     REQUESTS,
     RESULTS,
-    Daemon,
     QmpClient,
     _tmpfs_dir,
     cpu_sample,
+    statsd_qmp_command,
     steal_pct,
     time_limit,
     time_one_socket,
@@ -71,7 +75,60 @@ class Options:
     rest_seconds: float = 10.0
     big_queries: int = 3
     list_timeout: float = 300.0
-    daemon_args: tuple[str, ...] = ()
+
+
+class IsolatedDaemon:
+    """``statsd-qmp serve --measure-loop`` as pid 1 of a PID namespace of its own.
+
+    It sees only the VMMs started into that namespace (``enter``), never the other VMs of a
+    shared host, which would otherwise take descriptors and time from the figures.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = workdir / "run"
+        self.host_socket = self.run_dir / "qmp.sock"
+        self.log_path = workdir / "daemon.log"
+        isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+        serve = ["serve", "--run-dir", str(self.run_dir), "--log-format", "json", "--measure-loop"]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [*isolated, *statsd_qmp_command(), *serve],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 30
+        while not self.host_socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start: {self.log_path.read_text()}")
+            time.sleep(0.05)
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        (self.pid,) = (int(child) for child in children.read_text().split())
+        self.enter = ["nsenter", f"--target={self.pid}", "--pid", "--mount", "--"]
+
+    def query_vms(self) -> list[dict[str, Any]]:
+        client = QmpClient(self.host_socket, timeout=60)
+        try:
+            vms: list[dict[str, Any]] = json.loads(client.call(QUERY_VMS))["return"]
+            return vms
+        finally:
+            client.close()
+
+    def stop(self) -> dict[str, Any] | None:
+        """SIGINT (the loop stats are logged on the way out); the ``loop stats`` record."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()  # the namespace dies with its pid 1
+                self.process.wait()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"loop stats"' in line:
+                record: dict[str, Any] = json.loads(line)
+                return record
+        return None
 
 
 def loadavg() -> str:
@@ -132,7 +189,7 @@ def timed_call(path: Path, request: bytes, times: int) -> dict[str, Any]:
         client.close()
 
 
-def wait_listed(daemon: Daemon, pids: set[int], want: int, timeout: float) -> float:
+def wait_listed(daemon: IsolatedDaemon, pids: set[int], want: int, timeout: float) -> float:
     """Seconds until ``query-vms`` lists ``want`` of ``pids`` (polled every 0.25 s)."""
     started = time.monotonic()
     while True:
@@ -152,7 +209,7 @@ def run(opts: Options) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-dense-", dir=_tmpfs_dir()) as tmp:
         workdir = Path(tmp)
         binary = build(workdir)
-        daemon = Daemon(workdir / "daemon", log_level="info", extra_args=opts.daemon_args)
+        daemon = IsolatedDaemon(workdir / "daemon")
         try:
             time.sleep(1.0)
             daemon.query_vms()
@@ -160,7 +217,7 @@ def run(opts: Options) -> dict[str, Any]:
             empty_fds = fd_count(daemon.pid)
             results["empty"] = {"rss_mib": empty_rss, "fds": empty_fds}
 
-            with TinyVmms(binary, 1, vcpus=opts.vcpus, prefix="one") as one:
+            with TinyVmms(binary, 1, vcpus=opts.vcpus, prefix="one", wrapper=daemon.enter) as one:
                 (pid,) = one.pids
                 wait_listed(daemon, {pid}, 1, 30)
                 (vm,) = ours(daemon.query_vms(), {pid})
@@ -169,7 +226,9 @@ def run(opts: Options) -> dict[str, Any]:
                 )
             wait_listed(daemon, {pid}, 0, 30)
 
-            vmms = TinyVmms(binary, opts.vms, vcpus=opts.vcpus, prefix="d", timeout=600)
+            vmms = TinyVmms(
+                binary, opts.vms, vcpus=opts.vcpus, prefix="d", timeout=600, wrapper=daemon.enter
+            )
             try:
                 pids = set(vmms.pids)
                 results["started"] = {
@@ -319,7 +378,6 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, int, str]:
     parser.add_argument("--vcpus", type=int, default=2)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rest-seconds", type=float, default=10.0)
-    parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG")
     parser.add_argument("--output", default="bench_dense", help="results file name, no suffix")
     parser.add_argument("--timeout", type=int, default=1800, help="whole run, seconds")
     args = parser.parse_args(argv)
@@ -328,7 +386,6 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, int, str]:
         vcpus=args.vcpus,
         requests=args.requests,
         rest_seconds=args.rest_seconds,
-        daemon_args=tuple(args.daemon_arg),
     )
     return opts, args.timeout, args.output
 
