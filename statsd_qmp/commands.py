@@ -343,10 +343,12 @@ class Commands:
         The same text as the writer makes of the whole list (elements joined by ``, ``). A VM
         dropped while others ran between two steps is left out, as if gone before.
         """
-        entries: list[str] = []
+        parts: list[bytes | memoryview] = [b"["]
         for vm in vms:
             if self.context.find_vm(vm.name) is vm:
-                entries.append(
+                if len(parts) > 1:
+                    parts.append(b", ")
+                parts.append(
                     dumps(
                         {
                             "name": vm.name,
@@ -356,10 +358,11 @@ class Commands:
                             "origin": vm.origin,
                             "socket": vm.socket_path,
                         }
-                    )
+                    ).encode("ascii")
                 )
             yield None
-        return (("[" + ", ".join(entries) + "]").encode("ascii"),)
+        parts.append(b"]")
+        return tuple(parts)
 
     # --- stats ---------------------------------------------------------------------------
 

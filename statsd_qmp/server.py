@@ -398,7 +398,8 @@ class Connection:
                     outbox.put(event.data)
                 else:
                     reply, vm_gone = await self._execute(event)
-                    outbox.put(reply)
+                    for part in reply:
+                        outbox.put(part)
                     if vm_gone:
                         self.close(b"", "the VM of this socket is gone")
                         return
@@ -419,8 +420,13 @@ class Connection:
                         )
                         return
 
-    async def _execute(self, request: protocol.Request) -> tuple[bytes, bool]:
-        """Run one request: its reply, and whether this per-VM socket's VM is gone."""
+    async def _execute(self, request: protocol.Request) -> tuple[tuple[bytes, ...], bool]:
+        """Run one request: its reply (in parts), and whether this per-VM socket's VM is gone.
+
+        A reply made in steps (host-wide ``query-stats``, ``query-vms``) stays in its parts
+        (bytes of their own): joined, a 16 MB reply was a fresh 16 MB buffer, whose page faults
+        and copy held the event loop for 25 ms; the outbox joins them 256 KiB at a time.
+        """
         started = time.perf_counter()
         loopstats.doing(request.command)
         registry, commands = self.server.registry, self.server.commands
@@ -443,19 +449,21 @@ class Connection:
             value = commands.execute(scope, request.command, arguments, oob=request.oob)
             if isinstance(value, RawSteps):
                 parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
-                value = RawJson(parts)
-            if isinstance(value, RawJson):
-                # Text rendered in C: the protocol core writes what goes around it (the id).
                 head, tail = protocol.reply_return_parts(request)
-                reply = b"".join((head, *value.parts, tail))
+                reply = (head, *(bytes(part) for part in parts), tail)
+            elif isinstance(value, RawJson):
+                # Text rendered in C: the protocol core writes what goes around it (the id).
+                # Joined: the parts are views into render buffers the next query reuses.
+                head, tail = protocol.reply_return_parts(request)
+                reply = (b"".join((head, *value.parts, tail)),)
             else:
-                reply = protocol.reply_return(request, value)
+                reply = (protocol.reply_return(request, value),)
             outcome = "ok"
         except QmpError as exc:
-            reply = protocol.reply_error(request, exc.qmp_class, exc.desc)
+            reply = (protocol.reply_error(request, exc.qmp_class, exc.desc),)
             outcome = exc.qmp_class
         except StatsdQmpError as exc:  # a source failed in a way the command did not map
-            reply = protocol.reply_error(request, exc.qmp_class, str(exc))
+            reply = (protocol.reply_error(request, exc.qmp_class, str(exc)),)
             outcome = exc.qmp_class
         if scope.vm is not None and registry.find_vm(scope.vm.name) is not scope.vm:
             vm_gone = True  # this very request found the VM's fds dead and dropped it
@@ -467,7 +475,7 @@ class Connection:
             target_vm=vm if isinstance(vm, str) else None,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             outcome=outcome,
-            reply_bytes=len(reply),
+            reply_bytes=sum(map(len, reply)),
         )
         return reply, vm_gone
 
