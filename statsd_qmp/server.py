@@ -56,6 +56,7 @@ SHUTDOWN_WRITE_GRACE = 1.0
 INLINE_PARSE_BYTES = 16384  # a chunk this small, starting a fresh message, is parsed inline
 STEP_SLICE = 0.0005  # how long a reply made in steps may hold the event loop at a time
 ACCEPTS_PER_STEP = 64  # VM clients accepted in one event-loop step
+PUTS_PER_STEP = 512  # parts of a reply made in steps queued in one event-loop step
 # accept() errors that mean "not now" (descriptors or kernel memory short): retry later.
 _ACCEPT_LATER = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY = 0.1  # seconds, as trio.serve_listeners waits
@@ -398,8 +399,10 @@ class Connection:
                     outbox.put(event.data)
                 else:
                     reply, vm_gone = await self._execute(event)
-                    for part in reply:
+                    for count, part in enumerate(reply, 1):
                         outbox.put(part)
+                        if count % PUTS_PER_STEP == 0:
+                            await trio.lowlevel.checkpoint()  # 3,700 VMs: 7 ms in one piece
                     if vm_gone:
                         self.close(b"", "the VM of this socket is gone")
                         return
