@@ -11,7 +11,7 @@
 
 /* cdef-begin */
 /* Bumped when the C interface changes; the Python wrapper checks it. */
-#define STATSREAD_ABI_VERSION 2
+#define STATSREAD_ABI_VERSION 3
 
 /*
  * Read `count` regions, region i being `lengths[i]` bytes at file offset `offsets[i]` of

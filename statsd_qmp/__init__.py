@@ -7,18 +7,24 @@ imports no I/O, event loop or logging (no trio, os, structlog, socket, subproces
 select). ``tests/test_layering.py`` reads this map and checks every import against it: a new
 module needs its entry here. ::
 
-    9 cli
+    10 cli
         argparse -> settings -> the daemon, or a client subcommand
-        imports: app, client, config, errors, holdlib, install_check, logconfig, registry,
-                 schema, server, sources.owned, tuning
-    8 app
+        imports: app, client, config, errors, holdlib, install_check, logconfig, metricsmap,
+                 registry, schema, server, sources.owned, top, tuning
+    9 app
         composition root: start-up order, signals, reload, watchdog, shutdown
-        imports: commands, config, discovery, errors, logconfig, loopstats, registry, schema,
-                 fdbudget, sd_daemon, server, socketfiles, sources.kvm_abi, sources.owned, tuning
+        imports: commands, config, discovery, errors, exporter, fdbudget, logconfig, loopstats,
+                 metrics_http, registry, schema, sd_daemon, server, socketfiles, sources.kvm_abi,
+                 sources.owned, tuning
+    8 metrics_http
+        the HTTP/1.1 metrics endpoint on trio and h11: formats, gzip, limits
+        imports: errors, exporter, metricsmap, steps
+    7 exporter
+        a scrape of every VM in steps; the self-metrics
+        imports: _native, loopstats, metricsmap, metricsrender, registry, steps, vm
     7 server
         trio listeners (host socket, one per VM), one Connection per client, limits
-        imports: commands, errors, loopstats, outbox, protocol, registry, socketfiles, steps,
-                 vm
+        imports: commands, errors, loopstats, outbox, protocol, registry, socketfiles, steps, vm
     6 commands (pure)
         QMP command table, QEMU's argument rules and texts, stats filters
         imports: errors, hash_order, hmp, introspection, qjson.writer, render, schema, steps,
@@ -26,6 +32,9 @@ module needs its entry here. ::
     6 discovery
         host VMMs -> registry changes: scans, borrowing, exit watches, names
         imports: errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm
+    6 metricsrender
+        one VM's samples: one bulk pread, one C render with marks
+        imports: _native, engine, errors, metricsmap, render, vm
     5 registry
         the live set of served VMs: names, socket paths, add/drop, rescans
         imports: errors, schema, sources.owned, statsfile, vm
@@ -35,6 +44,9 @@ module needs its entry here. ::
     4 protocol (pure)
         sans-IO QMP connection: bytes -> requests, replies -> bytes
         imports: errors, hash_order, qjson.streamer, qjson.writer
+    4 top
+        ``statsd-qmp top``: host-socket polling, kvm_stat's scriptable modes, the log file
+        imports: client, topmodel, topscreen, topterm
     4 vm
         one served VM: its stats files, cached schemas, prepared batch reads
         imports: engine, schema, statsfile
@@ -47,6 +59,15 @@ module needs its entry here. ::
     3 sources.owned
         the daemon's own VMs on /dev/kvm: creation, vCPU threads, teardown
         imports: errors, sources.guest, sources.kvm_abi
+    3 topterm
+        top's terminal: curses, keys, prompts, the refresh loop
+        imports: topmodel, topscreen
+    2 config
+        the TOML configuration file: keys, types, ranges, one error per bad file
+        imports: errors, logconfig, metricsmap, schema
+    2 holdlib
+        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
+        imports: errors, install_check
     2 qjson.fastpath (pure)
         the stdlib scanner where its result provably equals QEMU's parser
         imports: qjson.parser
@@ -56,24 +77,24 @@ module needs its entry here. ::
     2 statsfile
         one stats fd: header, id and descriptors parsed once; data located
         imports: _native, errors, schema
+    2 topscreen (pure)
+        top's view state and keys, the screen as styled lines
+        imports: topmodel
     1 _native
         the only importer of the compiled bulk reader; errno -> errors
         imports: errors
     1 client
         a small blocking QMP client for the CLI's query subcommand
         imports: errors
-    1 config
-        the TOML configuration file: keys, types, ranges, one error per bad file
-        imports: errors, logconfig, schema
     1 hmp (pure)
         human-monitor-command: HMP parsing and QEMU's text of info stats/version
         imports: errors, schema
-    2 holdlib
-        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
-        imports: errors, install_check
     1 install_check
         what a user (libvirt's QEMU user) cannot reach of this install, and the fix
         imports: errors
+    1 metricsmap (pure)
+        KVM descriptors -> Prometheus/OpenMetrics families, names, units, bucket bounds
+        imports: schema
     1 qjson.parser (pure)
         JSON tokens -> values, QEMU's parse errors
         imports: qjson.lexer, qjson.unicode
@@ -89,6 +110,9 @@ module needs its entry here. ::
     1 sources.kvm_abi
         KVM ioctl numbers, uapi structs, /dev/kvm checks
         imports: errors
+    1 topmodel (pure)
+        top's samples, totals, rates and their formatting by unit
+        imports: -
     0 errors (pure)
         the exception tree; each error's QMP class
         imports: -

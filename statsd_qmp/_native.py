@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import NativeUnavailableError, StatsReadError
 
-EXPECTED_ABI_VERSION = 2
+EXPECTED_ABI_VERSION = 3
 
 _BUILD_HINT = (
     "the native reader statsd_qmp._statsread is not built; install the project with "

@@ -52,6 +52,10 @@ class Settings:
     log_level: str = "info"
     log_format: LogFormat = "auto"
     limits: Limits = field(default_factory=Limits)
+    # Metrics endpoint addresses (host, port); empty: none. ``metrics_listen_default``: the
+    # addresses are the built-in default, so a busy port is logged instead of fatal.
+    metrics_listen: tuple[tuple[str, int], ...] = ()
+    metrics_listen_default: bool = False
     # Re-reads the configuration (file < flags) on SIGHUP; None: nothing to reload.
     reload: Callable[[], Settings] | None = field(default=None, compare=False)
     # Called after a scan adopted VMs (the CLI's serve: tuning.freeze_long_lived).
@@ -62,17 +66,23 @@ class Settings:
         return f"statsd-qmp {__version__}"
 
 
-def activated_host_socket() -> socket.socket | None:
-    """The host socket systemd passed (LISTEN_FDS), preferring the one named ``host``."""
+METRICS_FD_NAME = "metrics"
+
+
+def activated_sockets() -> tuple[socket.socket | None, list[socket.socket]]:
+    """The sockets systemd passed (LISTEN_FDS): the host socket (preferring the one named
+    ``host``) and every metrics socket (named ``metrics``, from statsd-qmp-metrics.socket)."""
     fds = sd_daemon.listen_fds()
+    metrics = [socket.socket(fileno=fd) for fd, name in fds if name == METRICS_FD_NAME]
+    fds = [(fd, name) for fd, name in fds if name != METRICS_FD_NAME]
     if not fds:
-        return None
+        return None, metrics
     chosen = next((fd for fd, name in fds if name == "host"), fds[0][0])
     for fd, name in fds:
         if fd != chosen:
             log.warning("ignoring an extra socket-activation fd", fd=fd, name=name)
             os.close(fd)
-    return socket.socket(fileno=chosen)
+    return socket.socket(fileno=chosen), metrics
 
 
 class Daemon:
@@ -135,7 +145,14 @@ class Daemon:
         old = self.settings
         if new == old:
             return
-        for name in ("run_dir", "demo", "demo_vcpus", "discover", "measure_loop"):
+        for name in (
+            "run_dir",
+            "demo",
+            "demo_vcpus",
+            "discover",
+            "measure_loop",
+            "metrics_listen",
+        ):
             if getattr(new, name) != getattr(old, name):
                 log.warning("reload: this setting needs a restart", setting=name)
         logconfig.configure(new.log_level, new.log_format)
@@ -153,6 +170,8 @@ class Daemon:
             demo_vcpus=old.demo_vcpus,
             discover=old.discover,
             measure_loop=old.measure_loop,
+            metrics_listen=old.metrics_listen,
+            metrics_listen_default=old.metrics_listen_default,
         )
         log.info("configuration reloaded")
 
@@ -180,7 +199,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
 
         instrument = LoopLagInstrument()
         trio.lowlevel.add_instrument(instrument)
-    activated = activated_host_socket()
+    activated, activated_metrics = activated_sockets()
     with lock_run_dir(settings.run_dir):
         registry = Registry(
             run_dir=settings.run_dir,
@@ -203,10 +222,32 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 activated=activated,
             )
             daemon = Daemon(settings, registry, server)
+            metrics_server = None
+            if settings.metrics_listen or activated_metrics:
+                from .exporter import Exporter
+                from .metrics_http import MetricsServer
+
+                if activated_metrics and settings.metrics_listen:
+                    log.info("metrics sockets come from systemd; metrics_listen is not used")
+                exporter = Exporter(
+                    registry,
+                    qmp_clients=lambda: server.connections,
+                    discovery_failures=lambda: (
+                        daemon.discovery.failures if daemon.discovery is not None else {}
+                    ),
+                )
+                metrics_server = MetricsServer(
+                    exporter,
+                    settings.metrics_listen,
+                    activated=activated_metrics,
+                    required=not settings.metrics_listen_default,
+                )
             if instrument is not None:
                 daemon.on_stop.append(instrument.stop)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
+                if metrics_server is not None:
+                    await nursery.start(metrics_server.run)
                 if settings.discover:
                     daemon.discovery = Discovery(
                         registry,

@@ -1,4 +1,4 @@
-"""Command line: ``statsd-qmp serve | query | exec | demo-stats | check-install``.
+"""Command line: ``statsd-qmp serve | query | top | exec | demo-stats | check-install``.
 
 Owns: the argparse tree, one registration per subcommand (:func:`subcommand`), turning flags
 into :class:`app.Settings`, and the human-facing output of the client subcommands.
@@ -226,6 +226,15 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         help="measure event-loop blocking; logged as 'loop stats' at exit",
     )
     run.add_argument(
+        "--metrics-listen",
+        type=config_flag("metrics_listen"),
+        action="append",
+        default=None,
+        metavar="ADDR",
+        help="serve Prometheus/OpenMetrics metrics over HTTP on HOST:PORT or [IPv6]:PORT; "
+        "repeatable; none: no endpoint (default 127.0.0.1:9632)",
+    )
+    run.add_argument(
         "--max-connections",
         type=config_flag("limits.max_connections"),
         default=None,
@@ -285,6 +294,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     defaults = Settings()
     limit_defaults = Limits()
     group = _first(args.socket_group, file.socket_group, "")
+    metrics_listen = _metrics_listen(args.metrics_listen, file.metrics_listen)
     return Settings(
         run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
         demo=_first(args.demo, file.demo, defaults.demo),
@@ -317,8 +327,32 @@ def build_settings(args: argparse.Namespace) -> Settings:
                 limit_defaults.max_output_bytes,
             ),
         ),
+        metrics_listen=metrics_listen if metrics_listen is not None else _default_metrics(),
+        metrics_listen_default=metrics_listen is None,
         reload=(lambda: build_settings(args)) if args.config is not None else None,
     )
+
+
+def _default_metrics() -> tuple[tuple[str, int], ...]:
+    from .metricsmap import DEFAULT_METRICS_LISTEN, parse_listen
+
+    address = parse_listen(DEFAULT_METRICS_LISTEN)
+    return (address,) if address is not None else ()
+
+
+def _metrics_listen(
+    flags: list[tuple[tuple[str, int], ...]] | None,
+    file: tuple[tuple[str, int], ...] | None,
+) -> tuple[tuple[str, int], ...] | None:
+    """The metrics addresses: the flags (``none`` among them: ()), else the file's; None
+    when neither sets them (then the built-in default, whose port may be busy)."""
+    if flags is not None:
+        if any(not addresses for addresses in flags):
+            return ()
+        return tuple(address for addresses in flags for address in addresses)
+    if file is not None:
+        return file
+    return None
 
 
 @subcommand(
@@ -400,6 +434,86 @@ def _query(args: argparse.Namespace) -> int:
         reply = client.execute_raw(args.qmp_command, arguments)
     print(json.dumps(reply, indent=2))
     return 0 if "return" in reply else 1
+
+
+# --- top -----------------------------------------------------------------------------------
+
+
+def _top_arguments(top: argparse.ArgumentParser) -> None:
+    from .schema import HISTOGRAM_ORDERS
+
+    top.add_argument(
+        "--socket",
+        default=_default_socket(),
+        metavar="PATH",
+        help="the daemon's host socket (default %(default)s)",
+    )
+    top.add_argument(
+        "-1", "--once", "--batch", action="store_true", help="one interval, printed as a table"
+    )
+    top.add_argument("-l", "--log", action="store_true", help="one line per interval (like vmstat)")
+    top.add_argument(
+        "-c", "--csv", action="store_true", help="CSV, with --log, --log-to-file or --once"
+    )
+    top.add_argument(
+        "-L",
+        "--log-to-file",
+        metavar="FILE",
+        help="like --log, appended to FILE; SIGHUP reopens it (for logrotate)",
+    )
+    top.add_argument(
+        "-z",
+        "--skip-zero-records",
+        action="store_true",
+        help="leave out lines whose counters did not move (with --once: rows)",
+    )
+    top.add_argument(
+        "-f", "--fields", default="", metavar="REGEX", help="only stats matching REGEX"
+    )
+    top.add_argument("-g", "--guest", default=None, metavar="NAME", help="one guest, by name")
+    top.add_argument("-p", "--pid", type=int, default=None, help="one guest, by its VMM's pid")
+    top.add_argument(
+        "-s",
+        "--set-delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="update interval, 0.1 to 25.5 (default 1)",
+    )
+    top.add_argument(
+        "--histogram-order",
+        choices=HISTOGRAM_ORDERS,
+        default="kernel",
+        help="the daemon's histogram_order (default kernel)",
+    )
+
+
+@subcommand(
+    "top",
+    help="live KVM statistics of every VM, like kvm_stat",
+    arguments=_top_arguments,
+    description="kvm_stat for every VM the daemon serves, as a client of its host socket: "
+    "a full-screen live table (h lists the keys), or kvm_stat's scriptable modes "
+    "(--once, --log, --log-to-file).",
+)
+def _top(args: argparse.Namespace) -> int:
+    from .top import TopOptions, run
+
+    return run(
+        TopOptions(
+            socket=args.socket,
+            interval=args.set_delay,
+            once=args.once,
+            log=args.log,
+            csv=args.csv,
+            log_to_file=args.log_to_file,
+            skip_zero=args.skip_zero_records,
+            fields=args.fields,
+            guest=args.guest,
+            pid=args.pid,
+            histogram_order=args.histogram_order,
+        )
+    )
 
 
 # --- exec ----------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The daemon's TOML configuration file (``serve --config FILE``), read with stdlib ``tomllib``.
 
 Owns: the file's keys, their types and ranges, and the one error a bad file gives. Imports the
-stdlib plus ``errors``, ``schema`` (the histogram orders) and ``logconfig`` (the log level and
-format names); never ``app``, ``server`` or ``cli``, which build on it. Reading is pure apart
-from opening the file: nothing is resolved against the running system except by
-:func:`resolve_group`, which the caller invokes when it applies ``socket_group``.
+stdlib plus ``errors``, ``schema`` (the histogram orders), ``logconfig`` (the log level and
+format names) and ``metricsmap`` (the metrics listener address syntax); never ``app``,
+``server`` or ``cli``, which build on it. Reading is pure apart from opening the file:
+nothing is resolved against the running system except by :func:`resolve_group`, which the
+caller invokes when it applies ``socket_group``.
 
 Every key is optional; a key not in the file is ``None`` in :class:`FileConfig`, so the caller
 can layer defaults < file < command-line flags. The file::
@@ -18,6 +19,7 @@ can layer defaults < file < command-line flags. The file::
     log_format = "auto"                # auto | json | console
     demo = false
     demo_vcpus = 2                     # >= 1
+    metrics_listen = ["127.0.0.1:9632"] # HOST:PORT, [IPv6]:PORT; [] or ["none"]: no endpoint
 
     [limits]
     max_request_bytes = 1048576        # integers > 0
@@ -46,6 +48,7 @@ from typing import Any, Final
 from . import DEFAULT_RUN_DIR as PACKAGE_RUN_DIR
 from .errors import ConfigError
 from .logconfig import LOG_FORMATS, LOG_LEVELS, LogFormat
+from .metricsmap import parse_listen
 from .schema import HISTOGRAM_ORDERS, HistogramOrder
 
 __all__ = [
@@ -84,6 +87,7 @@ class FileConfig:
     log_format: LogFormat | None = None
     demo: bool | None = None
     demo_vcpus: int | None = None
+    metrics_listen: tuple[tuple[str, int], ...] | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
@@ -97,6 +101,7 @@ TOP_LEVEL_KEYS: Final = (
     "log_format",
     "demo",
     "demo_vcpus",
+    "metrics_listen",
     "limits",
 )
 LIMIT_KEYS: Final = (
@@ -216,6 +221,25 @@ def _socket_group(value: Any) -> str | int:
     raise _Invalid(f"expected a group name or a numeric gid, got {_show(value)}")
 
 
+def _metrics_listen(value: Any) -> tuple[tuple[str, int], ...]:
+    """A list of addresses (a flag gives one string); ``none`` anywhere: no endpoint."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise _Invalid(
+            f'expected a list of addresses such as ["127.0.0.1:9632"], got {_show(value)}'
+        )
+    addresses: list[tuple[str, int]] = []
+    for item in items:
+        try:
+            address = parse_listen(item)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+        if address is None:
+            return ()
+        addresses.append(address)
+    return tuple(addresses)
+
+
 # The one rule per key, shared by the file and the command-line flags (``check_flag``).
 _RULES: Final[dict[str, Callable[[Any], Any]]] = {
     "run_dir": _run_dir,
@@ -227,6 +251,7 @@ _RULES: Final[dict[str, Callable[[Any], Any]]] = {
     "log_format": _choice(LOG_FORMATS),
     "demo": _boolean,
     "demo_vcpus": _positive_int,
+    "metrics_listen": _metrics_listen,
     "limits.max_request_bytes": _positive_int,
     "limits.max_connections": _positive_int,
     "limits.negotiation_timeout": _positive_seconds,
@@ -235,7 +260,15 @@ _RULES: Final[dict[str, Callable[[Any], Any]]] = {
 
 # Keys whose flag text is always a string (a mode "660" is octal, a path or name is text).
 _TEXT_FLAGS: Final = frozenset(
-    {"run_dir", "socket_mode", "socket_group", "histogram_order", "log_level", "log_format"}
+    {
+        "run_dir",
+        "socket_mode",
+        "socket_group",
+        "histogram_order",
+        "log_level",
+        "log_format",
+        "metrics_listen",
+    }
 )
 
 

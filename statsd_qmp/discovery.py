@@ -28,7 +28,7 @@ import errno
 import os
 import select
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Set
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -177,6 +177,17 @@ def unique_name(wanted: str | None, pid: int, in_use: Set[str], run_dir: Path) -
     return name
 
 
+def failure_kind(problem: str) -> str:
+    """A VMM's read problem as a short, fixed label: what failed (no pids, no paths)."""
+    if problem.startswith("pidfd_getfd"):
+        return "pidfd_getfd_eperm" if "EPERM" in problem else "pidfd_getfd"
+    if problem.startswith("cannot list /proc/"):
+        return "list_fds"
+    if problem.startswith("/proc/"):
+        return "read_fd_links"
+    return "other"
+
+
 class Discovery:
     """Keeps the registry in step with the VMMs on the host."""
 
@@ -202,6 +213,8 @@ class Discovery:
         self._scan_done = trio.Event()
         self._unfinished = False  # the last scan left VMMs to adopt for the next round
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
+        # VMMs found but not readable, by kind of problem (for the metrics endpoint).
+        self.failures: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         # Every served VMM's pidfd, in one epoll set waited on by one task (a task per VMM
         # cost ~100 objects each, which every full garbage collection walked).
@@ -451,6 +464,7 @@ class Discovery:
         if self._reported.get(pid) == problem:
             return
         self._reported[pid] = problem
+        self.failures[failure_kind(problem)] += 1
         log.warning(
             "cannot read vm",
             pid=pid,
@@ -534,6 +548,7 @@ class Discovery:
                 stats_file = StatsFile.parse(ours, origin=origin)
             except StatsFileError as exc:
                 log.warning("borrowed fd is not usable", vm=vmm.name, error=str(exc))
+                self.failures["bad_stats_file"] += 1
                 os.close(vmm.fds.pop(target_fd))
                 return None
             vmm.files[ours] = stats_file

@@ -11,13 +11,15 @@ import the server or the CLI.
 from __future__ import annotations
 
 import bisect
+import os
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence, Set
 from pathlib import Path
 
 import structlog
 
-from .errors import StatsFileError
+from .errors import StatsFileError, StatsReadError
 from .schema import HistogramOrder
 from .sources.owned import OwnedVM
 from .statsfile import StatsFile
@@ -53,6 +55,8 @@ class Registry:
         self._on_added: list[Listener] = []
         self._on_removed: list[Listener] = []
         self._scanners: list[Scanner] = []
+        # Failed stats reads since start, by reason (the errno's text, or "format").
+        self.read_errors: Counter[str] = Counter()
 
     # --- CommandContext ------------------------------------------------------------------
 
@@ -65,6 +69,8 @@ class Registry:
 
     def read_failed(self, vm: VmStats, error: StatsFileError) -> None:
         log.warning("stats read failed", vm=vm.name, error=str(error))
+        code = error.errno if isinstance(error, StatsReadError) else None
+        self.read_errors[os.strerror(code) if code else "format"] += 1
         if vm.origin == "borrowed" and self._vms.get(vm.name) is vm:
             # A borrowed fd that fails to read means the VMM went away or replaced the fd:
             # drop the VM now; the next scan adds it back if it still exists.

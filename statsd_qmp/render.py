@@ -160,8 +160,16 @@ class Program:
 
         The view is into this program's own output buffer: valid until its next render.
         """
+        written = self._run(self.ffi.NULL, 0)  # first: it may replace the output buffer
+        return memoryview(self.ffi.buffer(self._out, written))
+
+    def _run(self, marks: Any, n_marks: int) -> int:
+        """Run the program into the output buffer (grown as needed); the bytes written.
+
+        ``marks``: where MARK ops store output positions (``statsd_qmp.metricsrender``).
+        """
         while True:
-            written = self._lib.statsfmt_render(
+            written: int = self._lib.statsfmt_render_marked(
                 self._words,
                 self._buffer_words,
                 self._literals,
@@ -170,9 +178,11 @@ class Program:
                 self._n_ops,
                 self._out,
                 self._out_cap,
+                marks,
+                n_marks,
             )
             if written >= 0:
-                return memoryview(self.ffi.buffer(self._out, written))
+                return written
             if written == -1:
                 raise RuntimeError("render program out of bounds (a bug)")
             self._out_cap = -written

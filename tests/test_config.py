@@ -329,5 +329,6 @@ def test_config_stays_below_app_server_and_cli() -> None:
         "statsd_qmp.config",
         "statsd_qmp.errors",
         "statsd_qmp.logconfig",
+        "statsd_qmp.metricsmap",
         "statsd_qmp.schema",
     ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -105,34 +108,91 @@ class MiniVmm:
                 await pipe.aclose()
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+KVM_STATS_NAME_SIZE = 48  # include/uapi/linux/kvm.h
+_CREATOR = re.compile(rb"kvm-(\d+)")
 
 
-def pidfds() -> int:
-    return sum(1 for link in fd_links() if link == "anon_inode:[pidfd]")
+class OwnFds:
+    """This process's fds, leaving out what the in-process daemon holds for VMMs the test did
+    not start: other programs' and other tests' VMs come and go on the same host, and the
+    daemon borrows their stats fds, holds their pidfds and binds their per-VM sockets.
 
+    ``watch(pid)`` makes a VMM the test's (call it again after a vCPU is added: a vCPU stats
+    id names the creating thread). A stats fd is the test's when its id (``kvm-PID`` or
+    ``kvm-TID/vcpu-N``) names one of those; a pidfd when its fdinfo ``Pid:`` does; a unix
+    socket bound under ``RUN_DIR/vm/`` when its name is one of ``names``.
+    """
 
-def fd_links() -> list[str]:
-    links = []
-    for name in os.listdir("/proc/self/fd"):
+    def __init__(self, run_dir: Path, *names: str) -> None:
+        self.vm_dir = str(run_dir / "vm")
+        self.names = set(names)
+        self.ids: set[int] = set()
+
+    def watch(self, pid: int) -> None:
+        self.ids.add(pid)
+        with contextlib.suppress(FileNotFoundError):
+            self.ids.update(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+
+    def _entries(self) -> list[tuple[int, str]]:
+        entries = []
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                entries.append((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        return entries
+
+    def _creator(self, fd: int) -> int | None:
         try:
-            links.append(os.readlink(f"/proc/self/fd/{name}"))
-        except OSError:
-            continue
-    return links
+            header = os.pread(fd, 24, 0)
+            id_offset = struct.unpack_from("=6I", header)[3]
+            found = _CREATOR.match(os.pread(fd, KVM_STATS_NAME_SIZE, id_offset))
+        except (OSError, struct.error):
+            return None
+        return int(found.group(1)) if found else None
 
+    def _pidfd_pid(self, fd: int) -> int | None:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+        return None
 
-def kvm_fds() -> list[str]:
-    links = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("anon_inode:kvm"):
-            links.append(link)
-    return links
+    def _socket_paths(self) -> dict[str, str]:
+        paths = {}
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7].startswith(self.vm_dir + "/"):
+                paths[f"socket:[{fields[6]}]"] = fields[7]
+        return paths
+
+    def _foreign(self, fd: int, link: str, sockets: dict[str, str]) -> bool:
+        if link.startswith("anon_inode:kvm-") and "-stats" in link:
+            return self._creator(fd) not in self.ids
+        if link == "anon_inode:[pidfd]":
+            return self._pidfd_pid(fd) not in self.ids
+        if link in sockets:
+            return Path(sockets[link]).stem not in self.names
+        return False
+
+    def count(self) -> int:
+        """Every fd of this process but those held for other VMMs."""
+        sockets = self._socket_paths()
+        return sum(1 for fd, link in self._entries() if not self._foreign(fd, link, sockets))
+
+    def pidfds(self) -> int:
+        return sum(
+            1
+            for fd, link in self._entries()
+            if link == "anon_inode:[pidfd]" and self._pidfd_pid(fd) in self.ids
+        )
+
+    def kvm(self) -> list[str]:
+        """The test's KVM fds; any kvm-vm or kvm-vcpu fd (never to be held) counts as well."""
+        return [
+            link
+            for fd, link in self._entries()
+            if link.startswith("anon_inode:kvm")
+            and ("-stats" not in link or self._creator(fd) in self.ids)
+        ]
 
 
 @asynccontextmanager
@@ -164,10 +224,11 @@ def by_pid(vms: Sequence[Any], pid: int) -> Any:
 @pytest.mark.kvm
 async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        baseline = fd_count()
+        fds = OwnFds(tmp_path, "web_one_x")
+        baseline = fds.count()
         client = await TrioQmp.connect(server.host_socket)
-        pidfds_before = pidfds()
         vmm = await MiniVmm.start("--vcpus", "3", "-name", "guest=web one,,x,debug-threads=on")
+        fds.watch(vmm.pid)
         try:
             with trio.fail_after(2):  # the periodic scan alone must find it within 2 s
                 while server.registry.find_vm("web_one_x") is None:
@@ -184,8 +245,8 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
             }
             # 4 borrowed stats fds + 1 pidfd (trio holds another one for its child process),
             # and no kvm-vm or kvm-vcpu fd ever.
-            assert pidfds() == pidfds_before + 2
-            assert sorted(kvm_fds()) == sorted(
+            assert fds.pidfds() == 2
+            assert sorted(fds.kvm()) == sorted(
                 ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(3)]
             )
             per_vm = await TrioQmp.connect(entry["socket"])
@@ -197,13 +258,13 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
         finally:
             await vmm.kill()
         with trio.fail_after(1):  # the pidfd watch closes everything at once
-            while server.registry.find_vm("web_one_x") is not None or kvm_fds():
+            while server.registry.find_vm("web_one_x") is not None or fds.kvm():
                 await trio.sleep(0.01)
         assert not (tmp_path / "vm" / "web_one_x.sock").exists()
-        assert pidfds() == pidfds_before
+        assert fds.pidfds() == 0
         await client.aclose()
         with trio.fail_after(1):  # the server side of the connection closes too
-            while fd_count() != baseline:
+            while fds.count() != baseline:
                 await trio.sleep(0.01)
 
 
@@ -248,7 +309,9 @@ async def test_hotplugged_vcpu_is_served_and_a_dropped_one_goes(tmp_path: Path) 
                     if [c["qom-path"] for c in cpus] == ["/kvm/vcpu[1]"]:
                         break
                     await trio.sleep(0.05)
-            assert len(kvm_fds()) == 2  # VM stats + vcpu 1: vcpu 0's copy was closed
+            fds = OwnFds(tmp_path, "hot")
+            fds.watch(vmm.pid)
+            assert len(fds.kvm()) == 2  # VM stats + vcpu 1: vcpu 0's copy was closed
             await per_vm.aclose()
         finally:
             await vmm.kill()
@@ -279,18 +342,21 @@ async def test_fifty_vmm_lifetimes_leave_no_fds(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
         client = await TrioQmp.connect(server.host_socket)
         await client.command("query-vms")
-        baseline = fd_count()
+        fds = OwnFds(tmp_path)
+        baseline = fds.count()
         for _ in range(50):
             vmm = await MiniVmm.start("--vcpus", "2")
+            fds.watch(vmm.pid)
+            fds.names.add(f"pid-{vmm.pid}")
             await wait_for_vms(client, lambda v, pid=vmm.pid: by_pid(v, pid) is not None)
             await vmm.kill()
             with trio.fail_after(1):
                 while any(vm.pid == vmm.pid for vm in server.registry.all_vms()):
                     await trio.sleep(0.01)
         with trio.fail_after(1):  # the last VM's fds are closed in a worker thread
-            while fd_count() != baseline:
+            while fds.count() != baseline:
                 await trio.sleep(0.01)
-        assert kvm_fds() == []
+        assert fds.kvm() == []
         await client.aclose()
 
 

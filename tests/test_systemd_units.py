@@ -31,6 +31,7 @@ from .conftest import need, program_problem
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE = SYSTEMD_DIR / "statsd-qmp.service"
 SOCKET = SYSTEMD_DIR / "statsd-qmp.socket"
+METRICS_SOCKET = SYSTEMD_DIR / "statsd-qmp-metrics.socket"
 SYSUSERS = SYSTEMD_DIR / "statsd-qmp.sysusers"
 README = SYSTEMD_DIR / "README.md"
 EXAMPLE_CONFIG = SYSTEMD_DIR / "statsd-qmp.toml"
@@ -83,11 +84,11 @@ def verify(units: list[Path], unit_dir: Path | None) -> str:
 
 
 def test_verify_is_clean(tmp_path: Path) -> None:
-    assert verify([SERVICE, SOCKET], stub_unit_dir(tmp_path)) == ""
+    assert verify([SERVICE, SOCKET, METRICS_SOCKET], stub_unit_dir(tmp_path)) == ""
 
 
 def test_verify_without_the_stub_misses_only_the_binary() -> None:
-    output = verify([SERVICE, SOCKET], None)
+    output = verify([SERVICE, SOCKET, METRICS_SOCKET], None)
     if os.access(INSTALLED_BINARY, os.X_OK):
         assert output == ""  # installed as the README says: the units verify as they are
     else:
@@ -204,5 +205,85 @@ def test_readme_explains_every_service_directive() -> None:
     readme = README.read_text()
     keys = {key.split(".", 1)[1] for key in directives(SERVICE) if key.startswith("Service.")}
     keys |= {key.split(".", 1)[1] for key in directives(SOCKET) if key.startswith("Socket.")}
+    keys |= {
+        key.split(".", 1)[1] for key in directives(METRICS_SOCKET) if key.startswith("Socket.")
+    }
     missing = sorted(key for key in keys if f"`{key}=" not in readme)
     assert not missing, f"systemd/README.md does not explain: {missing}"
+
+
+# --- statsd-qmp-top.service: kvm_stat.service's counterpart -----------------------------------
+
+TOP_SERVICE = SYSTEMD_DIR / "statsd-qmp-top.service"
+TOP_LOGROTATE = SYSTEMD_DIR / "statsd-qmp-top.logrotate"
+
+
+def top_arguments() -> list[str]:
+    """The arguments ExecStart= gives ``statsd-qmp`` (after the installed binary)."""
+    command = one(directives(TOP_SERVICE), "Service.ExecStart").split()
+    assert command[0] == INSTALLED_BINARY
+    return command[1:]
+
+
+def test_top_unit_verifies_and_is_safe(tmp_path: Path) -> None:
+    unit_dir = stub_unit_dir(tmp_path)
+    dropin = unit_dir / "statsd-qmp-top.service.d" / "ci.conf"
+    dropin.parent.mkdir()
+    stub = tmp_path / "bin" / "statsd-qmp"
+    dropin.write_text(f"[Service]\nExecStart=\nExecStart={stub} {' '.join(top_arguments())}\n")
+    assert verify([TOP_SERVICE, SERVICE, SOCKET], unit_dir) == ""
+    result = run(
+        [tool("systemd-analyze"), "security", "--offline=yes", "--no-pager", str(TOP_SERVICE)]
+    )
+    assert result.returncode == 0, result.stderr
+    found = re.search(
+        r"Overall exposure level for statsd-qmp-top\.service: (\d+\.\d)", result.stdout
+    )
+    assert found, result.stdout
+    assert float(found.group(1)) <= WORST_ACCEPTED
+
+
+def test_top_unit_logs_where_logrotate_rotates() -> None:
+    from statsd_qmp.cli import build_parser
+
+    service = directives(TOP_SERVICE)
+    args = build_parser().parse_args(top_arguments())  # the real command line accepts it
+    assert args.command == "top"
+    assert (args.csv, args.skip_zero_records, args.set_delay) == (True, True, 10.0)
+    log = Path(args.log_to_file)
+    assert log.parent == Path("/var/log") / one(service, "Service.LogsDirectory")
+    assert one(service, "Service.ExecReload") == "/bin/kill -HUP $MAINPID"  # reopens the file
+    assert one(service, "Service.User") == directives(SERVICE)["Service.User"][0]
+    assert one(service, "Service.CapabilityBoundingSet") == ""
+    rotate = TOP_LOGROTATE.read_text()
+    assert rotate.splitlines()[1] == f"{log} {{"
+    assert "systemctl reload statsd-qmp-top.service" in rotate
+
+
+def test_readme_explains_every_top_directive() -> None:
+    readme = README.read_text()
+    keys = {key.split(".", 1)[1] for key in directives(TOP_SERVICE) if "." in key}
+    missing = sorted(key for key in keys if f"`{key}=" not in readme)
+    assert not missing, f"systemd/README.md does not explain: {missing}"
+
+
+def test_the_metrics_socket_is_named_loopback_and_filtered() -> None:
+    from statsd_qmp.app import METRICS_FD_NAME
+    from statsd_qmp.metricsmap import DEFAULT_METRICS_LISTEN
+
+    sock, service = directives(METRICS_SOCKET), directives(SERVICE)
+    assert one(sock, "Socket.ListenStream") == DEFAULT_METRICS_LISTEN
+    assert one(sock, "Socket.FileDescriptorName") == METRICS_FD_NAME
+    assert one(sock, "Socket.Service") == SERVICE.name
+    assert one(sock, "Socket.Accept") == "no"
+    # Loopback only, unless a drop-in names more peers (systemd/README.md says how).
+    assert one(sock, "Socket.IPAddressDeny") == "any"
+    assert one(sock, "Socket.IPAddressAllow") == "localhost"
+    # The service creates no IP socket itself: the passed one is all it has.
+    assert one(service, "Service.RestrictAddressFamilies") == "AF_UNIX"
+    assert one(service, "Service.IPAddressDeny") == "any"
+    assert one(service, "Service.PrivateNetwork") == "yes"
+    assert METRICS_SOCKET.name in one(service, "Unit.Wants").split()
+    assert METRICS_SOCKET.name in one(service, "Install.Also").split()
+    # Under the units the daemon binds nothing of its own: the example asks for no address.
+    assert load_config(EXAMPLE_CONFIG).metrics_listen == ()
