@@ -10,7 +10,6 @@ import the server or the CLI.
 
 from __future__ import annotations
 
-import bisect
 import os
 import re
 from collections import Counter
@@ -48,9 +47,9 @@ class Registry:
         self.histogram_order: HistogramOrder = histogram_order
         self.package = package
         self._vms: dict[str, VmStats] = {}
-        # The names, kept sorted as VMs come and go: all_vms() is asked for by every
-        # query-vms and host-wide query; sorting 10,000 names each time held the loop.
-        self._names: list[str] = []
+        # The names sorted, made again only after VMs came or went: all_vms() is asked for by
+        # every query-vms and host-wide query; sorting 10,000 names each time held the loop.
+        self._sorted_names: list[str] = []
         self._closers: dict[str, Closer] = {}
         self._on_added: list[Listener] = []
         self._on_removed: list[Listener] = []
@@ -62,7 +61,9 @@ class Registry:
 
     def all_vms(self) -> Sequence[VmStats]:
         vms = self._vms
-        return [vms[name] for name in self._names]
+        if len(self._sorted_names) != len(vms):
+            self._sorted_names = sorted(vms)
+        return [vms[name] for name in self._sorted_names]
 
     def find_vm(self, name: str) -> VmStats | None:
         return self._vms.get(name)
@@ -110,7 +111,7 @@ class Registry:
             raise ValueError(f"VM name {vm.name!r} is already served")
         vm.socket_path = str(self.socket_path(vm.name))
         self._vms[vm.name] = vm
-        bisect.insort(self._names, vm.name)
+        self._sorted_names = []
         if closer is not None:
             self._closers[vm.name] = closer
         log.info(
@@ -142,7 +143,7 @@ class Registry:
         vm = self._vms.pop(name, None)
         if vm is None:
             return None
-        del self._names[bisect.bisect_left(self._names, name)]
+        self._sorted_names = []
         for listener in self._on_removed:
             listener(vm)
         closer = self._closers.pop(name, None)
