@@ -1,6 +1,6 @@
 """Build steps setuptools cannot express in pyproject.toml.
 
-- the cffi extension ``statsd_qmp._statsread`` (``cffi_modules``);
+- the cffi extensions ``statsd_qmp._statsread`` and ``statsd_qmp._adopt`` (``cffi_modules``);
 - ``statsd_qmp/libkvmstatshold.so``, the LD_PRELOAD library that makes a VMM hold its KVM
   stats fds (see ``cffi_build/kvmstatshold.c`` and ``statsd_qmp.holdlib``). It is a plain
   shared library, not a Python extension: no Python headers, no libpython. ``HoldLibBuildExt``
@@ -41,18 +41,11 @@ class HoldLibBuildExt(build_ext):
         return os.path.join(build_py.get_package_dir(HOLD_PACKAGE), HOLD_LIBRARY)
 
     def _hold_compiler(self) -> Any:
-        # build_ext.run() leaves its configured compiler object in self.compiler once it has
-        # built an extension (the cffi one is always there); otherwise make one the same way.
-        if hasattr(self.compiler, "link_shared_object"):
-            return self.compiler
-        from distutils.ccompiler import new_compiler
-        from distutils.sysconfig import customize_compiler
-
-        compiler = new_compiler(
-            compiler=self.compiler, verbose=self.verbose, dry_run=self.dry_run, force=self.force
-        )
-        customize_compiler(compiler)
-        return compiler
+        # build_ext.run() sets self.compiler to its configured compiler object whenever there
+        # is an extension to build, and the cffi one is always there.
+        if not hasattr(self.compiler, "link_shared_object"):
+            raise RuntimeError("build_ext configured no C compiler (no extension to build?)")
+        return self.compiler
 
     def _build_hold_library(self) -> None:
         compiler = self._hold_compiler()
@@ -88,5 +81,8 @@ class HoldLibBuildExt(build_ext):
 
 setup(
     cmdclass={"build_ext": HoldLibBuildExt},
-    cffi_modules=["cffi_build/build_statsread.py:ffibuilder"],
+    cffi_modules=[
+        "cffi_build/build_statsread.py:ffibuilder",
+        "cffi_build/build_adopt.py:ffibuilder",
+    ],
 )

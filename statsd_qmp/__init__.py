@@ -9,29 +9,30 @@ module needs its entry here. ::
 
     10 cli
         argparse -> settings -> the daemon, or a client subcommand
-        imports: app, client, config, errors, holdlib, install_check, logconfig, metricsmap,
-                 registry, schema, server, sources.owned, top, tuning
+        imports: adoption, app, client, config, errors, holdlib, install_check, logconfig,
+                 metricsmap, registry, schema, server, sources.owned, top, tuning
     9 app
         composition root: start-up order, signals, reload, watchdog, shutdown
-        imports: commands, config, discovery, errors, exporter, fdbudget, logconfig, loopstats,
-                 metrics_http, registry, schema, sd_daemon, server, socketfiles, sources.kvm_abi,
-                 sources.owned, tuning
+        imports: access, adoption, commands, config, discovery, errors, exporter, fdbudget,
+                 logconfig, loopstats, metrics_http, registry, schema, sd_daemon, server,
+                 socketfiles, sources.kvm_abi, sources.owned, tuning
     8 metrics_http
         the HTTP/1.1 metrics endpoint on trio and h11: formats, gzip, limits
-        imports: errors, exporter, metricsmap, steps
+        imports: errors, exporter, loopstats, metricsmap, steps
     7 exporter
         a scrape of every VM in steps; the self-metrics
         imports: _native, loopstats, metricsmap, metricsrender, registry, steps, vm
     7 server
         trio listeners (host socket, one per VM), one Connection per client, limits
-        imports: commands, errors, loopstats, outbox, protocol, registry, socketfiles, steps, vm
+        imports: access, commands, errors, loopstats, outbox, peers, protocol, registry,
+                 socketfiles, steps, vm
     6 commands (pure)
         QMP command table, QEMU's argument rules and texts, stats filters
-        imports: errors, hash_order, hmp, introspection, qjson.writer, render, schema, steps,
-                 vm
+        imports: access, errors, hash_order, hmp, introspection, qjson.writer, render, schema,
+                 steps, vm
     6 discovery
-        host VMMs -> registry changes: scans, borrowing, exit watches, names
-        imports: errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm
+        host VMMs -> registry changes: scans, borrowing, exit watches, names, when to adopt
+        imports: adoption, errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm
     6 metricsrender
         one VM's samples: one bulk pread, one C render with marks
         imports: _native, engine, errors, metricsmap, render, vm
@@ -65,6 +66,9 @@ module needs its entry here. ::
     2 config
         the TOML configuration file: keys, types, ranges, one error per bad file
         imports: errors, logconfig, metricsmap, schema
+    2 adoption
+        ptrace injection of KVM_GET_STATS_FD into a running VMM (policy; C mechanics in _adopt)
+        imports: errors, sources.borrowed, steps
     2 holdlib
         the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
         imports: errors, install_check
@@ -74,6 +78,9 @@ module needs its entry here. ::
     2 sources.guest
         the owned VMs' guest: machine code, memory layout, initial registers
         imports: sources.kvm_abi
+    2 holdlib
+        the stats-fd hold library's path, its LD_PRELOAD, exec of a VMM
+        imports: errors, install_check
     2 statsfile
         one stats fd: header, id and descriptors parsed once; data located
         imports: _native, errors, schema
@@ -95,6 +102,9 @@ module needs its entry here. ::
     1 metricsmap (pure)
         KVM descriptors -> Prometheus/OpenMetrics families, names, units, bucket bounds
         imports: schema
+    1 peers
+        a unix-socket client's credentials: SO_PEERCRED, SO_PEERGROUPS
+        imports: access
     1 qjson.parser (pure)
         JSON tokens -> values, QEMU's parse errors
         imports: qjson.lexer, qjson.unicode
@@ -112,6 +122,9 @@ module needs its entry here. ::
         imports: errors
     1 topmodel (pure)
         top's samples, totals, rates and their formatting by unit
+        imports: -
+    0 access (pure)
+        who may see which VM: root, the admin group, the VMM's owner
         imports: -
     0 errors (pure)
         the exception tree; each error's QMP class

@@ -53,6 +53,13 @@ def native() -> tuple[Any, Any]:
     return _loaded
 
 
+def statsfmt_ops(*names: str) -> tuple[int, ...]:
+    """The values of ``STATSFMT_<name>`` for ``names``, as the compiled header defines them
+    (cffi exports its #defines): the renderers never restate an op code."""
+    _, lib = native()
+    return tuple(int(getattr(lib, f"STATSFMT_{name}")) for name in names)
+
+
 def abi_version() -> int:
     """The ABI version compiled into the C helper (a smoke test of the build)."""
     _, lib = native()

@@ -10,11 +10,12 @@ the CLI. May import everything below it; nothing imports it but the CLI and test
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import structlog
 import trio
 
 from . import __version__, logconfig, sd_daemon
+from .access import AccessPolicy
 from .commands import Commands
 from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
@@ -46,11 +48,15 @@ class Settings:
     histogram_order: HistogramOrder = "kernel"
     socket_mode: int = 0o660
     socket_gid: int | None = None
+    admin_gid: int | None = None  # members see every VM (root always does); see access
     scan_interval: float = 1.0
     discover: bool = True
     measure_loop: bool = False
     log_level: str = "info"
     log_format: LogFormat = "auto"
+    adopt: str = "off"  # "ptrace": adopt running VMMs without stats fds (see adoption)
+    adopt_only: tuple[str, ...] = ("*",)  # glob patterns: QEMU -name or pid-PID
+    adopt_any_client: bool = False  # adopt-vm from any host-socket client, not only the operator
     limits: Limits = field(default_factory=Limits)
     # Metrics endpoint addresses (host, port); empty: none. ``metrics_listen_default``: the
     # addresses are the built-in default, so a busy port is logged instead of fatal.
@@ -158,11 +164,16 @@ class Daemon:
         logconfig.configure(new.log_level, new.log_format)
         self.registry.histogram_order = new.histogram_order
         self.server.limits = new.limits
+        if new.admin_gid != old.admin_gid:
+            self.server.policy = AccessPolicy(admin_gid=new.admin_gid)
         if (new.socket_mode, new.socket_gid) != (old.socket_mode, old.socket_gid):
             self.server.apply_socket_settings(new.socket_mode, new.socket_gid)
         if self.discovery is not None:
             self.discovery.scan_interval = new.scan_interval
             self.discovery.fd_budget.max_connections = new.limits.max_connections
+            self.discovery.adopt_mode = new.adopt
+            self.discovery.adopt_only = new.adopt_only
+        self.server.commands.adopt_any_client = new.adopt_any_client
         self.settings = replace(
             new,
             run_dir=old.run_dir,
@@ -213,13 +224,19 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 # Created on the main thread so its id string is kvm-PID, as for any VMM.
                 owned = OwnedVM.create(settings.demo_vcpus)
                 registry.add_owned(owned, DEMO_NAME)
+            commands = Commands(
+                registry,
+                operator_uids=frozenset({0, os.geteuid()}),
+                adopt_any_client=settings.adopt_any_client,
+            )
             server = Server(
                 registry,
-                Commands(registry),
+                commands,
                 limits=settings.limits,
                 socket_mode=settings.socket_mode,
                 socket_gid=settings.socket_gid,
                 activated=activated,
+                policy=AccessPolicy(admin_gid=settings.admin_gid),
             )
             daemon = Daemon(settings, registry, server)
             metrics_server = None
@@ -245,16 +262,22 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
             if instrument is not None:
                 daemon.on_stop.append(instrument.stop)
             async with trio.open_nursery() as nursery:
-                await nursery.start(server.run)
+                # The metrics listeners first: their start awaits, and a QMP client already
+                # served (a socket-activated host socket queues them) would see the daemon
+                # answer before it is ready.
                 if metrics_server is not None:
                     await nursery.start(metrics_server.run)
+                await nursery.start(server.run)
                 if settings.discover:
                     daemon.discovery = Discovery(
                         registry,
                         scan_interval=settings.scan_interval,
                         fd_budget=FdBudget(settings.limits.max_connections),
                         after_adoption=settings.after_adoption,
+                        adopt=settings.adopt,
+                        adopt_only=settings.adopt_only,
                     )
+                    commands.adopter = adopter(daemon.discovery)
                     await nursery.start(daemon.discovery.run)
                 nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)
                 interval = sd_daemon.watchdog_interval()
@@ -279,6 +302,26 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 # Asked for explicitly: shown whatever the log level.
                 log.warning("loop stats", **instrument.summary())
             log.info("stopped")
+
+
+def adopter(
+    discovery: Discovery,
+) -> Callable[[int | None, str | None, int | None], Awaitable[Any]]:
+    """``adopt-vm``'s work: find the process (a pid, or a QEMU -name), adopt it, report.
+    With ``owner_uid`` (a client that is not an admin) only that user's processes count."""
+
+    async def adopt(pid: int | None, name: str | None, owner_uid: int | None) -> Any:
+        from .adoption import resolve
+
+        if pid is None:
+            assert name is not None
+            pid = await trio.to_thread.run_sync(
+                functools.partial(resolve, name, owner_uid=owner_uid)
+            )
+        report = await discovery.adopt(pid, owner_uid)
+        return report.as_dict()
+
+    return adopt
 
 
 def check_kernel() -> None:

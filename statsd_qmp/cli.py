@@ -1,4 +1,4 @@
-"""Command line: ``statsd-qmp serve | query | top | exec | demo-stats | check-install``.
+"""Command line: ``statsd-qmp serve | query | top | exec | adopt | demo-stats | check-install``.
 
 Owns: the argparse tree, one registration per subcommand (:func:`subcommand`), turning flags
 into :class:`app.Settings`, and the human-facing output of the client subcommands.
@@ -209,6 +209,14 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         help="group of the sockets (name or gid; default: the daemon's)",
     )
     run.add_argument(
+        "--admin-group",
+        type=config_flag("admin_group"),
+        default=None,
+        metavar="GROUP",
+        help="members see every VM (name or gid); other users see the VMs they run "
+        "(default: only root sees every VM)",
+    )
+    run.add_argument(
         "--scan-interval",
         type=config_flag("scan_interval"),
         default=None,
@@ -264,6 +272,14 @@ def _serve_arguments(run: argparse.ArgumentParser) -> None:
         help="time a client has to send qmp_capabilities, > 0 (default 30)",
     )
     run.add_argument(
+        "--adopt",
+        type=config_flag("adopt"),
+        default=None,
+        metavar="{off,ptrace}",
+        help="ptrace: adopt each running VMM that holds no stats fds, once (see 'statsd-qmp "
+        "adopt'); the config keys adopt_only and adopt_any_client refine it (default off)",
+    )
+    run.add_argument(
         "--log-level",
         type=config_flag("log_level"),
         default=None,
@@ -294,6 +310,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     defaults = Settings()
     limit_defaults = Limits()
     group = _first(args.socket_group, file.socket_group, "")
+    admin_group = _first(args.admin_group, file.admin_group, "")
     metrics_listen = _metrics_listen(args.metrics_listen, file.metrics_listen)
     return Settings(
         run_dir=_first(args.run_dir, file.run_dir, defaults.run_dir),
@@ -302,11 +319,19 @@ def build_settings(args: argparse.Namespace) -> Settings:
         histogram_order=_first(args.histogram_order, file.histogram_order, "kernel"),
         socket_mode=_first(args.socket_mode, file.socket_mode, defaults.socket_mode),
         socket_gid=resolve_group(group, path=args.config) if group != "" else None,
+        admin_gid=(
+            resolve_group(admin_group, path=args.config, key="admin_group")
+            if admin_group != ""
+            else None
+        ),
         scan_interval=_first(args.scan_interval, file.scan_interval, defaults.scan_interval),
         discover=not args.no_discovery,
         measure_loop=args.measure_loop,
         log_level=_first(args.log_level, file.log_level, defaults.log_level),
         log_format=_first(args.log_format, file.log_format, defaults.log_format),
+        adopt=_first(args.adopt, file.adopt, defaults.adopt),
+        adopt_only=_first(file.adopt_only, defaults.adopt_only),
+        adopt_any_client=_first(file.adopt_any_client, defaults.adopt_any_client),
         limits=Limits(
             max_request_bytes=_first(
                 args.max_request_bytes,
@@ -556,6 +581,58 @@ def _exec_vmm(vmm: list[str]) -> int:
     except StatsdQmpError as exc:
         print(f"statsd-qmp: {exc}", file=sys.stderr)
         return 1
+
+
+# --- adopt ---------------------------------------------------------------------------------
+
+
+def _adopt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "target",
+        metavar="PID|NAME",
+        help="the VMM's pid, or its QEMU -name (guest=) or process name when one VMM has it",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the whole report as JSON (every thread)"
+    )
+
+
+@subcommand(
+    "adopt",
+    help="make a running VMM open its KVM stats fds (ptrace), so any daemon serves it",
+    arguments=_adopt_arguments,
+    description="Stop the VMM's threads one at a time with ptrace and make each vCPU thread "
+    "(and one other thread, for the VM) call KVM_GET_STATS_FD; every register is put back "
+    "and each thread runs on. The new stats fds stay in the VMM, which a running daemon "
+    "then serves like one started under 'statsd-qmp exec'. Needs CAP_SYS_PTRACE for "
+    "another user's VMM. Exit status 0 when adopted (or nothing was missing), 1 if refused.",
+)
+def _adopt(args: argparse.Namespace) -> int:
+    import json
+
+    from . import logconfig
+    from .adoption import adopt, resolve
+
+    logconfig.configure("warning", "auto", sys.stderr)
+    report = adopt(resolve(args.target))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    who = f"pid {report.pid}" + (f" ({report.name})" if report.name else "")
+    if report.had_everything:
+        print(f"{who} holds its KVM stats fds already: nothing to do")
+        return 0
+    vcpus = sorted(report.vcpu_stats_fds)
+    longest = max((t.stopped_us for t in report.threads), default=0.0)
+    print(
+        f"adopted {who}: VM stats {'yes' if report.vm_stats_fd is not None else 'no'}, "
+        f"{len(vcpus)} vCPU stats fds; {len(report.threads)} threads stopped "
+        f"({'all at once' if report.all_stopped else 'one at a time'}), longest "
+        f"{longest:.0f} us; {report.duration_ms:.1f} ms in all"
+    )
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    return 0
 
 
 # --- check-install -------------------------------------------------------------------------

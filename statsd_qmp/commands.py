@@ -13,20 +13,26 @@ Two kinds of socket use this table:
 
 * a per-VM socket (``Scope(host=False, vm=...)``) answers like that VM's QEMU monitor; its
   vCPUs are ``/kvm/vcpu[N]`` with N the KVM vCPU id;
-* the host socket (``Scope(host=True)``) serves every VM: ``query-vms``, and an optional
+* the host socket (``Scope(host=True)``) serves every VM: ``query-vms``, ``adopt-vm``
+  (only for the daemon's operator unless ``adopt_any_client``), and an optional
   ``vm`` argument on ``query-stats``, ``query-stats-schemas``, ``query-cpus-fast`` and
   ``human-monitor-command``. With ``vm`` the answer equals that VM's own socket; without it
   ``query-stats`` covers every VM and names each result ``/vm/NAME`` or ``/vm/NAME/vcpu[N]``.
+
+Every request carries the client's :class:`access.Viewer`: "every VM" above means every VM
+that client may see. A VM it may not see answers exactly as a VM that does not exist (same
+error, same rescan first), and a per-VM socket refuses a client that may not see its VM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from . import QEMU_VERSION, hmp, introspection, render
-from .errors import CommandNotFoundError, QmpError, StatsFileError
+from .access import NOT_YOURS, Viewer
+from .errors import CommandNotFoundError, QmpError, StatsdQmpError, StatsFileError
 from .hash_order import first_unexpected_member
 from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder
@@ -69,6 +75,19 @@ class RawSteps:
     steps: Steps[tuple[bytes | memoryview, ...]]
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A return value still to be produced by awaiting ``run()`` (work done off this module,
+    such as adopting a VMM in a thread of its own); the server awaits it."""
+
+    run: Callable[[], Awaitable[Any]]
+
+
+# adopt-vm's work, given by the composition root: (pid, or None and a QEMU -name) -> report.
+# (pid, QEMU -name, owner uid the process must have: None for an admin) -> the report.
+Adopter = Callable[[int | None, str | None, int | None], Awaitable[Any]]
+
+
 class CommandContext(Protocol):
     """What the commands need from the daemon (implemented by the registry/server)."""
 
@@ -88,10 +107,21 @@ class CommandContext(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Which socket a request came in on."""
+    """Which socket a request came in on, and which VMs its client may see."""
 
     host: bool
+    viewer: Viewer
     vm: VmStats | None = None
+    peer_uid: int | None = None  # SO_PEERCRED of the client, when known
+
+    def may_see(self, vm: VmStats) -> bool:
+        return self.viewer.may_see(vm.owner_uid)
+
+    def refusal(self) -> str | None:
+        """Why this client may not use this socket at all (a per-VM socket not its own)."""
+        if self.vm is not None and not self.may_see(self.vm):
+            return NOT_YOURS
+        return None
 
 
 # --- QAPI-style argument checks -------------------------------------------------------------
@@ -237,11 +267,22 @@ def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
 class Commands:
     """The command table bound to one daemon context."""
 
-    def __init__(self, context: CommandContext) -> None:
+    def __init__(
+        self,
+        context: CommandContext,
+        *,
+        adopter: Adopter | None = None,
+        operator_uids: frozenset[int] = frozenset({0}),
+        adopt_any_client: bool = False,
+    ) -> None:
         self.context = context
-        # Registration order; query-commands lists them reversed, as QEMU does.
-        self._table: dict[str, Callable[[Scope, Args], Any]] = {
-            "qmp_capabilities": self._qmp_capabilities,
+        self.adopter = adopter
+        self.operator_uids = operator_uids
+        self.adopt_any_client = adopt_any_client
+        # Registration order; query-commands lists them reversed, as QEMU does. None: the
+        # protocol core answers it (negotiation); a Request never names it.
+        self._table: dict[str, Callable[[Scope, Args], Any] | None] = {
+            "qmp_capabilities": None,
             "query-version": self._query_version,
             "query-commands": self._query_commands,
             "query-qmp-schema": self._query_qmp_schema,
@@ -250,8 +291,9 @@ class Commands:
             "query-stats-schemas": self._query_stats_schemas,
             "human-monitor-command": self._human_monitor_command,
             "query-vms": self._query_vms,
+            "adopt-vm": self._adopt_vm,
         }
-        self._host_only = frozenset({"query-vms"})
+        self._host_only = frozenset({"query-vms", "adopt-vm"})
 
     def names(self, scope: Scope) -> list[str]:
         return [n for n in self._table if scope.host or n not in self._host_only]
@@ -266,7 +308,16 @@ class Commands:
         if command == "query-vms":
             return True
         name = arguments.get("vm")
-        return isinstance(name, str) and self.context.find_vm(name) is None
+        # A VM hidden from this client is looked for exactly like an unknown one.
+        return isinstance(name, str) and self._find_visible(scope, name) is None
+
+    def visible_vms(self, scope: Scope) -> list[VmStats]:
+        """The served VMs this client may see, sorted by name."""
+        return [vm for vm in self.context.all_vms() if scope.may_see(vm)]
+
+    def _find_visible(self, scope: Scope, name: str) -> VmStats | None:
+        vm = self.context.find_vm(name)
+        return vm if vm is not None and scope.may_see(vm) else None
 
     def execute(self, scope: Scope, command: str, arguments: Args, *, oob: bool) -> Any:
         """Run a command; raises :class:`QmpError` with QEMU's class and text on failure."""
@@ -276,13 +327,14 @@ class Commands:
         if oob:
             # No command served here is marked allow-oob (QEMU allows only a few).
             raise QmpError(f"The command {command} does not support OOB")
+        refusal = scope.refusal()
+        if refusal is not None:
+            # The server refuses such a client at connect; this holds when the policy changed
+            # since (a reload that took the client out of the admin group).
+            raise QmpError(refusal)
         return handler(scope, arguments)
 
     # --- generic commands ----------------------------------------------------------------
-
-    def _qmp_capabilities(self, scope: Scope, args: Args) -> Any:
-        # Negotiation itself is the protocol core's; reaching here means it is complete.
-        raise CommandNotFoundError("Capabilities negotiation is already complete, command ignored")
 
     def _query_version(self, scope: Scope, args: Args) -> Any:
         _no_arguments(args)
@@ -301,14 +353,15 @@ class Commands:
         whether results use host-socket paths."""
         if not scope.host:
             return scope.vm, False
-        return self._named_vm(_string(args, "vm", required=False))
+        return self._named_vm(scope, _string(args, "vm", required=False))
 
-    def _named_vm(self, name: str | None) -> tuple[VmStats | None, bool]:
+    def _named_vm(self, scope: Scope, name: str | None) -> tuple[VmStats | None, bool]:
         """Host socket: the VM ``name`` asks for (answered as its own socket would), or every
-        VM with host-socket paths when no name is given."""
+        VM with host-socket paths when no name is given. A VM the client may not see is
+        not found, in the very words of an unknown one."""
         if name is None:
             return None, True
-        vm = self.context.find_vm(name)
+        vm = self._find_visible(scope, name)
         if vm is None:
             raise QmpError(f"VM '{name}' not found (query-vms lists the VMs served)")
         return vm, False
@@ -316,7 +369,7 @@ class Commands:
     def _vms_for(self, scope: Scope, vm: VmStats | None) -> Sequence[VmStats]:
         if vm is not None:
             return [vm]
-        return self.context.all_vms() if scope.host else []
+        return self.visible_vms(scope) if scope.host else []
 
     def _query_cpus_fast(self, scope: Scope, arguments: Args) -> Any:
         args = dict(arguments)
@@ -335,7 +388,7 @@ class Commands:
 
     def _query_vms(self, scope: Scope, args: Args) -> Any:
         _no_arguments(args)
-        return RawSteps(self._vm_list(self.context.all_vms()))
+        return RawSteps(self._vm_list(self.visible_vms(scope)))
 
     def _vm_list(self, vms: Sequence[VmStats]) -> Steps[tuple[bytes | memoryview, ...]]:
         """``query-vms``' text, one VM per step: 10,000 VMs took ~100 ms in one piece.
@@ -364,13 +417,44 @@ class Commands:
         parts.append(b"]")
         return tuple(parts)
 
+    def _adopt_vm(self, scope: Scope, arguments: Args) -> Any:
+        """Make a running VMM open its stats fds (ptrace injection; see ``adoption``)."""
+        args = dict(arguments)
+        pid = _integer(args, "pid")
+        name = _string(args, "name", required=False)
+        _check_leftovers(arguments, args)
+        if (pid is None) == (name is None):
+            raise QmpError("Exactly one of 'pid' and 'name' is required")
+        if not self.adopt_any_client and scope.peer_uid not in self.operator_uids:
+            uids = " or ".join(str(uid) for uid in sorted(self.operator_uids))
+            raise QmpError(
+                f"adopt-vm is allowed only to the daemon's operator (uid {uids}); the "
+                "configuration key adopt_any_client = true allows every client"
+            )
+        adopter = self.adopter
+        if adopter is None:
+            raise QmpError("adopt-vm needs discovery of the host's VMs, which is off")
+        # Like seeing, adopting: a client that is not an admin may adopt only its own VMMs.
+        viewer = scope.viewer
+        owner_uid = None if viewer.sees_all else viewer.uid
+        if not viewer.sees_all and owner_uid is None:
+            raise QmpError("adopt-vm: the client's credentials are unknown")
+
+        async def run() -> Any:
+            try:
+                return await adopter(pid, name, owner_uid)
+            except StatsdQmpError as exc:  # AdoptionError: refused or failed
+                raise QmpError(str(exc)) from exc
+
+        return Pending(run)
+
     # --- stats ---------------------------------------------------------------------------
 
     def _query_stats(self, scope: Scope, args: Args) -> Any:
         stats_filter = parse_stats_filter(args, host=scope.host)
         vm: VmStats | None
         if scope.host:
-            vm, host_paths = self._named_vm(stats_filter.vm)
+            vm, host_paths = self._named_vm(scope, stats_filter.vm)
         else:
             vm, host_paths = scope.vm, False
         vms = self._vms_for(scope, vm)
@@ -416,9 +500,10 @@ class Commands:
         the renderers' buffers, valid until the next render.
         """
         target = stats_filter.target
-        rendered: dict[int, memoryview] = {}
-        read: set[int] = set()
-        failed: set[int] = set()
+        # VmStats and Program hash by identity: a view replaced meanwhile is another key.
+        rendered: dict[render.Program, memoryview] = {}
+        read: set[VmStats] = set()
+        failed: set[VmStats] = set()
         parts: list[bytes | memoryview] = [b"["]
         for request in requests_in_qemu_order(stats_filter):
             shape = render.Shape(
@@ -429,14 +514,14 @@ class Commands:
                 self.context.histogram_order,
             )
             for vm in vms:
-                if id(vm) in failed:
+                if vm in failed:
                     continue
                 program = render.program_for(vm, shape)
                 if program is None:
                     continue
-                if id(vm) not in read:
+                if vm not in read:
                     if sliced and self.context.find_vm(vm.name) is not vm:
-                        failed.add(id(vm))  # dropped or replaced meanwhile: as if gone before
+                        failed.add(vm)  # dropped or replaced meanwhile: as if gone before
                         continue
                     try:
                         if target == "vm":
@@ -447,14 +532,14 @@ class Commands:
                         self.context.read_failed(vm, error)
                         if not scope.host or stats_filter.vm is not None:
                             raise QmpError(f"KVM stats: {error}") from error
-                        failed.add(id(vm))
+                        failed.add(vm)
                         continue
-                    read.add(id(vm))
+                    read.add(vm)
                 # A shape repeated by duplicate requests renders the same text from the
                 # same snapshot: reuse it (a second render would overwrite the first).
-                text = rendered.get(id(program))
+                text = rendered.get(program)
                 if text is None:
-                    text = rendered[id(program)] = program.render()
+                    text = rendered[program] = program.render()
                 if len(parts) > 1:
                     parts.append(b", ")
                 parts.append(bytes(text) if sliced else text)
@@ -474,7 +559,7 @@ class Commands:
         """QEMU's query-stats over ``vms``: one pass per provider request, later ones first."""
         order = self.context.histogram_order
         results: list[dict[str, Any]] = []
-        per_vm_words: dict[int, Any] = {}
+        per_vm_words: dict[tuple[VmStats, str], Any] = {}
         for request in requests_in_qemu_order(stats_filter):
             for vm in vms:
                 try:
@@ -496,13 +581,13 @@ class Commands:
         stats_filter: StatsFilter,
         host_paths: bool,
         order: HistogramOrder,
-        cache: dict[int, Any],
+        cache: dict[tuple[VmStats, str], Any],
     ) -> None:
         names = request.names
         if stats_filter.target == "vm":
             if vm.vm_file is None:
                 return
-            key = id(vm) * 2
+            key = (vm, "vm")
             if key not in cache:
                 cache[key] = vm.read_vm()
             stats = vm.vm_file.stats(cache[key], order, names)
@@ -520,7 +605,7 @@ class Commands:
         ]
         if not chosen:
             return
-        key = id(vm) * 2 + 1
+        key = (vm, "vcpus")
         if key not in cache:
             cache[key] = vm.read_vcpus()
         blocks = cache[key]
@@ -578,7 +663,10 @@ class Commands:
 
         def query_stats(arguments: Args) -> list[dict[str, Any]]:
             return self.query_stats(
-                Scope(host=False, vm=vm), vms, parse_stats_filter(arguments, host=False), False
+                Scope(host=False, viewer=scope.viewer, vm=vm),
+                vms,
+                parse_stats_filter(arguments, host=False),
+                False,
             )
 
         def query_schemas(provider: str | None) -> list[dict[str, Any]]:

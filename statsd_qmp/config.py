@@ -5,7 +5,7 @@ stdlib plus ``errors``, ``schema`` (the histogram orders), ``logconfig`` (the lo
 format names) and ``metricsmap`` (the metrics listener address syntax); never ``app``,
 ``server`` or ``cli``, which build on it. Reading is pure apart from opening the file:
 nothing is resolved against the running system except by :func:`resolve_group`, which the
-caller invokes when it applies ``socket_group``.
+caller invokes when it applies ``socket_group`` and ``admin_group``.
 
 Every key is optional; a key not in the file is ``None`` in :class:`FileConfig`, so the caller
 can layer defaults < file < command-line flags. The file::
@@ -13,12 +13,16 @@ can layer defaults < file < command-line flags. The file::
     run_dir = "/run/statsd-qmp"        # absolute path
     socket_mode = "0660"               # octal string, or a TOML octal integer 0o660
     socket_group = "statsd-qmp"        # group name, or a numeric gid
+    admin_group = "statsd-qmp"         # group name, or a numeric gid: sees every VM
     scan_interval = 1.0                # seconds, > 0
     histogram_order = "kernel"         # "kernel" | "qemu"
     log_level = "info"                 # debug | info | warning | error
     log_format = "auto"                # auto | json | console
     demo = false
     demo_vcpus = 2                     # >= 1
+    adopt = "off"                      # "off" | "ptrace": adopt running VMMs without stats fds
+    adopt_only = ["*"]                 # glob patterns: QEMU -name, or pid-PID
+    adopt_any_client = false           # true: every host-socket client may send adopt-vm
     metrics_listen = ["127.0.0.1:9632"] # HOST:PORT, [IPv6]:PORT; [] or ["none"]: no endpoint
 
     [limits]
@@ -62,6 +66,7 @@ __all__ = [
 ]
 
 DEFAULT_RUN_DIR: Final = Path(PACKAGE_RUN_DIR)
+ADOPT_MODES: Final = ("off", "ptrace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +86,16 @@ class FileConfig:
     run_dir: Path | None = None
     socket_mode: int | None = None
     socket_group: str | int | None = None
+    admin_group: str | int | None = None
     scan_interval: float | None = None
     histogram_order: HistogramOrder | None = None
     log_level: str | None = None
     log_format: LogFormat | None = None
     demo: bool | None = None
     demo_vcpus: int | None = None
+    adopt: str | None = None
+    adopt_only: tuple[str, ...] | None = None
+    adopt_any_client: bool | None = None
     metrics_listen: tuple[tuple[str, int], ...] | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -95,12 +104,16 @@ TOP_LEVEL_KEYS: Final = (
     "run_dir",
     "socket_mode",
     "socket_group",
+    "admin_group",
     "scan_interval",
     "histogram_order",
     "log_level",
     "log_format",
     "demo",
     "demo_vcpus",
+    "adopt",
+    "adopt_only",
+    "adopt_any_client",
     "metrics_listen",
     "limits",
 )
@@ -139,18 +152,18 @@ def load_config(path: str | Path) -> FileConfig:
     return _Checker(path, text).check(document)
 
 
-def resolve_group(group: str | int, *, path: Path | None = None) -> int:
-    """The gid of ``socket_group`` (a name or a gid); :class:`ConfigError` if there is none.
+def resolve_group(group: str | int, *, path: Path | None = None, key: str = "socket_group") -> int:
+    """The gid of a group key (a name or a gid); :class:`ConfigError` if there is none.
 
-    A numeric gid is taken as it is (a gid need not have a name). ``path`` only goes into the
-    error message.
+    A numeric gid is taken as it is (a gid need not have a name). ``path`` and ``key`` (which
+    setting named the group) only go into the error message.
     """
     if isinstance(group, int):
         return group
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ConfigError(path, "socket_group", f"no group named {group!r}") from None
+        raise ConfigError(path, key, f"no group named {group!r}") from None
 
 
 class _Invalid(Exception):
@@ -190,6 +203,12 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
     return check
 
 
+def _patterns(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise _Invalid(f'expected an array of glob patterns such as ["web*"], got {_show(value)}')
+    return tuple(value)
+
+
 def _run_dir(value: Any) -> Path:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise _Invalid(f"expected an absolute path, got {_show(value)}")
@@ -213,7 +232,7 @@ def _socket_mode(value: Any) -> int:
     raise _Invalid(f"{expected}, got {_show(value)}")
 
 
-def _socket_group(value: Any) -> str | int:
+def _group(value: Any) -> str | int:
     if isinstance(value, str) and value and ":" not in value and "\0" not in value:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
@@ -244,13 +263,17 @@ def _metrics_listen(value: Any) -> tuple[tuple[str, int], ...]:
 _RULES: Final[dict[str, Callable[[Any], Any]]] = {
     "run_dir": _run_dir,
     "socket_mode": _socket_mode,
-    "socket_group": _socket_group,
+    "socket_group": _group,
+    "admin_group": _group,
     "scan_interval": _positive_seconds,
     "histogram_order": _choice(HISTOGRAM_ORDERS),
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
     "demo": _boolean,
     "demo_vcpus": _positive_int,
+    "adopt": _choice(ADOPT_MODES),
+    "adopt_only": _patterns,
+    "adopt_any_client": _boolean,
     "metrics_listen": _metrics_listen,
     "limits.max_request_bytes": _positive_int,
     "limits.max_connections": _positive_int,
@@ -264,9 +287,11 @@ _TEXT_FLAGS: Final = frozenset(
         "run_dir",
         "socket_mode",
         "socket_group",
+        "admin_group",
         "histogram_order",
         "log_level",
         "log_format",
+        "adopt",
         "metrics_listen",
     }
 )
@@ -278,13 +303,13 @@ def check_flag(key: str, text: str) -> Any:
 
     Numbers on the command line are read as TOML values (``1``, ``0.5``, ``inf``, ``nan``,
     ``-1``); text that is no TOML value is a string and fails the numeric rules with the file's
-    message. A numeric ``socket_group`` is a gid; a relative ``run_dir`` is taken from the
-    current directory (unlike the file, a command line has one).
+    message. A numeric ``socket_group`` or ``admin_group`` is a gid; a relative ``run_dir`` is
+    taken from the current directory (unlike the file, a command line has one).
     """
     value: Any = text
     if key == "run_dir" and text and not text.startswith("/") and "\0" not in text:
         value = str(Path(text).absolute())
-    elif key == "socket_group" and text.isdigit():
+    elif key in ("socket_group", "admin_group") and text.isdigit():
         value = int(text)
     elif key not in _TEXT_FLAGS:
         import tomllib

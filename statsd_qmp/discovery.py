@@ -4,17 +4,24 @@ Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new 
 borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
 dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
 then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
-alive), VM naming, permission messages once per VM, and adopting VMs only while the
-descriptor budget allows (:mod:`fdbudget`): short of descriptors, it stops adopting, says so
-once, keeps every VM it serves, and resumes when descriptors are free again. May import
-errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm and trio; must not import
-the server, app or cli.
+alive), VM naming, permission messages once per VM, when to adopt a VMM, and borrowing VMs
+only while the descriptor budget allows (:mod:`fdbudget`): short of descriptors, it stops
+borrowing, says so once, keeps every VM it serves, and resumes when descriptors are free
+again. May import adoption, errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm
+and trio; must not import the server, app or cli.
+
+With ``adopt = "ptrace"`` a VMM found holding a KVM VM fd and vCPU fds but no stats fd (its
+KVM fd set unchanged over two scans, so it has finished creating its vCPUs) and named by
+``adopt_only`` (glob patterns over QEMU's -name or ``pid-PID``) is adopted once
+(see :mod:`adoption`), in a thread of its own; the next scan then borrows the stats fds it
+opened, as for any VMM. :meth:`Discovery.adopt` does the same for one process on request.
 
 A VM is served once, from its creator: every stats fd names the process that created the VM
 (``kvm-PID`` in the VM stats id string; a vCPU's ``kvm-TID/vcpu-N`` names a thread of it).
 Another statsd-qmp daemon holds copies of the same fds; a process whose VM was created by
 another live process that holds stats fds itself (or by this daemon) is only holding copies
-and is not served. When the creator is gone, a holder of copies is served as before.
+and is not served. When the creator is gone, copies still held a second later (another daemon
+closes its own at once) are served as before.
 
 One VM per VMM process is the supported case. A process holding several ``kvm-vm-stats`` fds
 of different VMs gets its lowest-numbered VM stats fd and all its vCPU stats fds served, and a
@@ -24,7 +31,10 @@ vCPUs cannot be told apart by VM).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fnmatch
+import functools
 import os
 import select
 import threading
@@ -38,7 +48,8 @@ from typing import Any
 import structlog
 import trio
 
-from .errors import StatsFileError
+from . import adoption
+from .errors import AdoptionError, StatsFileError
 from .fdbudget import FdBudget, is_shortage, vm_cost
 from .registry import DEMO_NAME, Registry, sanitize_name
 from .sources import borrowed
@@ -68,6 +79,10 @@ APPLY_PER_STEP = 256
 # Exited VMMs dropped in one event-loop step (~0.1 ms each).
 EXITS_PER_STEP = 16
 
+# How long copies of a VM whose creator is gone must stay held before they are served: another
+# daemon closes its copies within milliseconds of the creator's exit.
+ORPHAN_GRACE = 1.0
+
 # sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
 
@@ -79,6 +94,7 @@ class BorrowedVm:
     pid: int
     pidfd: int
     name: str
+    owner_uid: int  # the VMM's real uid when it was adopted: whose VM this is
     signature: Any = None
     fds: dict[int, int] = field(default_factory=dict)  # the VMM's fd number -> our copy
     files: dict[int, StatsFile] = field(default_factory=dict)  # our fd -> parsed file
@@ -177,6 +193,37 @@ def unique_name(wanted: str | None, pid: int, in_use: Set[str], run_dir: Path) -
     return name
 
 
+async def run_in_own_thread(work: Callable[[int], adoption.AdoptionReport], pid: int) -> Any:
+    """``work(pid)`` in a new thread that ends with it; its result (or its exception).
+
+    ptrace requests must come from the thread that attached, and a tracer thread's exit
+    detaches whatever it still traces (exit_ptrace): a thread per adoption, never a pooled
+    one, so nothing can stay attached after it. The wait is shielded: the work is bounded
+    (every ptrace wait has a timeout), and a daemon stopping meanwhile must not exit while a
+    VMM thread is stopped with injected registers.
+    """
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            outcome["result"] = work(pid)
+        except BaseException as exc:  # handed over to the awaiting task
+            outcome["error"] = exc
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+    thread = threading.Thread(target=body, name=f"adopt-{pid}")
+    thread.start()
+    with trio.CancelScope(shield=True):
+        await done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def failure_kind(problem: str) -> str:
     """A VMM's read problem as a short, fixed label: what failed (no pids, no paths)."""
     if problem.startswith("pidfd_getfd"):
@@ -198,6 +245,8 @@ class Discovery:
         scan_interval: float = 1.0,
         fd_budget: FdBudget | None = None,
         after_adoption: Callable[[], None] | None = None,
+        adopt: str = "off",
+        adopt_only: tuple[str, ...] = ("*",),
     ) -> None:
         self.registry = registry
         self.scan_interval = scan_interval
@@ -206,6 +255,11 @@ class Discovery:
         # VMMs found but not (fully) served for lack of descriptors at the last scan.
         self.waiting_for_fds = 0
         self._fds_short = False  # a shortage was logged and has not ended yet
+        self.adopt_mode = adopt
+        self.adopt_only = adopt_only
+        self._adopting: set[int] = set()
+        self._adoption_tried: set[int] = set()  # pids adopted (or refused) once: never again
+        self._settling: dict[int, Any] = {}  # pid -> its KVM fd set at the last scan
         self.scanner = borrowed.ProcScanner()
         self.vmms: dict[int, BorrowedVm] = {}
         self.last_scan_finished = trio.current_time()
@@ -224,6 +278,8 @@ class Discovery:
         # Processes holding copies of another live process's VM: pid -> (creator, signature).
         self._copies: dict[int, tuple[int, Any]] = {}
         self._holders: set[int] = set()  # pids holding stats fds in the latest scan
+        # Holders of copies whose creator is gone: pid -> when first seen so.
+        self._orphaned: dict[int, float] = {}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Scan now, report started, then rescan every ``scan_interval`` until cancelled."""
@@ -304,6 +360,9 @@ class Discovery:
         for pid in list(self._copies):
             if pid not in result.vmms:
                 del self._copies[pid]
+        for pid in list(self._orphaned):
+            if pid not in result.vmms:
+                del self._orphaned[pid]
         # A checkpoint after each VM added or dropped: a scan that finds 100 new VMMs must
         # not hold the event loop for the whole batch.
         for pid in list(self.vmms):
@@ -385,6 +444,60 @@ class Discovery:
         for pid in list(self._reported):
             if pid not in result.vmms and pid not in result.denied:
                 del self._reported[pid]
+        self._consider_adoption(result)
+
+    # --- adoption ------------------------------------------------------------------------
+
+    def _consider_adoption(self, result: borrowed.ScanResult) -> None:
+        """``adopt = "ptrace"``: start adopting each VMM without stats fds, once."""
+        for pid in list(self._adoption_tried):
+            if pid not in result.unadopted and pid not in result.vmms:
+                self._adoption_tried.discard(pid)  # exited: its pid may come back as another
+        for pid in list(self._settling):
+            if pid not in result.unadopted:
+                del self._settling[pid]
+        if self.adopt_mode != "ptrace" or self._nursery is None:
+            return
+        for pid, found in result.unadopted.items():
+            if pid in self._adoption_tried or pid in self._adopting:
+                continue
+            signature = found.kvm_signature()
+            if self._settling.get(pid) != signature:
+                self._settling[pid] = signature  # still creating vCPUs, perhaps: next scan
+                continue
+            del self._settling[pid]
+            self._adoption_tried.add(pid)
+            self._nursery.start_soon(self._adopt_found, pid)
+
+    async def _adopt_found(self, pid: int) -> None:
+        name = await self._qemu_name(pid)
+        names = [f"pid-{pid}"] + ([name] if name else [])
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.adopt_only):
+            log.debug("vmm left alone (adopt_only)", pid=pid, vm=name)
+            return
+        try:
+            await self.adopt(pid)
+        except AdoptionError as exc:
+            log.warning("vmm not adopted", pid=pid, reason=str(exc))
+
+    async def adopt(self, pid: int, owner_uid: int | None = None) -> adoption.AdoptionReport:
+        """Adopt process ``pid`` now (see :mod:`adoption`), then rescan to serve it.
+
+        AdoptionError when refused or failed; the VMM runs on either way. ``owner_uid``: only
+        a process of that real uid (asked for by a client that is not an admin).
+        """
+        if pid in self._adopting:
+            raise AdoptionError(f"pid {pid} is being adopted already")
+        self._adopting.add(pid)
+        try:
+            report: adoption.AdoptionReport = await run_in_own_thread(
+                functools.partial(adoption.adopt, owner_uid=owner_uid), pid
+            )
+        finally:
+            self._adopting.discard(pid)
+        self._adoption_tried.add(pid)
+        await self.scan_once()
+        return report
 
     @staticmethod
     async def _qemu_names(pids: list[int]) -> tuple[dict[int, str | None], OSError | None]:
@@ -486,8 +599,12 @@ class Discovery:
                 raise  # not the VMM's fault: the caller stops adopting
             self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}", wanted)
             return
+        owner_uid = borrowed.real_uid(pid, pidfd)
+        if owner_uid is None:  # exited meanwhile
+            os.close(pidfd)
+            return
         name = unique_name(wanted, pid, self.registry.names_in_use(), self.registry.run_dir)
-        vmm = BorrowedVm(pid, pidfd, name)
+        vmm = BorrowedVm(pid, pidfd, name, owner_uid)
         try:
             built = await self._build(vmm, found)
         except BaseException:
@@ -618,41 +735,51 @@ class Discovery:
                 vmm.files.pop(ours, None)
                 stale.append(ours)
         vmm.signature = found.signature()
-        return VmStats(vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus)), stale
+        view = VmStats(
+            vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus), owner_uid=vmm.owner_uid
+        )
+        return view, stale
 
     @staticmethod
     def _alive(pid: int) -> bool:
         return os.path.exists(f"/proc/{pid}")
 
     def _copies_of_another(
-        self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, creator: int | None
+        self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, creator_id: int | None
     ) -> bool:
-        """True (and remembered) when ``vmm`` holds copies of a VM another process serves.
+        """True when ``vmm`` holds copies of a VM that another process serves, or whose
+        creator went less than ``ORPHAN_GRACE`` seconds ago; the former is remembered.
 
-        ``creator`` is the id the kernel wrote (the creating thread). The creator serves the
-        VM when it is this daemon (its own VM) or a live process that holds stats fds itself;
-        a process left holding copies after its creator exited keeps being served.
+        ``creator_id`` is the id the kernel wrote (the creating thread). The creator serves
+        the VM when it is this daemon (its own VM) or a live process holding stats fds itself.
+        When the creator is gone, another daemon still holds its copies for the few
+        milliseconds until its own exit watch closes them: serving them then would make two
+        daemons keep each other's copies, and the dead VM, alive for ever. Copies still held
+        after the grace period belong to a real holder and are served.
         """
-        if creator is None or creator == vmm.pid:
+        if creator_id is None or creator_id == vmm.pid:
             return False
-        if creator not in self._holders and creator != self.scanner.self_pid:
-            creator = borrowed.thread_group(creator)  # a thread id: its process
-            if creator is None or creator == vmm.pid:
+        creator: int | None = creator_id
+        if creator_id not in self._holders and creator_id != self.scanner.self_pid:
+            creator = borrowed.thread_group(creator_id)  # a thread id: its process, if any
+            if creator == vmm.pid:
                 return False
-        if creator != self.scanner.self_pid and not (
-            creator in self._holders and self._alive(creator)
+        if creator is not None and (
+            creator == self.scanner.self_pid or (creator in self._holders and self._alive(creator))
         ):
-            return False
-        if vmm.pid not in self._copies:
-            log.info(
-                "not serving copies of another process's VM",
-                pid=vmm.pid,
-                creator=creator,
-                hint="another statsd-qmp daemon, or a process given the fds; the VM is served "
-                "from its creator",
-            )
-        self._copies[vmm.pid] = (creator, found.signature())
-        return True
+            if vmm.pid not in self._copies:
+                log.info(
+                    "not serving copies of another process's VM",
+                    pid=vmm.pid,
+                    creator=creator,
+                    hint="another statsd-qmp daemon, or a process given the fds; the VM is "
+                    "served from its creator",
+                )
+            self._copies[vmm.pid] = (creator, found.signature())
+            return True
+        now = trio.current_time()
+        first_seen = self._orphaned.setdefault(vmm.pid, now)
+        return now - first_seen < ORPHAN_GRACE
 
     def _drop(self, pid: int, reason: str) -> None:
         self.scanner.forget(pid)

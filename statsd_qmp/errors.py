@@ -12,6 +12,7 @@ Tree::
     |   +-- StatsReadError         the read itself failed (errno), or came back short
     +-- NativeUnavailableError     the compiled ``_statsread`` extension is not built
     +-- KvmError                   an ioctl on /dev/kvm, a VM or a vCPU failed (owned VMs)
+    +-- AdoptionError              a VMM cannot or must not be adopted, or adopting it failed
     +-- RunDirBusyError            another daemon holds the run directory's lock
     +-- ConfigError                the configuration file cannot be used
     +-- QmpError                   an error that becomes a QMP ``error`` reply
@@ -85,6 +86,16 @@ class KvmError(StatsdQmpError):
     def __init__(self, what: str, errno: int | None = None) -> None:
         self.errno = errno
         super().__init__(what)
+
+
+class AdoptionError(StatsdQmpError):
+    """A running VMM was not adopted (``statsd-qmp adopt``, ``adopt-vm``, ``adopt = "ptrace"``).
+
+    Raised by ``adoption`` when a precondition fails (architecture, CAP_SYS_PTRACE, Yama, an
+    existing tracer, a stopped process, a seccomp filter that would not allow the ioctl) or a
+    ptrace step fails; the message says which and why. The VMM is left running, every thread
+    released.
+    """
 
 
 class RunDirBusyError(StatsdQmpError):

@@ -4,7 +4,8 @@ Owns: turning the registry's VMs into one exposition (per VM one bulk pread and 
 see :mod:`metricsrender`; the pieces of all VMs grouped under each family's header), the
 daemon's own metrics (``statsd_qmp_*``, ``process_*``), both formats' bodies, their gzip
 form, and sharing one scrape between requests that arrive while it is being made. May import
-registry, metricsrender, metricsmap, steps and trio; must not import the server, app or cli.
+registry, vm, metricsrender, metricsmap, _native (the page gather), steps, loopstats and trio;
+must not import the server, app or cli.
 
 A scrape is a :mod:`steps` generator paused between VMs, so a host with hundreds of VMs never
 holds the event loop for more than a slice; a VM dropped or replaced during a pause is left

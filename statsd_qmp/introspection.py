@@ -3,7 +3,8 @@
 Owns: the introspection entries (SchemaInfo, qapi/introspect.json) of every served command and
 the types they use, in the shape QEMU 7.2 reports them: non-builtin type names are opaque
 numbers, arrays are named ``[T]``, optional members carry ``"default": null``. The host socket
-adds ``query-vms`` and the optional ``vm`` members. Must not import anything but the stdlib.
+adds ``query-vms``, ``adopt-vm`` and the optional ``vm`` members. Must not import anything but
+the stdlib.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def schema(*, host: bool, commands: list[str]) -> list[Entry]:
         _command("query-stats-schemas", "22", "[23]"),
         _command("human-monitor-command", "30", "str"),
         _command("query-vms", "0", "[40]"),
+        _command("adopt-vm", "50", "51"),
         _object("0"),
         _object("10", _member("enable", "[12]", optional=True)),
         _array("12"),
@@ -139,11 +141,37 @@ def schema(*, host: bool, commands: list[str]) -> list[Entry]:
             _member("socket", "str"),
         ),
         _enum("41", "owned", "borrowed"),
+        _object("50", _member("pid", "int", optional=True), _member("name", "str", optional=True)),
+        _object(
+            "51",
+            _member("pid", "int"),
+            _member("name", "str", optional=True),
+            _member("vm-stats-fd", "int", optional=True),
+            _member("vcpu-stats-fds", "any"),
+            _member("had-everything", "bool"),
+            _member("all-stopped", "bool"),
+            _member("seccomp", "bool"),
+            _member("threads-stopped", "int"),
+            _member("max-stop-us", "number"),
+            _member("threads", "[52]"),
+            _member("problems", "[str]"),
+            _member("duration-ms", "number"),
+        ),
+        _array("52"),
+        _object(
+            "52",
+            _member("tid", "int"),
+            _member("role", "str"),
+            _member("stopped-us", "number"),
+            _member("reach-us", "number"),
+        ),
         _array("str"),
         _array("int"),
         _builtin("str", "string"),
         _builtin("int", "int"),
         _builtin("bool", "boolean"),
+        _builtin("number", "number"),
+        _builtin("any", "value"),
     ]
     served = set(commands)
     by_name = {e["name"]: e for e in entries if e["meta-type"] != "command"}

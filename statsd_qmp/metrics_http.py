@@ -6,7 +6,8 @@ page at ``/``, 404, 405), content negotiation between Prometheus text 0.0.4 and 
 1.0.0 (``Accept``), gzip (``Accept-Encoding``), keep-alive, and the limits: header size (431),
 connections (503), a request head that does not arrive in time (408), an idle keep-alive
 connection (closed), a client that does not read its response (closed); each with a log line.
-May import exporter, metricsmap and trio; must not import app or cli.
+May import exporter, metricsmap, steps, loopstats, errors, h11 and trio; must not import the
+QMP server, app or cli.
 
 h11 parses and writes HTTP; this module only decides what to answer. A response body is sent
 in pieces of at most :data:`WRITE_CHUNK` bytes, each a step of its own on the event loop.

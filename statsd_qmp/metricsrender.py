@@ -18,14 +18,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._native import native
+from ._native import native, statsfmt_ops
 from .engine import BatchReader
 from .errors import StatsFileError
 from .metricsmap import Family, families, vcpu_labels, vm_labels
 from .render import _OP, BASE, LITERAL, Program, _Template
 from .vm import VmStats
 
-SCALED, CUMULATIVE, TOTAL, FLAG, SET_LABELS, LABELS, MARK = range(6, 13)
+# The exposition op kinds, from the compiled header.
+SCALED, CUMULATIVE, TOTAL, FLAG, SET_LABELS, LABELS, MARK = statsfmt_ops(
+    "SCALED", "CUMULATIVE", "TOTAL", "FLAG", "SET_LABELS", "LABELS", "MARK"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ object keys in QDict order); parse errors never do.
 
 Output: every message is one line of QEMU-style JSON ending in ``\\r\\n`` (:func:`encode`).
 Members are written in the order of the dicts given, which callers build in QEMU's wire order;
-the helpers here do so for replies, events and the greeting.
+the helpers here do so for replies and the greeting (the daemon sends no QMP events).
 
 Divergences from QEMU (on purpose): one error reply per bad message instead of QEMU's
 cascades after lexical and limit errors (details in :mod:`statsd_qmp.qjson.streamer`); a limit
@@ -68,7 +68,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .errors import QmpError
 from .hash_order import first_unexpected_member, qdict_key_order
 from .qjson.streamer import JsonError, JsonStreamParser, JsonTooLong, JsonValue
 from .qjson.writer import dumps, quote
@@ -82,9 +81,7 @@ __all__ = [
     "Request",
     "SendBytes",
     "encode",
-    "event",
     "reply_error",
-    "reply_exception",
     "reply_return",
     "reply_return_parts",
 ]
@@ -201,25 +198,6 @@ def reply_error(request: Request | None, qmp_class: str, desc: str) -> bytes:
     if request is None:
         return _error_line(False, None, qmp_class, desc)
     return _error_line(request.has_id, request.id, qmp_class, desc)
-
-
-def reply_exception(request: Request | None, error: QmpError) -> bytes:
-    """:func:`reply_error` for a :class:`~statsd_qmp.errors.QmpError` (its class and desc)."""
-    return reply_error(request, error.qmp_class, error.desc)
-
-
-def event(name: str, data: dict[str, Any] | None, seconds: int, microseconds: int) -> bytes:
-    """An asynchronous event: ``{"timestamp": {...}, "event": name, "data": data}``.
-
-    ``data`` is omitted when None (QEMU's ``STOP``, ``RESUME``). Send events only once
-    :attr:`QmpConnection.negotiated` is true.
-    """
-    head = f'{{"timestamp": {{"seconds": {int(seconds)}, "microseconds": {int(microseconds)}}}'
-    if data is None:
-        return (head + ', "event": ' + quote(name) + "}\r\n").encode("ascii")
-    return (head + ', "event": ' + quote(name) + ', "data": ' + dumps(data) + "}\r\n").encode(
-        "ascii"
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -169,4 +169,6 @@ def vm_stats_from_owned(owned: OwnedVM, name: str) -> VmStats:
         ident = parse_vcpu_id(stats_file.id)
         thread_id, vcpu_id = ident if ident else (owned.vcpu_thread_ids[index], index)
         vcpus.append(VcpuStats(vcpu_id, thread_id, stats_file))
-    return VmStats(name, owned.pid, "owned", vm_file, tuple(vcpus))
+    # A VM the daemon created is its own user's (real uid): under the shipped unit that user
+    # is statsd-qmp, so only admins see it; a daemon run by a user shares it with that user.
+    return VmStats(name, owned.pid, "owned", vm_file, tuple(vcpus), owner_uid=os.getuid())

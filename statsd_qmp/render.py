@@ -19,12 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._native import native
+from ._native import native, statsfmt_ops
 from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder, ServedStat
 from .vm import VmStats, vcpu_path, vm_path
 
-LITERAL, U64, BOOL, LIST, LIST_REVERSED, BASE = range(6)
+# The op kinds, from the compiled header (loaded at import: this module is the C renderer's).
+LITERAL, U64, BOOL, LIST, LIST_REVERSED, BASE = statsfmt_ops(
+    "LITERAL", "U64", "BOOL", "LIST", "LIST_REVERSED", "BASE"
+)
 MAX_PROGRAMS_PER_VM = 64  # distinct filters cached per VM; beyond, the cache starts afresh
 MAX_TEMPLATES = 256  # distinct (descriptor layout, names, order) kept; beyond, start afresh
 _OP = struct.Struct("<IIQ")  # struct statsfmt_op: kind, count, arg
@@ -92,8 +95,8 @@ class _ProgramBuilder(_Text):
         super().__init__()
         self.ops = bytearray()
         self.n_ops = 0
-        # id(template) -> (the template, kept alive so that its id stays its own; its ops)
-        self._placed: dict[int, tuple[_Template, bytes]] = {}
+        # Each template placed so far (they hash by identity) -> its ops, moved to this area.
+        self._placed: dict[_Template, bytes] = {}
 
     def _op(self, kind: int, count: int, arg: int) -> None:
         self.ops += _OP.pack(kind, count, arg)
@@ -102,21 +105,18 @@ class _ProgramBuilder(_Text):
     def stats(self, template: _Template, base_word: int) -> None:
         """The template's stats list, reading the file whose data starts at ``base_word``."""
         self._flush()
-        placed = self._placed.get(id(template))
+        placed = self._placed.get(template)
         if placed is None:
             # First use in this program: its literals join the literal area once, and its
             # ops are packed once with their literal offsets moved there.
             offset = len(self.literals)
             self.literals += template.literals
-            placed = self._placed[id(template)] = (
-                template,
-                b"".join(
-                    _OP.pack(kind, count, arg + offset if kind == LITERAL else arg)
-                    for kind, count, arg in template.ops
-                ),
+            placed = self._placed[template] = b"".join(
+                _OP.pack(kind, count, arg + offset if kind == LITERAL else arg)
+                for kind, count, arg in template.ops
             )
         self._op(BASE, 0, base_word)
-        self.ops += placed[1]
+        self.ops += placed
         self.n_ops += len(template.ops)
 
 

@@ -117,10 +117,6 @@ class Descriptor:
         return self.unit_code == UNIT_BOOLEAN
 
     @property
-    def is_histogram(self) -> bool:
-        return self.type_code in (LINEAR_HISTOGRAM, LOG2_HISTOGRAM)
-
-    @property
     def value_served(self) -> bool:
         """Whether ``query-stats`` reports this stat at all (QEMU's skip rule)."""
         return self.type_name is not None and self.unit_known and self.base is not None

@@ -8,8 +8,8 @@ each client's conversation (:class:`Connection`): feeding bytes to the sans-IO
 per-request log line, and the limits QEMU lacks (connections, negotiation time, buffered
 output). Socket files (lock, stale sockets, bind, modes) are :mod:`~statsd_qmp.socketfiles`';
 the write queue is :mod:`~statsd_qmp.outbox`'s. May import protocol, commands, registry, vm,
-steps, loopstats (to name a step's work), socketfiles, outbox and trio; must not import app or
-cli.
+steps, loopstats (to name a step's work), socketfiles, outbox, access and peers (who a client
+is and what it may see) and trio; must not import app or cli.
 
 Each connection runs a reader (bytes -> events -> replies) and a writer draining an outbox, so
 a client that stops reading only fills its own bounded outbox; it never stalls other clients
@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,16 @@ import structlog
 import trio
 
 from . import loopstats, protocol
-from .commands import Commands, RawJson, RawSteps, Scope
+from .access import VM_DIR_MODE, AccessPolicy, Peer, Viewer, vm_socket_mode
+from .commands import Commands, Pending, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .outbox import Outbox
+from .peers import peer_of
 from .registry import Registry
 from .socketfiles import (
     HOST_SOCKET,
     bind_unix,
+    ensure_directory,
     listen_unix,
     remove_stale_sockets,
     set_mode_and_group,
@@ -100,12 +103,16 @@ class Server:
         socket_mode: int = 0o660,
         socket_gid: int | None = None,
         activated: socket.socket | None = None,
+        policy: AccessPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.commands = commands
         self.limits = limits or Limits()
         self.socket_mode = socket_mode
         self.socket_gid = socket_gid
+        # Who sees which VM; replaced on reload, applies from each client's next request.
+        self.policy = policy or AccessPolicy()
+        self._warned_chown = False
         # A host socket handed over by systemd (LISTEN_FDS): used as it is, never unlinked.
         self.activated = activated
         self.connections = 0
@@ -127,6 +134,7 @@ class Server:
         run_dir = self.registry.run_dir
         for path in remove_stale_sockets(run_dir, keep_host=self.activated is not None):
             log.info("removed stale socket", path=str(path))
+        ensure_directory(run_dir / "vm", VM_DIR_MODE)
         if self.activated is not None:
             host_listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.activated))
         else:
@@ -136,7 +144,7 @@ class Server:
                 self._nursery = nursery
                 await nursery.start(
                     trio.serve_listeners,
-                    self._handler(lambda: Scope(host=True), vm_name=None),
+                    self._handler(lambda viewer: Scope(host=True, viewer=viewer), vm_name=None),
                     [host_listener],
                 )
                 self._vm_accepts = select.epoll()
@@ -167,7 +175,7 @@ class Server:
         path = Path(vm.socket_path)
         unlink_socket(path)
         try:
-            sock = listen_unix(path, self.socket_mode, self.socket_gid)
+            sock = self._bind_vm_socket(vm, path)
         except OSError as exc:
             log.error("cannot create the VM's socket", vm=vm.name, path=str(path), error=str(exc))
             return
@@ -175,6 +183,23 @@ class Server:
         self._vm_sockets[vm.name] = entry
         self._vm_sockets_by_fd[sock.fileno()] = entry
         self._vm_accepts.register(sock.fileno(), select.EPOLLIN)
+
+    def _bind_vm_socket(self, vm: VmStats, path: Path) -> socket.socket:
+        """The VM's socket, owned by its VMM's user (who may then always connect to it)."""
+        mode = vm_socket_mode(self.socket_mode)
+        try:
+            return listen_unix(path, mode, self.socket_gid, owner=vm.owner_uid)
+        except PermissionError as exc:
+            if not self._warned_chown:
+                self._warned_chown = True
+                log.warning(
+                    "cannot give per-VM sockets to their VMMs' users",
+                    error=str(exc),
+                    hint="needs CAP_CHOWN; the sockets keep the daemon's user, so a VM's "
+                    "owner reaches its VM on the host socket only",
+                )
+            unlink_socket(path)
+            return listen_unix(path, mode, self.socket_gid)
 
     def _vm_removed(self, vm: VmStats) -> None:
         unlink_socket(Path(vm.socket_path))
@@ -232,7 +257,9 @@ class Server:
 
     async def _serve_vm_client(self, entry: _VmSocket, stream: trio.SocketStream) -> None:
         vm = entry.vm
-        handle = self._handler(lambda: Scope(host=False, vm=vm), vm_name=vm.name)
+        handle = self._handler(
+            lambda viewer: Scope(host=False, viewer=viewer, vm=vm), vm_name=vm.name
+        )
         scope = trio.CancelScope()
         if entry.gone_by is not None:
             scope.deadline = entry.gone_by
@@ -258,25 +285,25 @@ class Server:
         """New mode and group for every socket file (on reload); new sockets get them too."""
         self.socket_mode = mode
         self.socket_gid = gid
-        paths = [Path(vm.socket_path) for vm in self.registry.all_vms()]
+        paths = [(Path(vm.socket_path), vm_socket_mode(mode)) for vm in self.registry.all_vms()]
         if self.activated is None:
-            paths.append(self.host_socket)
-        for path in paths:
+            paths.append((self.host_socket, mode))
+        for path, path_mode in paths:
             try:
-                set_mode_and_group(path, mode, gid)
+                set_mode_and_group(path, path_mode, gid)
             except OSError as exc:
                 log.warning(
                     "cannot change a socket's mode or group", path=str(path), error=str(exc)
                 )
 
     def _handler(
-        self, scope_factory: Callable[[], Scope], *, vm_name: str | None
+        self, scope_factory: Callable[[Viewer], Scope], *, vm_name: str | None
     ) -> Callable[[trio.SocketStream], Any]:
         async def handle(stream: trio.SocketStream) -> None:
             conn_id = next(self._ids)
             with structlog.contextvars.bound_contextvars(conn_id=conn_id, vm=vm_name):
                 try:
-                    await self._connection(stream, scope_factory())
+                    await self._connection(stream, scope_factory)
                 except Exception:
                     # Whatever one client did, the daemon and every other client go on.
                     log.exception("connection failed")
@@ -285,20 +312,36 @@ class Server:
 
         return handle
 
-    async def _connection(self, stream: trio.SocketStream, scope: Scope) -> None:
-        peer = _peer_credentials(stream)
+    async def _connection(
+        self, stream: trio.SocketStream, scope_factory: Callable[[Viewer], Scope]
+    ) -> None:
+        peer = peer_of(stream.socket)
+        scope = replace(
+            scope_factory(self.policy.viewer(peer)),
+            peer_uid=peer.uid if peer is not None else None,
+        )
         self.connections += 1
         try:
-            log.info("client connected", **peer, clients=self.connections)
+            log.info(
+                "client connected",
+                **_peer_fields(peer),
+                sees_all=scope.viewer.sees_all,
+                clients=self.connections,
+            )
+            refusal: tuple[str, str] | None = None
             if self.connections > self.limits.max_connections:
-                line = _error_line(
-                    f"Too many connections (limit {self.limits.max_connections}), closing"
+                refusal = (
+                    f"Too many connections (limit {self.limits.max_connections}), closing",
+                    "connection limit",
                 )
+            elif (not_yours := scope.refusal()) is not None:
+                refusal = (not_yours, "not the VM's owner or an admin")
+            if refusal is not None:
                 with trio.move_on_after(1), suppress(trio.BrokenResourceError):
-                    await stream.send_all(line)
-                log.warning("connection refused", reason="connection limit")
+                    await stream.send_all(_error_line(refusal[0]))
+                log.warning("connection refused", reason=refusal[1])
                 return
-            connection = Connection(self, stream, scope)
+            connection = Connection(self, stream, scope, peer)
             self._outboxes.add(connection.outbox)
             try:
                 await connection.run()
@@ -319,10 +362,13 @@ class Connection:
     :meth:`_enforce_negotiation_deadline` closes a client that never negotiates.
     """
 
-    def __init__(self, server: Server, stream: trio.SocketStream, scope: Scope) -> None:
+    def __init__(
+        self, server: Server, stream: trio.SocketStream, scope: Scope, peer: Peer | None
+    ) -> None:
         self.server = server
         self.stream = stream
         self.scope = scope
+        self.peer = peer  # who connected (SO_PEERCRED, SO_PEERGROUPS); see access
         self.qmp = protocol.QmpConnection(max_request_bytes=server.limits.max_request_bytes)
         self.outbox = Outbox(stream.socket.fileno())
         self._nursery: trio.Nursery | None = None
@@ -433,7 +479,8 @@ class Connection:
         started = time.perf_counter()
         loopstats.doing(request.command)
         registry, commands = self.server.registry, self.server.commands
-        scope = self.scope
+        # What this client may see under the policy in force now (a reload may change it).
+        scope = replace(self.scope, viewer=self.server.policy.viewer(self.peer))
         arguments = request.arguments
         if commands.needs_rescan(scope, request.command, arguments):
             await registry.rescan()
@@ -448,8 +495,10 @@ class Connection:
                 if current is None or current.pid != scope.vm.pid:
                     vm_gone = True
                     raise QmpError(f"VM '{scope.vm.name}' is no longer served")
-                scope = Scope(host=False, vm=current)
+                scope = replace(scope, vm=current)
             value = commands.execute(scope, request.command, arguments, oob=request.oob)
+            if isinstance(value, Pending):
+                value = await value.run()
             if isinstance(value, RawSteps):
                 parts = await run_in_slices(value.steps, STEP_SLICE, trio.lowlevel.checkpoint)
                 head, tail = protocol.reply_return_parts(request)
@@ -488,17 +537,8 @@ def _error_line(desc: str) -> bytes:
     return protocol.reply_error(None, "GenericError", desc)
 
 
-def _peer_credentials(stream: trio.SocketStream) -> dict[str, int]:
-    """uid/gid/pid of a unix-socket peer (SO_PEERCRED), for the connect log line."""
-    try:
-        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError as exc:
-        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL):
-            return {}
-        raise
-    pid, uid, gid = (
-        int.from_bytes(raw[0:4], "little"),
-        int.from_bytes(raw[4:8], "little"),
-        int.from_bytes(raw[8:12], "little"),
-    )
-    return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
+def _peer_fields(peer: Peer | None) -> dict[str, int]:
+    """The connect log line's view of a client's credentials (SO_PEERCRED)."""
+    if peer is None:
+        return {}
+    return {"peer_pid": peer.pid, "peer_uid": peer.uid, "peer_gid": peer.gid}

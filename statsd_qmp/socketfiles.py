@@ -2,9 +2,9 @@
 
 Owns: ``DIR/statsd-qmp.lock`` (flock, the holder's pid written in it), removing socket files a
 killed daemon left behind (only sockets, never another kind of file), binding a listening unix
-socket at a path with the configured mode and group, and changing them later. Knows nothing of
-QMP or VMs; the server decides which paths to use. May import ``errors`` and trio (the
-listener type); must not import the server, the registry or anything above them.
+socket at a path with the configured mode, group and owner, and changing them later. Knows
+nothing of QMP or VMs; the server decides which paths to use. May import ``errors`` and trio
+(the listener type); must not import the server, the registry or anything above them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "HOST_SOCKET",
     "LOCK_FILE",
     "bind_unix",
+    "ensure_directory",
     "lock_run_dir",
     "remove_stale_sockets",
     "set_mode_and_group",
@@ -81,29 +82,41 @@ def remove_stale_sockets(run_dir: Path, *, keep_host: bool = False) -> list[Path
     return [path for path in candidates if unlink_socket(path)]
 
 
-def set_mode_and_group(path: Path, mode: int, gid: int | None) -> None:
-    """Give the file at ``path`` ``mode`` and, unless None, group ``gid``."""
-    if gid is not None:
-        os.chown(path, -1, gid)
+def set_mode_and_group(path: Path, mode: int, gid: int | None, owner: int | None = None) -> None:
+    """Give the file at ``path`` ``mode`` and, unless None, group ``gid`` and owner ``owner``
+    (another user's: PermissionError without CAP_CHOWN)."""
+    if gid is not None or owner is not None:
+        os.chown(path, -1 if owner is None else owner, -1 if gid is None else gid)
     os.chmod(path, mode)
 
 
-def bind_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> trio.SocketListener:
+def ensure_directory(path: Path, mode: int) -> None:
+    """``path`` exists as a directory with exactly ``mode`` (whatever the umask)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, mode)
+
+
+def bind_unix(
+    path: Path, mode: int = 0o660, gid: int | None = None, owner: int | None = None
+) -> trio.SocketListener:
     """A listening unix socket at ``path``, bound at once (an old file there must be gone).
 
     Binding is synchronous on purpose: a VM is listed by query-vms as soon as it is added, so
-    its socket must exist by then.
+    its socket must exist by then. ``owner``: see :func:`set_mode_and_group`.
     """
-    return trio.SocketListener(trio.socket.from_stdlib_socket(listen_unix(path, mode, gid)))
+    sock = listen_unix(path, mode, gid, owner)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-def listen_unix(path: Path, mode: int = 0o660, gid: int | None = None) -> socket.socket:
+def listen_unix(
+    path: Path, mode: int = 0o660, gid: int | None = None, owner: int | None = None
+) -> socket.socket:
     """:func:`bind_unix` as a plain non-blocking socket (for a caller that polls many)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.bind(os.fspath(path))
-        set_mode_and_group(path, mode, gid)
+        set_mode_and_group(path, mode, gid, owner)
         sock.listen(128)
     except BaseException:
         sock.close()

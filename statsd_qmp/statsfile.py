@@ -233,13 +233,6 @@ def _data_available(fd: int, offset: int, wanted: int) -> int:
         return 0
 
 
-def words_of(block: bytes | memoryview) -> memoryview:
-    """View a data block as host-endian u64 words (KVM writes them in host order)."""
-    view = memoryview(block)
-    usable = len(view) - len(view) % 8
-    return view[:usable].cast("B").cast("Q")
-
-
 # Every vCPU of a VM (and every VM of one kernel) has the same descriptor block: parse each
 # distinct block once and share the result, so a 256-vCPU VM is parsed in one go and its
 # files share one ``served`` tuple (which the C renderer's templates are keyed by).

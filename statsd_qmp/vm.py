@@ -1,9 +1,9 @@
 """One served VM: its parsed stats files, cached schemas and batched reads.
 
-Owns: the per-VM view the commands work on (name, pid, origin, the VM stats file if the VMM
-holds one, the vCPU stats files ordered by KVM vCPU id) and the two prepared batch reads (VM
-block, all vCPU blocks). Must not import trio, the server or the registry; whoever builds a
-:class:`VmStats` (the registry) owns the fds and closes them.
+Owns: the per-VM view the commands work on (name, pid, origin, owner uid, the VM stats file
+if the VMM holds one, the vCPU stats files ordered by KVM vCPU id) and the two prepared batch
+reads (VM block, all vCPU blocks). Must not import trio, the server or the registry;
+whoever builds a :class:`VmStats` (the registry) owns the fds and closes them.
 """
 
 from __future__ import annotations
@@ -38,20 +38,14 @@ def _shared_schema(descriptors: Sequence[Any]) -> list[dict[str, object]]:
     return entries
 
 
-_VCPU_ID = re.compile(r"^kvm-(\d+)/vcpu-(\d+)$")
 _VM_ID = re.compile(r"^kvm-(\d+)$")
+_VCPU_ID = re.compile(r"^kvm-(\d+)/vcpu-(\d+)$")
 
 
 def parse_vcpu_id(ident: str) -> tuple[int, int] | None:
     """``kvm-TID/vcpu-N`` -> (TID of the creating thread, KVM vcpu_id), else None."""
     match = _VCPU_ID.match(ident)
     return (int(match[1]), int(match[2])) if match else None
-
-
-def parse_vm_id(ident: str) -> int | None:
-    """``kvm-PID`` -> PID of the VM's creator, else None."""
-    match = _VM_ID.match(ident)
-    return int(match[1]) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +65,9 @@ class VmStats:
     vm_file: StatsFile | None
     vcpus: tuple[VcpuStats, ...]
     socket_path: str = ""
+    # Real uid of the VMM process (read at adoption; the daemon's own for a VM it created):
+    # who besides admins may see this VM (see :mod:`access`).
+    owner_uid: int = field(kw_only=True)
     vm_schema: list[dict[str, object]] = field(init=False)
     vcpu_schema: list[dict[str, object]] = field(init=False)
     vm_reader: BatchReader | None = field(init=False, repr=False)
@@ -100,6 +97,12 @@ class VmStats:
     def read_vcpus(self) -> Sequence[memoryview]:
         """Every vCPU's data block in one bulk read; raises the first failing file's error."""
         return self.vcpu_reader.read_all()
+
+
+def parse_vm_id(ident: str) -> int | None:
+    """``kvm-PID`` -> PID of the VM's creator, else None."""
+    match = _VM_ID.match(ident)
+    return int(match[1]) if match else None
 
 
 def vcpu_path(vm: VmStats, vcpu_id: int, *, host: bool) -> str:

@@ -2,7 +2,8 @@
 
 A test marked ``kvm`` (or ``qemu``, ``ptrace``) skips when what it needs is missing, unless
 ``STATSD_QMP_REQUIRE_KVM=1`` is set (CI sets it): then a missing /dev/kvm, QEMU or socat is a
-failure, so a CI run can never pass by skipping the tests that matter.
+failure, so a CI run can never pass by skipping the tests that matter. The markers of what a
+test assumes of the machine (``root``, ``cpu0``, ``schedstat``) follow the same rule.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -43,12 +45,41 @@ def program_problem(name: str) -> str | None:
     return None if shutil.which(name) else f"{name} is not installed"
 
 
+def wait_line(process: subprocess.Popen[str], expected: str) -> None:
+    """Read one line of ``process``'s stdout; it must be ``expected`` (a child says "ready")."""
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    assert line == expected, line
+
+
+def root_problem() -> str | None:
+    return None if os.geteuid() == 0 else "needs root (changes users, owners or capabilities)"
+
+
+def cpu0_problem() -> str | None:
+    if 0 in os.sched_getaffinity(0):
+        return None
+    return "CPU 0 is not in this process's CPU set (the test pins itself to it)"
+
+
+def schedstat_problem() -> str | None:
+    if os.path.exists("/proc/thread-self/schedstat"):
+        return None
+    return "no /proc/thread-self/schedstat (a kernel without CONFIG_SCHED_INFO)"
+
+
+MACHINE_MARKERS = {"root": root_problem, "cpu0": cpu0_problem, "schedstat": schedstat_problem}
+
+
 @pytest.fixture(autouse=True)
 def _real_requirements(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("kvm") or request.node.get_closest_marker("qemu"):
         need(kvm_problem())
     if request.node.get_closest_marker("qemu"):
         need(program_problem("qemu-system-x86_64"))
+    for marker, problem in MACHINE_MARKERS.items():
+        if request.node.get_closest_marker(marker):
+            need(problem())
 
 
 @pytest.fixture
@@ -69,8 +100,9 @@ def owned_vm() -> Iterator[object]:
         vm.close()
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``: a test stops what it started, by its pid."""
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: a test stops what it started, by its pid.
+    The pipes the test opened to it are closed."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -78,3 +110,6 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> Non
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()

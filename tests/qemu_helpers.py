@@ -70,6 +70,7 @@ class QemuVm:
         machine: str = "pc",
         prefix: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.qmp_path = workdir / f"qemu-{name}.sock"
         cmd = [
@@ -88,6 +89,7 @@ class QemuVm:
             "none",
             "-qmp",
             f"unix:{self.qmp_path},server=on,wait=off",
+            *extra,
         ]
         if paused:
             cmd.append("-S")
@@ -130,3 +132,15 @@ class QemuVm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def vcpus_in_kvm_run(pid: int) -> int:
+    """Threads of ``pid`` shown inside ioctl(fd, KVM_RUN), kernel workers left out."""
+    from statsd_qmp import adoption
+
+    count = 0
+    for thread in adoption.list_threads(pid):
+        call = adoption.current_syscall(pid, thread.tid)
+        if call and call[0] == adoption.SYS_IOCTL and call[1][1] == adoption.KVM_RUN:
+            count += 1
+    return count

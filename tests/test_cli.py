@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 from statsd_qmp import cli
 from statsd_qmp.config import ConfigError, load_config
 
+from .daemons import start_serve, stop
 from .procnet import listening_sockets
 
 CLI = [sys.executable, "-m", "statsd_qmp.cli"]
@@ -48,13 +48,7 @@ def heavy_in(modules: set[str]) -> set[str]:
 def daemon_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     run_dir = tmp_path_factory.mktemp("cli") / "run"
     log = run_dir.parent / "daemon.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [*CLI, "serve", "--no-discovery", "--run-dir", str(run_dir), "--log-format", "json"],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    process = start_serve(run_dir, log, "--no-discovery")
     host = run_dir / "qmp.sock"
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -64,12 +58,7 @@ def daemon_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             time.sleep(0.02)
         yield host
     finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(TIMEOUT)
+        stop(process)
 
 
 def run_cli(*args: str, importtime: bool = False) -> subprocess.CompletedProcess[str]:
@@ -122,7 +111,9 @@ def test_every_subcommand_is_registered_once_and_listed() -> None:
     parser = cli.build_parser()
     (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(cli.SUBCOMMANDS)
-    assert {"serve", "query", "exec", "demo-stats", "check-install"} <= set(cli.SUBCOMMANDS)
+    assert {"serve", "query", "exec", "adopt", "demo-stats", "check-install"} <= set(
+        cli.SUBCOMMANDS
+    )
     with pytest.raises(ValueError, match="registered twice"):
         cli.subcommand("query", help="x", arguments=lambda parser: None)(lambda args: 0)
 
@@ -159,6 +150,7 @@ FLAG_CASES = [
     ("--max-output-bytes", "-7", "[limits]\nmax_output_bytes = -7"),
     ("--socket-mode", "7777", 'socket_mode = "7777"'),
     ("--socket-mode", "0999", 'socket_mode = "0999"'),
+    ("--admin-group", "a:b", 'admin_group = "a:b"'),
     ("--demo-vcpus", "0", "demo_vcpus = 0"),
     ("--histogram-order", "reversed", 'histogram_order = "reversed"'),
     ("--log-level", "trace", 'log_level = "trace"'),
@@ -215,6 +207,8 @@ def test_good_flags_become_settings(tmp_path: Path) -> None:
             "0640",
             "--socket-group",
             "0",
+            "--admin-group",
+            "root",
             "--scan-interval",
             "0.25",
             "--negotiation-timeout",
@@ -225,6 +219,7 @@ def test_good_flags_become_settings(tmp_path: Path) -> None:
     assert settings.run_dir == Path.cwd() / "relative/run"
     assert settings.socket_mode == 0o640
     assert settings.socket_gid == 0
+    assert settings.admin_gid == 0
     assert settings.scan_interval == 0.25
     assert settings.limits.negotiation_timeout == 2.0
 

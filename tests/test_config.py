@@ -25,12 +25,16 @@ FULL = """\
 run_dir = "/run/other"
 socket_mode = "0640"
 socket_group = "kvm"
+admin_group = 0
 scan_interval = 0.25
 histogram_order = "qemu"
 log_level = "debug"
 log_format = "json"
 demo = true
 demo_vcpus = 4
+adopt = "ptrace"
+adopt_only = ["web*", "pid-42"]
+adopt_any_client = true
 
 [limits]
 max_request_bytes = 4096
@@ -63,12 +67,16 @@ def test_every_key(tmp_path: Path) -> None:
         run_dir=Path("/run/other"),
         socket_mode=0o640,
         socket_group="kvm",
+        admin_group=0,
         scan_interval=0.25,
         histogram_order="qemu",
         log_level="debug",
         log_format="json",
         demo=True,
         demo_vcpus=4,
+        adopt="ptrace",
+        adopt_only=("web*", "pid-42"),
+        adopt_any_client=True,
         limits=LimitsConfig(
             max_request_bytes=4096,
             max_connections=7,
@@ -100,7 +108,8 @@ def test_the_shipped_example_sets_every_key(tmp_path: Path) -> None:
     for key in LIMIT_KEYS:
         assert getattr(config.limits, key) is not None, f"limits.{key}"
     assert config.run_dir == Path("/run/statsd-qmp")  # the units' RuntimeDirectory
-    assert config.socket_mode == 0o660
+    assert config.socket_mode == 0o666  # every user may connect and see its own VMs
+    assert config.admin_group == "statsd-qmp"  # the group keeps seeing every VM
     assert config.demo is False  # the unit gives no /dev/kvm
 
 
@@ -162,6 +171,13 @@ def test_socket_group_spellings(tmp_path: Path, text: str, expected: str | int) 
         ("socket_group = 4294967295", "socket_group", "got 4294967295"),
         ("socket_group = [1]", "socket_group", "got an array"),
         (
+            'admin_group = "a:b"',
+            "admin_group",
+            'expected a group name or a numeric gid, got "a:b"',
+        ),
+        ("admin_group = -1", "admin_group", "got -1"),
+        ("admin_group = false", "admin_group", "got false"),
+        (
             "scan_interval = 0",
             "scan_interval",
             "expected a positive number of seconds, got 0",
@@ -194,6 +210,16 @@ def test_socket_group_spellings(tmp_path: Path, text: str, expected: str | int) 
         ("demo_vcpus = 1.5", "demo_vcpus", "got 1.5"),
         ("demo_vcpus = true", "demo_vcpus", "got true"),
         ('demo_vcpus = "2"', "demo_vcpus", 'got "2"'),
+        ('adopt = "gdb"', "adopt", 'expected one of "off", "ptrace", got "gdb"'),
+        ("adopt = true", "adopt", "got true"),
+        (
+            'adopt_only = "web*"',
+            "adopt_only",
+            'expected an array of glob patterns such as ["web*"]',
+        ),
+        ('adopt_only = ["web*", 3]', "adopt_only", "got an array"),
+        ('adopt_only = [""]', "adopt_only", "got an array"),
+        ('adopt_any_client = "yes"', "adopt_any_client", 'expected true or false, got "yes"'),
         (
             "[limits]\nmax_connections = -3",
             "limits.max_connections",
@@ -314,6 +340,9 @@ def test_resolve_group() -> None:
     with pytest.raises(ConfigError) as caught:
         resolve_group("no-such-group-statsd-qmp", path=path)
     assert str(caught.value) == (f"{path}: socket_group: no group named 'no-such-group-statsd-qmp'")
+    with pytest.raises(ConfigError) as caught:
+        resolve_group("no-such-group-statsd-qmp", path=path, key="admin_group")
+    assert str(caught.value) == (f"{path}: admin_group: no group named 'no-such-group-statsd-qmp'")
 
 
 def test_config_stays_below_app_server_and_cli() -> None:

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import pytest
 
+from statsd_qmp.access import EVERYTHING
 from statsd_qmp.commands import CommandContext, Commands, RawSteps, Scope
 from statsd_qmp.qjson.writer import dumps
 
@@ -205,6 +206,7 @@ class _ListedVm:
     has_vm_stats: bool = True
     origin: str = "borrowed"
     socket_path: str = ""
+    owner_uid: int = 0
 
 
 class _Registry:
@@ -234,7 +236,7 @@ def test_query_vms_in_steps_is_the_writers_text() -> None:
     vms[7].name = 'odd "name\\ é'  # escapes as QEMU writes them
     registry = _Registry(vms)
     commands = Commands(cast(CommandContext, registry))
-    value = commands.execute(Scope(host=True), "query-vms", {}, oob=False)
+    value = commands.execute(Scope(host=True, viewer=EVERYTHING), "query-vms", {}, oob=False)
     assert isinstance(value, RawSteps)
     expected = [
         {

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +17,7 @@ from statsd_qmp.discovery import UNIX_PATH_MAX, unique_name
 from statsd_qmp.server import Server
 from statsd_qmp.sources.borrowed import _LINKS_PER_STEP, ProcScanner, list_stats_fds, qemu_name
 
+from .fdcheck import pidfd_pids, served_fds, stray_kvm_fds
 from .trio_qmp import TrioQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
@@ -108,93 +105,6 @@ class MiniVmm:
                 await pipe.aclose()
 
 
-KVM_STATS_NAME_SIZE = 48  # include/uapi/linux/kvm.h
-_CREATOR = re.compile(rb"kvm-(\d+)")
-
-
-class OwnFds:
-    """This process's fds, leaving out what the in-process daemon holds for VMMs the test did
-    not start: other programs' and other tests' VMs come and go on the same host, and the
-    daemon borrows their stats fds, holds their pidfds and binds their per-VM sockets.
-
-    ``watch(pid)`` makes a VMM the test's (call it again after a vCPU is added: a vCPU stats
-    id names the creating thread). A stats fd is the test's when its id (``kvm-PID`` or
-    ``kvm-TID/vcpu-N``) names one of those; a pidfd when its fdinfo ``Pid:`` does; a unix
-    socket bound under ``RUN_DIR/vm/`` when its name is one of ``names``.
-    """
-
-    def __init__(self, run_dir: Path, *names: str) -> None:
-        self.vm_dir = str(run_dir / "vm")
-        self.names = set(names)
-        self.ids: set[int] = set()
-
-    def watch(self, pid: int) -> None:
-        self.ids.add(pid)
-        with contextlib.suppress(FileNotFoundError):
-            self.ids.update(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
-
-    def _entries(self) -> list[tuple[int, str]]:
-        entries = []
-        for name in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                entries.append((int(name), os.readlink(f"/proc/self/fd/{name}")))
-        return entries
-
-    def _creator(self, fd: int) -> int | None:
-        try:
-            header = os.pread(fd, 24, 0)
-            id_offset = struct.unpack_from("=6I", header)[3]
-            found = _CREATOR.match(os.pread(fd, KVM_STATS_NAME_SIZE, id_offset))
-        except (OSError, struct.error):
-            return None
-        return int(found.group(1)) if found else None
-
-    def _pidfd_pid(self, fd: int) -> int | None:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-                if line.startswith("Pid:"):
-                    return int(line.split()[1])
-        return None
-
-    def _socket_paths(self) -> dict[str, str]:
-        paths = {}
-        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7].startswith(self.vm_dir + "/"):
-                paths[f"socket:[{fields[6]}]"] = fields[7]
-        return paths
-
-    def _foreign(self, fd: int, link: str, sockets: dict[str, str]) -> bool:
-        if link.startswith("anon_inode:kvm-") and "-stats" in link:
-            return self._creator(fd) not in self.ids
-        if link == "anon_inode:[pidfd]":
-            return self._pidfd_pid(fd) not in self.ids
-        if link in sockets:
-            return Path(sockets[link]).stem not in self.names
-        return False
-
-    def count(self) -> int:
-        """Every fd of this process but those held for other VMMs."""
-        sockets = self._socket_paths()
-        return sum(1 for fd, link in self._entries() if not self._foreign(fd, link, sockets))
-
-    def pidfds(self) -> int:
-        return sum(
-            1
-            for fd, link in self._entries()
-            if link == "anon_inode:[pidfd]" and self._pidfd_pid(fd) in self.ids
-        )
-
-    def kvm(self) -> list[str]:
-        """The test's KVM fds; any kvm-vm or kvm-vcpu fd (never to be held) counts as well."""
-        return [
-            link
-            for fd, link in self._entries()
-            if link.startswith("anon_inode:kvm")
-            and ("-stats" not in link or self._creator(fd) in self.ids)
-        ]
-
-
 @asynccontextmanager
 async def daemon(run_dir: Path, **settings: Any) -> AsyncIterator[Server]:
     async with trio.open_nursery() as nursery:
@@ -224,11 +134,8 @@ def by_pid(vms: Sequence[Any], pid: int) -> Any:
 @pytest.mark.kvm
 async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        fds = OwnFds(tmp_path, "web_one_x")
-        baseline = fds.count()
         client = await TrioQmp.connect(server.host_socket)
         vmm = await MiniVmm.start("--vcpus", "3", "-name", "guest=web one,,x,debug-threads=on")
-        fds.watch(vmm.pid)
         try:
             with trio.fail_after(2):  # the periodic scan alone must find it within 2 s
                 while server.registry.find_vm("web_one_x") is None:
@@ -245,10 +152,11 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
             }
             # 4 borrowed stats fds + 1 pidfd (trio holds another one for its child process),
             # and no kvm-vm or kvm-vcpu fd ever.
-            assert fds.pidfds() == 2
-            assert sorted(fds.kvm()) == sorted(
+            assert pidfd_pids().count(vmm.pid) == 2
+            assert sorted(served_fds(server, "web_one_x").values()) == sorted(
                 ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(3)]
             )
+            assert stray_kvm_fds(server) == []
             per_vm = await TrioQmp.connect(entry["socket"])
             (result,) = await per_vm.command("query-stats", {"target": "vm"})
             assert {s["name"] for s in result["stats"]} >= {"pages_4k", "remote_tlb_flush"}
@@ -258,13 +166,13 @@ async def test_vmm_is_served_and_dropped_at_exit(tmp_path: Path) -> None:
         finally:
             await vmm.kill()
         with trio.fail_after(1):  # the pidfd watch closes everything at once
-            while server.registry.find_vm("web_one_x") is not None or fds.kvm():
+            while server.registry.find_vm("web_one_x") is not None or stray_kvm_fds(server):
                 await trio.sleep(0.01)
         assert not (tmp_path / "vm" / "web_one_x.sock").exists()
-        assert fds.pidfds() == 0
+        assert vmm.pid not in pidfd_pids()
         await client.aclose()
         with trio.fail_after(1):  # the server side of the connection closes too
-            while fds.count() != baseline:
+            while server.connections:
                 await trio.sleep(0.01)
 
 
@@ -309,9 +217,12 @@ async def test_hotplugged_vcpu_is_served_and_a_dropped_one_goes(tmp_path: Path) 
                     if [c["qom-path"] for c in cpus] == ["/kvm/vcpu[1]"]:
                         break
                     await trio.sleep(0.05)
-            fds = OwnFds(tmp_path, "hot")
-            fds.watch(vmm.pid)
-            assert len(fds.kvm()) == 2  # VM stats + vcpu 1: vcpu 0's copy was closed
+            # VM stats + vcpu 1: vcpu 0's copy was closed
+            assert sorted(served_fds(server, "hot").values()) == [
+                "anon_inode:kvm-vcpu-stats:1",
+                "anon_inode:kvm-vm-stats",
+            ]
+            assert stray_kvm_fds(server) == []
             await per_vm.aclose()
         finally:
             await vmm.kill()
@@ -342,21 +253,18 @@ async def test_fifty_vmm_lifetimes_leave_no_fds(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
         client = await TrioQmp.connect(server.host_socket)
         await client.command("query-vms")
-        fds = OwnFds(tmp_path)
-        baseline = fds.count()
+        pids = []
         for _ in range(50):
             vmm = await MiniVmm.start("--vcpus", "2")
-            fds.watch(vmm.pid)
-            fds.names.add(f"pid-{vmm.pid}")
+            pids.append(vmm.pid)
             await wait_for_vms(client, lambda v, pid=vmm.pid: by_pid(v, pid) is not None)
             await vmm.kill()
             with trio.fail_after(1):
                 while any(vm.pid == vmm.pid for vm in server.registry.all_vms()):
                     await trio.sleep(0.01)
         with trio.fail_after(1):  # the last VM's fds are closed in a worker thread
-            while fds.count() != baseline:
+            while stray_kvm_fds(server) or set(pids) & set(pidfd_pids()):
                 await trio.sleep(0.01)
-        assert fds.kvm() == []
         await client.aclose()
 
 
@@ -370,18 +278,19 @@ async def test_scan_skips_unchanged_processes(tmp_path: Path) -> None:
         second = await trio.to_thread.run_sync(scanner.scan, 1.0)
         assert vmm.pid in second.vmms
         assert second.vmms[vmm.pid].signature() == first.vmms[vmm.pid].signature()
-        if scanner.fd_counts_supported:
-            # Only new processes and those whose fd count changed are read again: not the
-            # VMM, whose fds did not change (a handful of short-lived processes may be new).
-            assert second.full_scans < first.full_scans
-            assert second.full_scans <= 5
-            # A hot-plugged vCPU changes the count: the VMM is read again at once.
-            await vmm.send("add-vcpu")
-            third = await trio.to_thread.run_sync(scanner.scan, 2.0)
-            assert len(third.vmms[vmm.pid].vcpu_stats) == len(first.vmms[vmm.pid].vcpu_stats) + 1
-            # Past the safety-net interval every process is read again.
-            fourth = await trio.to_thread.run_sync(scanner.scan, 100.0)
-            assert fourth.full_scans >= first.full_scans - 5
+        if not scanner.fd_counts_supported:
+            pytest.skip("stat(/proc/PID/fd) gives no fd count before Linux 6.2: every scan reads")
+        # Only new processes and those whose fd count changed are read again: not the
+        # VMM, whose fds did not change (a handful of short-lived processes may be new).
+        assert second.full_scans < first.full_scans
+        assert second.full_scans <= 5
+        # A hot-plugged vCPU changes the count: the VMM is read again at once.
+        await vmm.send("add-vcpu")
+        third = await trio.to_thread.run_sync(scanner.scan, 2.0)
+        assert len(third.vmms[vmm.pid].vcpu_stats) == len(first.vmms[vmm.pid].vcpu_stats) + 1
+        # Past the safety-net interval every process is read again.
+        fourth = await trio.to_thread.run_sync(scanner.scan, 100.0)
+        assert fourth.full_scans >= first.full_scans - 5
     finally:
         await vmm.kill()
 

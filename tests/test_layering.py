@@ -19,7 +19,7 @@ import statsd_qmp
 PACKAGE = Path(statsd_qmp.__file__).resolve().parent
 
 # What a module marked ``pure`` in the map must not import.
-FORBIDDEN_IN_PURE = {"trio", "os", "structlog", "socket", "subprocess", "fcntl", "select"}
+FORBIDDEN_IN_PURE = {"trio", "os", "structlog", "socket", "subprocess", "fcntl", "select", "curses"}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -43,6 +42,7 @@ from typing import Any
 import pytest
 
 from .conftest import kvm_problem, need
+from .daemons import start_serve, stop
 from .installs import readable_install
 from .qemu_helpers import RawQmp
 
@@ -285,24 +285,7 @@ class Daemon:
 def daemon(libvirt: Libvirt) -> Iterator[Daemon]:
     run_dir = libvirt.workdir / f"run-{uuid.uuid4().hex[:8]}"
     log = libvirt.workdir / "daemon.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "statsd_qmp.cli",
-                "serve",
-                "--run-dir",
-                str(run_dir),
-                "--scan-interval",
-                "0.2",
-                "--log-format",
-                "json",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    process = start_serve(run_dir, log)
     try:
         wait_for(
             lambda: process.poll() is None and (run_dir / "qmp.sock").exists(),
@@ -311,8 +294,7 @@ def daemon(libvirt: Libvirt) -> Iterator[Daemon]:
         )
         yield Daemon(process, run_dir)
     finally:
-        stop_pid(process.pid)
-        process.wait(TIMEOUT)
+        stop(process)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

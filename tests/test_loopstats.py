@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import trio
 
 from statsd_qmp.loopstats import LoopLagInstrument, doing
@@ -19,6 +20,7 @@ def _spin(seconds: float) -> None:
         pass
 
 
+@pytest.mark.schedstat
 async def test_cpu_and_sleep_inside_a_step_are_told_apart() -> None:
     instrument = LoopLagInstrument()
     trio.lowlevel.add_instrument(instrument)
@@ -58,6 +60,8 @@ async def test_cpu_and_sleep_inside_a_step_are_told_apart() -> None:
     assert worst[1]["cpu_ms"] >= 5.5
 
 
+@pytest.mark.schedstat
+@pytest.mark.cpu0
 def test_waiting_for_the_cpu_is_not_counted_as_blocking() -> None:
     """A step preempted by another process: wall time grows, blocked time does not."""
     script = textwrap.dedent(

@@ -99,7 +99,7 @@ def synthetic_vm(vcpus: int, values: dict[str, tuple[int, ...]] | None = None) -
             fd = memfd_with(build(f"kvm-2/vcpu-{index}", vcpu_stats(values)).data)
             fds.append(fd)
             vcpu_files.append(VcpuStats(index, 2, StatsFile.parse(fd)))
-        yield VmStats("syn", 1, "owned", StatsFile.parse(vm_fd), tuple(vcpu_files))
+        yield VmStats("syn", 1, "owned", StatsFile.parse(vm_fd), tuple(vcpu_files), owner_uid=0)
     finally:
         for fd in fds:
             with suppress(OSError):  # a test may have closed it
@@ -675,7 +675,7 @@ def test_many_vcpus_are_rendered_in_chunks_in_order() -> None:
 def test_vms_with_and_without_parts_or_of_other_layouts_share_families() -> None:
     with synthetic_vm(2) as full:
         # A VMM holding only vCPU stats fds (QEMU >= 8.1 without the hold library).
-        vcpus_only = VmStats("b-vcpus-only", 3, "borrowed", None, full.vcpus)
+        vcpus_only = VmStats("b-vcpus-only", 3, "borrowed", None, full.vcpus, owner_uid=0)
         full.name = "a-full"
         registry = registry_with(full, vcpus_only)
         from statsd_qmp.steps import finish
@@ -691,7 +691,9 @@ def test_vms_with_and_without_parts_or_of_other_layouts_share_families() -> None
         # Another layout (a stat less): merged by family name on the slow path.
         fd = memfd_with(build("kvm-9/vcpu-0", vcpu_stats()[:3]).data)
         try:
-            odd = VmStats("c-odd", 9, "owned", None, (VcpuStats(0, 9, StatsFile.parse(fd)),))
+            odd = VmStats(
+                "c-odd", 9, "owned", None, (VcpuStats(0, 9, StatsFile.parse(fd)),), owner_uid=0
+            )
             registry._vms["c-odd"] = odd
             text = bytes(finish(Exporter(registry).scrape()).body("openmetrics")).decode()
         finally:
@@ -736,3 +738,20 @@ def _count_pause(counted: Any) -> Any:
         counted()
 
     return pause
+
+
+def test_a_query_stats_program_grows_its_buffer_on_first_render() -> None:
+    """render.Program and the metrics programs share one C entry point (statsfmt_render_marked):
+    a first reply larger than the initial output buffer must come out whole."""
+    from statsd_qmp import render
+
+    with synthetic_vm(8) as vm:
+        shape = render.Shape("vcpu", None, None, True, "kernel")
+        program = render.compile_shape(vm, shape)
+        assert program is not None
+        vm.vcpu_reader.read_all()
+        first = bytes(program.render())
+        assert len(first) > 4096
+        assert bytes(program.render()) == first
+        assert first.startswith(b'{"provider": "kvm"')
+        assert first.endswith(b'"qom-path": "/vm/syn/vcpu[0]"}')

@@ -19,9 +19,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from .conftest import stop_process, wait_line
+from .daemons import start_serve
 from .qemu_helpers import RawQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
@@ -49,14 +52,9 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_line(process: subprocess.Popen[str], expected: str) -> None:
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    assert line == expected, line
-
-
 @pytest.mark.kvm
 @pytest.mark.ptrace
+@pytest.mark.root
 def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None:
     for program in ("setpriv", SYSTEM_PYTHON):
         if not shutil.which(program):
@@ -65,7 +63,7 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
     run_dir.mkdir()
     os.chown(run_dir, NOBODY, NOBODY)
     log_path = shared_dir / "daemon.log"
-    processes: list[subprocess.Popen[str]] = []
+    processes: list[subprocess.Popen[Any]] = []
     try:
         root_vmm = subprocess.Popen(
             [sys.executable, str(MINI_VMM), "--comm", "kvm-rootvmm", "-name", "rootvm"],
@@ -95,25 +93,7 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
         os.close(kvm_fd)
         processes.append(nobody_vmm)
         wait_line(nobody_vmm, "ready")
-        with open(log_path, "w") as log:
-            daemon = subprocess.Popen(
-                [
-                    *drop_to_nobody(keep_dac_read_search=True),
-                    sys.executable,
-                    "-m",
-                    "statsd_qmp.cli",
-                    "serve",
-                    "--run-dir",
-                    str(run_dir),
-                    "--log-format",
-                    "json",
-                    "--scan-interval",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=log,
-                text=True,
-            )
+        daemon = start_serve(run_dir, log_path, prefix=drop_to_nobody(keep_dac_read_search=True))
         processes.append(daemon)
         host = run_dir / "qmp.sock"
         deadline = time.monotonic() + 10
@@ -148,19 +128,12 @@ def test_unprivileged_daemon_reports_the_root_vmm_once(shared_dir: Path) -> None
         )
     finally:
         for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-            for pipe in (process.stdin, process.stdout):
-                if pipe is not None:
-                    pipe.close()
+            stop_process(process)
 
 
 @pytest.mark.kvm
 @pytest.mark.ptrace
+@pytest.mark.root
 def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
     """A root VMM whose name says nothing (here ``python``, running ``demo-stats``) is still
     reported once: its KVM worker thread gives it away."""
@@ -168,7 +141,7 @@ def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
     run_dir.mkdir()
     os.chown(run_dir, NOBODY, NOBODY)
     log_path = shared_dir / "daemon.log"
-    processes: list[subprocess.Popen[str]] = []
+    processes: list[subprocess.Popen[Any]] = []
     try:
         vmm = subprocess.Popen(
             [sys.executable, "-m", "statsd_qmp.cli", "demo-stats", "--interval", "0.1"],
@@ -182,25 +155,7 @@ def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
         assert vmm.stdout.readline().startswith("[1] vcpu 0: ")  # its vCPUs have run
         with open(f"/proc/{vmm.pid}/comm") as comm:
             assert comm.read().strip() == "python"
-        with open(log_path, "w") as log:
-            daemon = subprocess.Popen(
-                [
-                    *drop_to_nobody(keep_dac_read_search=True),
-                    sys.executable,
-                    "-m",
-                    "statsd_qmp.cli",
-                    "serve",
-                    "--run-dir",
-                    str(run_dir),
-                    "--log-format",
-                    "json",
-                    "--scan-interval",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=log,
-                text=True,
-            )
+        daemon = start_serve(run_dir, log_path, prefix=drop_to_nobody(keep_dac_read_search=True))
         processes.append(daemon)
         deadline = time.monotonic() + 20
         while not (run_dir / "qmp.sock").exists():
@@ -216,16 +171,10 @@ def test_a_vmm_of_any_name_is_reported(shared_dir: Path) -> None:
         assert refusals[0]["vm"] == f"pid-{vmm.pid}"
     finally:
         for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-            if process.stdout is not None:
-                process.stdout.close()
+            stop_process(process)
 
 
+@pytest.mark.root
 def test_demo_stats_without_kvm_access_prints_only_the_error() -> None:
     """stdout carries samples only; a refused /dev/kvm is one error line on stderr, with no
     "closed" line for a VM that never existed."""
@@ -249,7 +198,7 @@ def test_demo_stats_without_kvm_access_prints_only_the_error() -> None:
     (line,) = done.stderr.splitlines()
     assert line.startswith("statsd-qmp: "), line
     assert "/dev/kvm" in line, line
-    assert "owned_vm_closed" not in done.stderr
+    assert "owned vm closed" not in done.stderr
 
 
 @pytest.mark.kvm

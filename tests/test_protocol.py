@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from statsd_qmp import hash_order, protocol
-from statsd_qmp.errors import CommandNotFoundError, QmpError
 from statsd_qmp.hash_order import first_unexpected_member
 from statsd_qmp.protocol import (
     Close,
@@ -28,10 +27,9 @@ from statsd_qmp.protocol import (
     Request,
     SendBytes,
     encode,
-    event,
     reply_error,
-    reply_exception,
     reply_return,
+    reply_return_parts,
 )
 from statsd_qmp.qjson import fastpath, lexer, parser, streamer, unicode, writer
 from statsd_qmp.qjson.streamer import JsonError, JsonStreamParser, JsonTooLong, JsonValue
@@ -271,7 +269,7 @@ def test_requests_after_negotiation() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Replies and events
+# 3. Replies
 
 
 def test_reply_helpers() -> None:
@@ -283,10 +281,6 @@ def test_reply_helpers() -> None:
         b'{"id": "a", "error": {"class": "GenericError", "desc": "bad"}}\r\n'
     )
     assert reply_error(None, "GenericError", "bad") == error_line("bad")
-    assert reply_exception(no_id, CommandNotFoundError("The command x has not been found")) == (
-        error_line("The command x has not been found", "CommandNotFound")
-    )
-    assert reply_exception(no_id, QmpError("d")) == error_line("d")
     # Any JSON value is an id, re-serialised the QEMU way.
     assert reply_return(Request("x", {}, None, True, False), 1) == b'{"return": 1, "id": null}\r\n'
     assert reply_return(Request("x", {}, 1e2, True, False), 1) == b'{"return": 1, "id": 100}\r\n'
@@ -295,14 +289,14 @@ def test_reply_helpers() -> None:
     )
 
 
-def test_event() -> None:
-    assert event("STOP", None, 1700000000, 42) == (
-        b'{"timestamp": {"seconds": 1700000000, "microseconds": 42}, "event": "STOP"}\r\n'
-    )
-    assert event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}, 1, 2) == (
-        b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", '
-        b'"data": {"guest": false, "reason": "host-qmp-quit"}}\r\n'
-    )
+@HYPOTHESIS
+@given(st.booleans(), st.none() | st.integers() | st.text(max_size=8) | st.lists(st.integers()))
+def test_reply_return_parts_surround_any_value_text(has_id: bool, request_id: Any) -> None:
+    request = Request("x", {}, request_id if has_id else None, has_id, False)
+    head, tail = reply_return_parts(request)
+    values: list[Any] = [[], {"a": [1, "b"]}, 0]
+    for value in values:
+        assert head + dumps(value).encode() + tail == reply_return(request, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -873,9 +867,15 @@ def test_encode_round_trips_and_matches_the_reference_writer(value: Any) -> None
 writer_text = st.text(st.characters(exclude_categories=()), max_size=12) | st.from_regex(
     r"-?[0-9]+(\.[0-9]+)?(e[-+][0-9]+)?|Infinity|NaN|\\u00e9|x 0\.1\]", fullmatch=True
 )
+
+
+def writer_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(writer_text, inner, max_size=4)
+
+
 writer_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | writer_text,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(writer_text, inner, max_size=4),
+    writer_containers,
     max_leaves=16,
 )
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from statsd_qmp import protocol, render
 from statsd_qmp._native import native
+from statsd_qmp.access import EVERYTHING
 from statsd_qmp.commands import Commands, RawJson, RawSteps, Scope, parse_stats_filter
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
@@ -90,7 +91,7 @@ def make_vm(
         VcpuStats(vcpu_id * 2, 200 + vcpu_id, parsed(f"kvm-{200 + vcpu_id}/vcpu-{vcpu_id * 2}", s))
         for vcpu_id, s in enumerate(vcpu_stats)
     )
-    return VmStats(name, 100, "borrowed", vm_file, vcpus)
+    return VmStats(name, 100, "borrowed", vm_file, vcpus, owner_uid=0)
 
 
 filters = st.fixed_dictionaries(
@@ -143,17 +144,39 @@ def test_c_rendering_equals_the_python_path(
     vms = [make_vm("a", vm_stats, vcpu_stats, opened), make_vm("b", other, [other], opened)]
     commands = Commands(Context(vms, histogram_order=order))
     stats_filter = parse_stats_filter(arguments, host=host)
-    scope = Scope(host=True) if host else Scope(host=False, vm=vms[0])
+    scope = (
+        Scope(host=True, viewer=EVERYTHING)
+        if host
+        else Scope(host=False, viewer=EVERYTHING, vm=vms[0])
+    )
     targets = vms if host else vms[:1]
     python_text = protocol.encode(commands.query_stats(scope, targets, stats_filter, host))
     c_text = commands.query_stats_json(scope, targets, stats_filter, host) + b"\r\n"
     assert c_text == python_text
 
 
+def test_a_reply_larger_than_the_first_output_buffer_is_rendered_whole(
+    opened: list[int],
+) -> None:
+    """The output buffer starts at 4 KiB and grows: the text must come from the grown one."""
+    histogram = SyntheticStat("halt_wait_hist", make_flags(4, 2), tuple(range(10**12, 10**12 + 32)))
+    exits = SyntheticStat("exits", make_flags(0), (2**63,))
+    vms = [make_vm("big", [exits], [[exits, histogram]] * 16, opened)]
+    commands = Commands(Context(vms))
+    stats_filter = parse_stats_filter({"target": "vcpu"}, host=True)
+    scope = Scope(host=True, viewer=EVERYTHING)
+    python_text = protocol.encode(commands.query_stats(scope, vms, stats_filter, True))
+    c_text = commands.query_stats_json(scope, vms, stats_filter, True) + b"\r\n"
+    assert len(c_text) > 2 * 4096
+    assert c_text == python_text
+
+
 def test_execute_returns_raw_json_that_splices_into_qemus_reply(opened: list[int]) -> None:
     vm = make_vm("a", [SyntheticStat("x", 0, (7,))], [], opened)
     commands = Commands(Context([vm]))
-    value = commands.execute(Scope(host=False, vm=vm), "query-stats", {"target": "vm"}, oob=False)
+    value = commands.execute(
+        Scope(host=False, viewer=EVERYTHING, vm=vm), "query-stats", {"target": "vm"}, oob=False
+    )
     assert isinstance(value, RawJson)
     assert value.text == b'[{"provider": "kvm", "stats": [{"name": "x", "value": 7}]}]'
     template = protocol.reply_return(protocol.Request("query-stats", {}, "i", True, False), 0)
@@ -242,7 +265,7 @@ def test_a_template_cache_emptied_mid_compile_changes_nothing(
     ]
     vm = make_vm("a", None, layouts, opened)
     commands = Commands(Context([vm]))
-    scope = Scope(host=False, vm=vm)
+    scope = Scope(host=False, viewer=EVERYTHING, vm=vm)
     stats_filter = parse_stats_filter({"target": "vcpu"}, host=False)
     python_text = protocol.encode(commands.query_stats(scope, [vm], stats_filter, False))
     c_text = commands.query_stats_json(scope, [vm], stats_filter, False) + b"\r\n"
@@ -276,7 +299,7 @@ def test_host_wide_query_stats_in_steps_equals_the_python_path(
     stats = [SyntheticStat("exits", make_flags(0), (5,)), SyntheticStat("b", make_flags(0), (6,))]
     vms = [make_vm(f"vm{i}", stats, [stats, stats[:1]], opened) for i in range(4)]
     commands = Commands(Context(vms))
-    host = Scope(host=True)
+    host = Scope(host=True, viewer=EVERYTHING)
     providers = [{"provider": "kvm", "names": ["b"]}, {"provider": "kvm"}]  # two passes
     for arguments in ({"target": "vcpu"}, {"target": "vm", "providers": providers}):
         value = commands.execute(host, "query-stats", arguments, oob=False)
@@ -292,7 +315,9 @@ def test_a_vm_dropped_during_a_stepped_reply_is_left_out_unread(opened: list[int
     vms = [make_vm(f"vm{i}", None, [stats], opened) for i in range(3)]
     context = Context(list(vms))
     commands = Commands(context)
-    value = commands.execute(Scope(host=True), "query-stats", {"target": "vcpu"}, oob=False)
+    value = commands.execute(
+        Scope(host=True, viewer=EVERYTHING), "query-stats", {"target": "vcpu"}, oob=False
+    )
     assert isinstance(value, RawSteps)
 
     def drop_vm1_after_the_first(step: int) -> bool:

@@ -9,8 +9,6 @@ only entries naming our VMM or our daemons count.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,25 +18,13 @@ from typing import Any
 
 import pytest
 
+from .daemons import start_serve, stop
 from .qemu_helpers import RawQmp
 
 MINI_VMM = Path(__file__).resolve().parent / "mini_vmm.py"
 TIMEOUT = 60.0  # a first scan meets every other VMM and daemon on this shared machine
 
 pytestmark = [pytest.mark.kvm, pytest.mark.ptrace]
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(TIMEOUT)
-    for pipe in (process.stdin, process.stdout):
-        if pipe is not None:
-            pipe.close()
 
 
 @pytest.fixture
@@ -54,24 +40,7 @@ def processes() -> Iterator[list[subprocess.Popen[Any]]]:
 def start_daemon(
     run_dir: Path, log: Path, processes: list[subprocess.Popen[Any]]
 ) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "statsd_qmp.cli",
-                "serve",
-                "--run-dir",
-                str(run_dir),
-                "--scan-interval",
-                "0.2",
-                "--log-format",
-                "json",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    daemon = start_serve(run_dir, log)
     processes.append(daemon)
     return daemon
 
@@ -143,6 +112,10 @@ def test_two_daemons_serve_one_vm_once_each(
     stop(vmm)
     for run_dir, log, _ in daemons:
         wait_for(lambda run_dir=run_dir: our_vms(run_dir, pids) == [], log.read_text(), 2.0)
-    time.sleep(0.5)
-    for run_dir, _, _ in daemons:
+    time.sleep(1.0)  # several scans while the other daemon's copies go
+    for run_dir, log, daemon in daemons:
         assert our_vms(run_dir, pids) == []
+        added = [json.loads(line) for line in log.read_text().splitlines() if '"vm added"' in line]
+        # Never the other daemon as a VM, not even for one scan after the VMM exited.
+        assert [r["pid"] for r in added if r["pid"] in pids] == [vmm.pid], log.read_text()
+        assert daemon.poll() is None

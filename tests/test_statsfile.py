@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statsd_qmp import schema
+from statsd_qmp import _native, schema
 from statsd_qmp.engine import BatchReader
 from statsd_qmp.errors import StatsFormatError, StatsReadError
-from statsd_qmp.statsfile import StatsFile, words_of
+from statsd_qmp.statsfile import StatsFile
 
 from .synthetic import (
     BlockName,
@@ -29,6 +29,19 @@ from .synthetic import (
 )
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+def words_of(block: bytes | memoryview) -> memoryview:
+    """View a data block as host-endian u64 words (KVM writes them in host order)."""
+    view = memoryview(block)
+    usable = len(view) - len(view) % 8
+    return view[:usable].cast("B").cast("Q")
+
+
+def test_the_compiled_helper_is_the_expected_build() -> None:
+    """Smoke test of the build: the C function and the C header agree with the wrapper."""
+    _, lib = _native.native()
+    assert _native.abi_version() == lib.STATSREAD_ABI_VERSION == _native.EXPECTED_ABI_VERSION
 
 
 @pytest.fixture

@@ -319,6 +319,14 @@ def test_screen_keys_views_and_resize(host: Host, tmux: Tmux) -> None:
     tmux.send("Left")
     tmux.send("c")
 
+    # p picks a guest by its VMM's pid.
+    tmux.send("p")
+    tmux.wait_for(lambda s: "VMM pid" in s, "the pid prompt")
+    tmux.type(str(host.vms()["demo"]))
+    tmux.send("Enter")
+    tmux.wait_for(lambda s: s.startswith("statsd-qmp top - guest demo (pid"), "the demo guest")
+    tmux.send("c")
+
     # b: one row per guest, both of ours among them.
     tmux.send("b")
     screen = tmux.wait_for(

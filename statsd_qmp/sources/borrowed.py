@@ -19,6 +19,7 @@ import ctypes
 import errno as errno_mod
 import os
 import re
+import select
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from ..steps import Steps, finish
 
 VM_STATS_LINK = "anon_inode:kvm-vm-stats"
 VCPU_STATS_PREFIX = "anon_inode:kvm-vcpu-stats:"
+VM_LINK = "anon_inode:kvm-vm"
+VCPU_PREFIX = "anon_inode:kvm-vcpu:"
 KVM_LINK_PREFIX = "anon_inode:kvm-"
 
 SYS_PIDFD_GETFD = 438  # same number on every architecture (unified syscall table, Linux 5.6)
@@ -54,6 +57,36 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
         code = ctypes.get_errno()
         raise OSError(code, f"pidfd_getfd(fd {target_fd}): {os.strerror(code)}")
     return int(fd)
+
+
+def process_exited(pidfd: int) -> bool:
+    """Whether the pidfd's process has exited (a pidfd polls readable from then on)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def real_uid(pid: int, pidfd: int) -> int | None:
+    """The real uid of the process behind ``pidfd`` (``pid``), or None once it has exited.
+
+    Read from ``/proc/PID/status`` (``Uid:`` real, effective, saved, fs). A pid is only reused
+    after its process has exited and been reaped, so a pidfd still not readable *after* the
+    read proves the file read was this process's, not a newcomer's under a recycled pid.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            status = handle.read()
+    except OSError:
+        return None
+    uid: int | None = None
+    for line in status.splitlines():
+        if line.startswith(b"Uid:"):
+            fields = line.split()
+            uid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+            break
+    if uid is None or process_exited(pidfd):
+        return None
+    return uid
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -191,12 +224,26 @@ _PROCESSES_PER_STEP = 256
 
 @dataclass
 class ProcessStatsFds:
-    """The KVM stats fds one process holds (fd numbers in *its* table)."""
+    """The KVM stats fds one process holds (fd numbers in *its* table).
+
+    ``vm_fds`` are its ``kvm-vm`` fds and ``vcpu_fds`` its ``kvm-vcpu:N`` fds by vCPU id: a
+    process holding those but no stats fd is a VMM that could be adopted.
+    """
 
     pid: int
     vm_stats: list[int] = field(default_factory=list)
     vcpu_stats: dict[int, list[int]] = field(default_factory=dict)  # vcpu_id -> fds
+    vm_fds: list[int] = field(default_factory=list)
+    vcpu_fds: dict[int, int] = field(default_factory=dict)  # vcpu_id -> kvm-vcpu fd
     _signature: Signature | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def holds_stats(self) -> bool:
+        return bool(self.vm_stats or self.vcpu_stats)
+
+    def kvm_signature(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Its VM fds and vCPU ids: unchanged over two scans means it finished starting."""
+        return tuple(sorted(self.vm_fds)), tuple(sorted(self.vcpu_fds))
 
     def signature(self) -> Signature:
         """What the process holds, comparable across scans (made once: a scan reports an
@@ -213,7 +260,7 @@ class ProcessStatsFds:
 class _Known:
     fd_count: int
     next_full_scan: float
-    found: ProcessStatsFds | None  # its stats fds when last read (None: it holds none)
+    found: ProcessStatsFds | None  # its KVM fds when last read (None: it holds none)
 
 
 @dataclass
@@ -227,6 +274,8 @@ class ScanResult:
     # scan (a served VM among them must not be dropped).
     unread: set[int] = field(default_factory=set)
     shortage: OSError | None = None  # the first such error
+    # Processes holding a KVM VM fd and vCPU fds but no stats fd (adoption candidates).
+    unadopted: dict[int, ProcessStatsFds] = field(default_factory=dict)
 
 
 # fd links read between two yields of a scan: ~0.2 ms (a 256-vCPU QEMU has ~800 fds).
@@ -262,6 +311,12 @@ def list_stats_fds(pid: int) -> Steps[ProcessStatsFds]:
             suffix = link[len(VCPU_STATS_PREFIX) :]
             if suffix.isdigit():
                 found.vcpu_stats.setdefault(int(suffix), []).append(int(name))
+        elif link == VM_LINK:
+            found.vm_fds.append(int(name))
+        elif link.startswith(VCPU_PREFIX):
+            suffix = link[len(VCPU_PREFIX) :]
+            if suffix.isdigit():
+                found.vcpu_fds.setdefault(int(suffix), int(name))
     return found
 
 
@@ -318,6 +373,7 @@ class ProcScanner:
         cannot be listed for that reason is reported in ``unread`` with what was known of it.
         """
         vmms: dict[int, ProcessStatsFds] = {}
+        unadopted: dict[int, ProcessStatsFds] = {}
         denied: dict[int, str] = {}
         seen: set[int] = set()
         unread: set[int] = set()
@@ -354,7 +410,7 @@ class ProcScanner:
                 and now < known.next_full_scan
             ):
                 if known.found is not None:
-                    vmms[pid] = known.found
+                    (vmms if known.found.holds_stats else unadopted)[pid] = known.found
                 continue
             full_scans += 1
             try:
@@ -373,14 +429,19 @@ class ProcScanner:
                 unread.add(pid)
                 shortage = shortage or exc
                 if known is not None and known.found is not None:
-                    vmms[pid] = known.found
+                    (vmms if known.found.holds_stats else unadopted)[pid] = known.found
                 continue
-            holds_stats = bool(found.vm_stats or found.vcpu_stats)
+            holds_stats = found.holds_stats
+            holds_vm = bool(found.vm_fds and found.vcpu_fds)
             self._known[pid] = _Known(
-                fd_count, now + self.full_rescan_interval, found if holds_stats else None
+                fd_count,
+                now + self.full_rescan_interval,
+                found if holds_stats or holds_vm else None,
             )
             if holds_stats:
                 vmms[pid] = found
+            elif holds_vm:
+                unadopted[pid] = found
         for index, pid in enumerate(list(self._known)):
             if pid not in seen:
                 del self._known[pid]
@@ -389,7 +450,15 @@ class ProcScanner:
         for pid in list(self._denied):
             if pid not in seen:
                 del self._denied[pid]
-        return ScanResult(vmms, denied, len(seen), full_scans, unread, shortage)
+        return ScanResult(
+            vmms,
+            denied,
+            len(seen),
+            full_scans,
+            unread=unread,
+            shortage=shortage,
+            unadopted=unadopted,
+        )
 
 
 def describe_errno(code: int) -> str:

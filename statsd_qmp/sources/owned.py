@@ -89,7 +89,7 @@ from .kvm_abi import (
     open_kvm,
 )
 
-_log = structlog.get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 _MAX_CONSECUTIVE_EINTR = 1000  # KVM_RUN interrupted this often in a row with no exit: give up
 
@@ -100,7 +100,7 @@ def _close_quietly(fd: int | None) -> None:
     try:
         os.close(fd)
     except OSError as exc:  # pragma: no cover - only a double close could get here
-        _log.warning("owned_vm_close_failed", fd=fd, error=str(exc))
+        log.warning("owned vm: closing an fd failed", fd=fd, error=str(exc))
 
 
 class _Vcpu:
@@ -193,8 +193,8 @@ class OwnedVM:
         except BaseException:
             vm.close()
             raise
-        _log.debug(
-            "owned_vm_created",
+        log.debug(
+            "owned vm created",
             vcpus=vcpus,
             run_guest=run_guest,
             tick_hz=tick_hz,
@@ -374,7 +374,7 @@ class OwnedVM:
     def _guest_error(self, message: str) -> None:
         with self._lock:
             self._errors.append(message)
-        _log.warning("owned_vm_vcpu_stopped", problem=message)
+        log.warning("owned vm: a vcpu stopped", problem=message)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -422,7 +422,7 @@ class OwnedVM:
             slot.stats_fd = None
             if slot in stuck:
                 # Closing the fd would let its number be reused under a KVM_RUN in flight.
-                _log.warning("owned_vm_vcpu_thread_stuck", vcpu=slot.vcpu_id)
+                log.warning("owned vm: a vcpu thread is stuck", vcpu=slot.vcpu_id)
                 continue
             if slot.run_map is not None:
                 slot.run_map.close()
@@ -440,7 +440,7 @@ class OwnedVM:
             self._memory.close()
             self._memory = None
         if had_vm:  # a VM that never came to be (no /dev/kvm access) was not "closed"
-            _log.debug("owned_vm_closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
+            log.debug("owned vm closed", vcpus=self.vcpus, stuck_vcpus=len(stuck))
 
     def _kick_vcpus(self) -> None:
         """Interrupt every vCPU now so the halted ones return to userspace (best effort)."""
@@ -452,7 +452,7 @@ class OwnedVM:
             # KVM_SIGNAL_MSI; the in-kernel LAPIC decodes it like a PCI MSI).
             fcntl.ioctl(self._vm_fd, KVM_SIGNAL_MSI, message, True)
         except OSError as exc:
-            _log.debug("owned_vm_kick_failed", error=exc.strerror)
+            log.debug("owned vm: kicking the vcpus failed", error=exc.strerror)
 
     @property
     def closed(self) -> bool:

@@ -258,7 +258,9 @@ def run_beside_qmp(workdir: Path, opts: Options) -> dict[str, Any]:
         time.sleep(2)  # its first scrapes
         started = time.time()
         result["qmp_with_prometheus_us"] = load()
-        window = f"{max(int(time.time() - started), 1)}s"
+        time.sleep(1.5)  # the last scrape lands in the database
+        # The load and the warm-up before it (whole seconds, as PromQL ranges are written).
+        window = f"{int(time.time() - started) + 3}s"
         job = '{job="statsd-qmp"}'
         result["prometheus"] = {
             "scrapes": _scalar(prometheus, f"count_over_time(up{job}[{window}])"),

@@ -66,6 +66,7 @@ from types import FrameType
 from typing import Any
 
 from statsd_qmp import protocol, render
+from statsd_qmp.access import EVERYTHING
 from statsd_qmp.commands import Commands, Scope, parse_stats_filter
 from statsd_qmp.engine import BatchReader
 from statsd_qmp.errors import StatsFileError
@@ -665,7 +666,7 @@ def bound_vm(vcpus: int, qemu_pid: int | None) -> Iterator[VmStats]:
             raise RuntimeError(
                 f"QEMU {qemu_pid} holds {len(vcpu_list)} vCPU stats fds, not {vcpus}"
             )
-        yield VmStats("bound", qemu_pid, "borrowed", vm_file, tuple(vcpu_list))
+        yield VmStats("bound", qemu_pid, "borrowed", vm_file, tuple(vcpu_list), owner_uid=0)
     finally:
         os.close(pidfd)
         for fd in fds:
@@ -676,7 +677,7 @@ def measure_bound(vcpus: int, rounds: int, qemu_pid: int | None = None) -> dict[
     """Each step of a reply for the N-vCPU VM, timed alone in process (interleaved rounds)."""
     with bound_vm(vcpus, qemu_pid) as vm:
         commands = Commands(_Context([vm]))
-        scope = Scope(host=False, vm=vm)
+        scope = Scope(host=False, viewer=EVERYTHING, vm=vm)
         full = parse_stats_filter({"target": "vcpu"}, host=False)
         exits = parse_stats_filter(
             {"target": "vcpu", "providers": [{"provider": "kvm", "names": ["exits"]}]},

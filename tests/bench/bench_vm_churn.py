@@ -9,8 +9,12 @@ it once for ``query-stats`` on that socket, stops the VMM and waits until the da
 the growth after the first ``--every`` cycles (warm-up) and writes
 ``tests/bench/results/bench_vm_churn.json``.
 
-The daemon serves the host's other VMs too (on a shared machine they come and go); their count
-is printed at start and end, beside the load average.
+Run as root, the whole run happens in a PID namespace of its own (``unshare --pid
+--mount-proc``): the daemon's /proc then shows only the mini VMMs, so VMs that other programs
+on the host start and stop (they cost the daemon memory too) cannot blur the figure.
+``--no-isolate`` runs beside them; the count of other VMs served is printed with each sample
+either way, and the growth is also given between the first and last sample with the same
+count of other VMs.
 """
 
 from __future__ import annotations
@@ -93,7 +97,17 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--label", default="", help="a name for this run in the results file")
+    parser.add_argument(
+        "--no-isolate", action="store_true", help="no PID namespace of its own (see above)"
+    )
+    parser.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.no_isolate and not args.in_namespace and os.geteuid() == 0:
+        command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m"]
+        command += ["tests.bench.bench_vm_churn", *sys.argv[1:], "--in-namespace"]
+        raise SystemExit(subprocess.run(command, check=False).returncode)
+    # SIGTERM ends the run through the finally blocks: the daemon and VMMs are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="churn-") as tmp:
         run_dir = Path(tmp) / "run"
         log = open(Path(tmp) / "daemon.log", "wb")  # noqa: SIM115 (closed with the daemon)
@@ -143,11 +157,13 @@ def main() -> None:
                         "rss_mib": rss_kib(daemon.pid) / 1024,
                         "fds": open_fds(daemon.pid),
                         "seconds": time.monotonic() - started,
+                        "other_vms": other_vms(run_dir),
                     }
                     samples.append(sample)
                     print(
                         f"cycle {cycle:4d}  rss {sample['rss_mib']:7.2f} MiB  "
-                        f"fds {sample['fds']:4d}  {sample['seconds']:6.1f} s",
+                        f"fds {sample['fds']:4d}  other VMs {sample['other_vms']:3d}  "
+                        f"{sample['seconds']:6.1f} s",
                         flush=True,
                     )
             others_after = other_vms(run_dir)
@@ -159,6 +175,13 @@ def main() -> None:
     last = samples[-1]
     growth = last["rss_mib"] - warm["rss_mib"]
     load = Path("/proc/loadavg").read_text().split()[:3]
+    same = [s for s in samples if s["cycle"] >= args.every and s["other_vms"] == last["other_vms"]]
+    if len(same) > 1:
+        print(
+            f"RSS growth from cycle {same[0]['cycle']:.0f} to {same[-1]['cycle']:.0f} "
+            f"(both with {last['other_vms']:.0f} other VMs): "
+            f"{same[-1]['rss_mib'] - same[0]['rss_mib']:+.2f} MiB"
+        )
     print(
         f"RSS growth from cycle {warm['cycle']:.0f} to {last['cycle']:.0f}: {growth:+.2f} MiB "
         f"({last['rss_mib'] / warm['rss_mib']:.3f}x); other VMs on the host: {others_before} "

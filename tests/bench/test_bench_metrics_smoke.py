@@ -27,7 +27,6 @@ def test_bench_metrics_smoke() -> None:
         assert figures["daemon_cpu_ms_per_scrape_plain"] > 0
         assert figures["prometheus_client_ms"] > 0
         assert math.isfinite(figures["ratio_vs_prometheus_client"])
-    assert results["scrapes"]["with_big"]["samples"] > results["scrapes"]["small"]["samples"]
     beside = results["beside_qmp"]
     assert beside["qmp_alone_us"]["errors"] == beside["qmp_with_prometheus_us"]["errors"] == 0
     assert beside["prometheus"]["up_min"] == 1.0

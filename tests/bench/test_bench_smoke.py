@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from . import bench_read
+from . import bench_adopt, bench_read
 
 
 @pytest.mark.kvm
@@ -23,3 +23,16 @@ def test_bench_read_full() -> None:
     rows = bench_read.run([1, 64, 256], 2000)
     for row in rows:
         print(row)
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+@pytest.mark.ptrace
+def test_bench_adopt_smoke() -> None:
+    (row,) = bench_adopt.run([2], 1, [])
+    assert row["vcpus"] == 2
+    assert row["problems"] == []
+    assert row["threads_stopped"] >= 2
+    # Exits are counted, not timed: at most one per vCPU for the adoption, none per query.
+    assert 0 <= row["adoption_exits_max"] <= 1
+    assert row["query_exits_max"] == 0
