@@ -13,9 +13,9 @@ module needs its entry here. ::
                  metricsmap, registry, schema, server, sources.owned, top, tuning
     9 app
         composition root: start-up order, signals, reload, watchdog, shutdown
-        imports: access, adoption, commands, config, discovery, errors, exporter, logconfig,
-                 loopstats, memtrim, metrics_http, registry, render, schema, sd_daemon, server,
-                 socketfiles, sources.kvm_abi, sources.owned, tuning
+        imports: access, adoption, commands, config, discovery, errors, exporter, fdbudget,
+                 logconfig, loopstats, memtrim, metrics_http, registry, render, schema, sd_daemon,
+                 server, socketfiles, sources.kvm_abi, sources.owned, tuning
     8 metrics_http
         the HTTP/1.1 metrics endpoint on trio and h11: formats, gzip, limits
         imports: errors, exporter, loopstats, metricsmap, steps
@@ -28,10 +28,11 @@ module needs its entry here. ::
                  replymemory, socketfiles, steps, vm
     6 commands (pure)
         QMP command table, QEMU's argument rules and texts, stats filters
-        imports: access, errors, hash_order, hmp, introspection, render, schema, steps, vm
+        imports: access, errors, hash_order, hmp, introspection, qjson.writer, render, schema,
+                 steps, vm
     6 discovery
         host VMMs -> registry changes: scans, borrowing, exit watches, names, when to adopt
-        imports: adoption, errors, registry, sources.borrowed, statsfile, steps, vm
+        imports: adoption, errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm
     6 metricsrender
         one VM's samples: one bulk pread, one C render with marks
         imports: _native, engine, errors, metricsmap, render, vm
@@ -115,7 +116,7 @@ module needs its entry here. ::
         imports: errors
     1 sources.borrowed
         /proc scan for VMMs' stats fds, pidfd_getfd, QEMU's -name
-        imports: steps
+        imports: fdbudget, steps
     1 sources.kvm_abi
         KVM ioctl numbers, uapi structs, /dev/kvm checks
         imports: errors
@@ -127,6 +128,9 @@ module needs its entry here. ::
         imports: -
     0 errors (pure)
         the exception tree; each error's QMP class
+        imports: -
+    0 fdbudget
+        descriptors as a budget: EMFILE/ENFILE, the reserve kept, what a VM costs
         imports: -
     0 hash_order (pure)
         QEMU's QDict member order, GLib hash-table order

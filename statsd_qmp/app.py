@@ -29,6 +29,7 @@ from .commands import Commands
 from .config import DEFAULT_RUN_DIR
 from .discovery import Discovery
 from .errors import KvmError, StatsdQmpError
+from .fdbudget import FdBudget
 from .logconfig import LogFormat
 from .memtrim import MemoryTrimmer
 from .registry import DEMO_NAME, Registry
@@ -64,6 +65,8 @@ class Settings:
     metrics_listen_default: bool = False
     # Re-reads the configuration (file < flags) on SIGHUP; None: nothing to reload.
     reload: Callable[[], Settings] | None = field(default=None, compare=False)
+    # Called after a scan adopted VMs (the CLI's serve: tuning.freeze_long_lived).
+    after_adoption: Callable[[], None] | None = field(default=None, compare=False)
 
     @property
     def package(self) -> str:
@@ -100,9 +103,11 @@ class Daemon:
         self.on_stop: list[Callable[[], None]] = []
 
     def status(self) -> str:
+        waiting = self.discovery.waiting_for_fds if self.discovery is not None else 0
         return (
-            f"STATUS=serving {len(self.registry.all_vms())} VMs to "
+            f"STATUS=serving {self.registry.count()} VMs to "
             f"{self.server.connections} clients"
+            + (f", {waiting} VMs waiting for file descriptors" if waiting else "")
         )
 
     def scanner_alive(self, within: float) -> bool:
@@ -166,6 +171,7 @@ class Daemon:
             self.server.apply_socket_settings(new.socket_mode, new.socket_gid)
         if self.discovery is not None:
             self.discovery.scan_interval = new.scan_interval
+            self.discovery.fd_budget.max_connections = new.limits.max_connections
             self.discovery.adopt_mode = new.adopt
             self.discovery.adopt_only = new.adopt_only
         self.server.commands.adopt_any_client = new.adopt_any_client
@@ -268,6 +274,8 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                     daemon.discovery = Discovery(
                         registry,
                         scan_interval=settings.scan_interval,
+                        fd_budget=FdBudget(settings.limits.max_connections),
+                        after_adoption=settings.after_adoption,
                         adopt=settings.adopt,
                         adopt_only=settings.adopt_only,
                     )

@@ -433,15 +433,16 @@ def _metrics_listen(
     "same rules; an option given here wins over the file.",
 )
 def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import trio
 
     from . import logconfig
     from .app import serve
+    from .tuning import freeze_long_lived, tune_process  # process-wide: here, not the library
 
-    settings = build_settings(args)
+    settings = replace(build_settings(args), after_adoption=freeze_long_lived)
     logconfig.configure(settings.log_level, settings.log_format)
-    from .tuning import tune_process  # process-wide, so here and not in the library
-
     tune_process()
     try:
         trio.run(serve, settings)

@@ -34,6 +34,7 @@ from . import QEMU_VERSION, hmp, introspection, render
 from .access import NOT_YOURS, Viewer
 from .errors import CommandNotFoundError, QmpError, StatsdQmpError, StatsFileError
 from .hash_order import first_unexpected_member
+from .qjson.writer import dumps
 from .schema import PROVIDER, HistogramOrder
 from .steps import Steps, finish
 from .vm import VmStats, vcpu_path, vm_path
@@ -429,17 +430,34 @@ class Commands:
 
     def _query_vms(self, scope: Scope, args: Args) -> Any:
         _no_arguments(args)
-        return [
-            {
-                "name": vm.name,
-                "pid": vm.pid,
-                "vcpus": len(vm.vcpus),
-                "vm-stats": vm.has_vm_stats,
-                "origin": vm.origin,
-                "socket": vm.socket_path,
-            }
-            for vm in self.visible_vms(scope)
-        ]
+        return RawSteps(self._vm_list(self.visible_vms(scope)))
+
+    def _vm_list(self, vms: Sequence[VmStats]) -> Steps[RawJson]:
+        """``query-vms``' text, one VM per step: 10,000 VMs took ~100 ms in one piece.
+
+        The same text as the writer makes of the whole list (elements joined by ``, ``). A VM
+        dropped while others ran between two steps is left out, as if gone before.
+        """
+        parts: list[bytes | memoryview] = [b"["]
+        for vm in vms:
+            if self.context.find_vm(vm.name) is vm:
+                if len(parts) > 1:
+                    parts.append(b", ")
+                parts.append(
+                    dumps(
+                        {
+                            "name": vm.name,
+                            "pid": vm.pid,
+                            "vcpus": len(vm.vcpus),
+                            "vm-stats": vm.has_vm_stats,
+                            "origin": vm.origin,
+                            "socket": vm.socket_path,
+                        }
+                    ).encode("ascii")
+                )
+            yield None
+        parts.append(b"]")
+        return RawJson(tuple(parts))
 
     def _adopt_vm(self, scope: Scope, arguments: Args) -> Any:
         """Make a running VMM open its stats fds (ptrace injection; see ``adoption``)."""

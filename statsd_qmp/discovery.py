@@ -4,9 +4,11 @@ Owns: turning :class:`sources.borrowed.ScanResult` into registry changes (a new 
 borrowed and added, a changed vCPU set is swapped in, a VMM without stats fds any more is
 dropped), one pidfd exit watch per VMM (the pidfd becomes readable when the process exits;
 then every fd of that VM is closed at once, since a held stats fd keeps the kernel's whole VM
-alive), VM naming, permission messages once per VM, and when to adopt a VMM. May import
-adoption, errors, registry, sources.borrowed, statsfile, steps, vm and trio; must not import
-the server, app or cli.
+alive), VM naming, permission messages once per VM, when to adopt a VMM, and borrowing VMs
+only while the descriptor budget allows (:mod:`fdbudget`): short of descriptors, it stops
+borrowing, says so once, keeps every VM it serves, and resumes when descriptors are free
+again. May import adoption, errors, fdbudget, registry, sources.borrowed, statsfile, steps, vm
+and trio; must not import the server, app or cli.
 
 With ``adopt = "ptrace"`` a VMM found holding a KVM VM fd and vCPU fds but no stats fd (its
 KVM fd set unchanged over two scans, so it has finished creating its vCPUs) and named by
@@ -34,9 +36,11 @@ import errno
 import fnmatch
 import functools
 import os
+import select
 import threading
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Set
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ import trio
 
 from . import adoption
 from .errors import AdoptionError, StatsFileError
+from .fdbudget import FdBudget, is_shortage, vm_cost
 from .registry import DEMO_NAME, Registry, sanitize_name
 from .sources import borrowed
 from .statsfile import StatsFile
@@ -59,6 +64,20 @@ SCAN_SLICE = 0.0005
 
 # How long reading a VMM's command line (for its VM name) may take.
 CMDLINE_TIMEOUT = 2.0
+# Command lines read by one worker-thread call: a thread round trip per VMM cost more than
+# the read itself when thousands of VMMs appear at once; a batch this size reads in ~10 ms,
+# far inside CMDLINE_TIMEOUT, so only a hung VMM can make a batch time out.
+CMDLINE_BATCH = 500
+
+# How long one scan may go on adopting before the lock is let go (an on-demand rescan from
+# ``query-vms`` waits for the scan under way); the next scan follows at once.
+ADOPT_ROUND = 1.0
+
+# Served VMMs compared with the scan in one event-loop step.
+APPLY_PER_STEP = 256
+
+# Exited VMMs dropped in one event-loop step (~0.1 ms each).
+EXITS_PER_STEP = 16
 
 # How long copies of a VM whose creator is gone must stay held before they are served: another
 # daemon closes its copies within milliseconds of the creator's exit.
@@ -79,23 +98,24 @@ class BorrowedVm:
     signature: Any = None
     fds: dict[int, int] = field(default_factory=dict)  # the VMM's fd number -> our copy
     files: dict[int, StatsFile] = field(default_factory=dict)  # our fd -> parsed file
-    watch: trio.CancelScope = field(default_factory=trio.CancelScope)
+    exits: select.epoll | None = None  # the exit watch this pidfd is registered with
     closed: bool = False
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.watch.cancel()
         fds = list(self.fds.values())
         self.fds.clear()
         self.files.clear()
-        trio.lowlevel.notify_closing(self.pidfd)
+        if self.exits is not None:
+            with suppress(OSError, ValueError):  # the watch already ended (daemon stopping)
+                self.exits.unregister(self.pidfd)
         os.close(self.pidfd)
         # The last reference to a dead VM's stats makes the kernel tear the VM down inside
         # close(), which took 300 ms for a large VM: not on the event loop. Nothing can read
         # these numbers any more (the VM left the registry first).
-        trio.lowlevel.start_thread_soon(lambda: _close_all(fds), _ignore_outcome)
+        _CLOSER.close_soon(fds)
 
 
 def _close_all(fds: list[int]) -> None:
@@ -107,7 +127,59 @@ def _ignore_outcome(outcome: object) -> None:
     del outcome
 
 
-def unique_name(wanted: str | None, pid: int, in_use: set[str], run_dir: Path) -> str:
+class _BackgroundCloser:
+    """Closes fds in one worker thread, started when work arrives and ended when none is left.
+
+    A thread per exited VM (10,000 VMMs killed at once) made trio start thousands of threads,
+    and the event loop then waited for the GIL among them (46 ms in one step with 500 VMs).
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[list[int]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def close_soon(self, fds: list[int]) -> None:
+        with self._lock:
+            self._pending.append(fds)
+            if self._running:
+                return
+            self._running = True
+        trio.lowlevel.start_thread_soon(self._drain, _ignore_outcome)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._running = False
+                    return
+                fds = self._pending.popleft()
+            _close_all(fds)
+
+
+_CLOSER = _BackgroundCloser()
+
+
+def _read_names(pids: list[int], names: dict[int, str | None], current: list[int]) -> None:
+    """Worker thread: ``names[pid]`` for each pid in turn; ``current[0]`` is the one being read.
+
+    Stops at the first EMFILE/ENFILE (raised): the rest stay unread.
+    """
+    for pid in pids:
+        current[0] = pid
+        names[pid] = borrowed.qemu_name(borrowed.read_cmdline(pid))
+    current[0] = 0
+
+
+def _targets(found: borrowed.ProcessStatsFds) -> list[int]:
+    """The VMM's fd numbers a build borrows: its lowest VM stats fd, one fd per vCPU."""
+    targets = [min(fds) for fds in found.vcpu_stats.values()]
+    if found.vm_stats:
+        targets.append(min(found.vm_stats))
+    return targets
+
+
+def unique_name(wanted: str | None, pid: int, in_use: Set[str], run_dir: Path) -> str:
     """The VM's name: QEMU's -name or ``pid-PID``, made safe, unique and short enough."""
     name = sanitize_name(wanted) if wanted else f"pid-{pid}"
     if name in in_use or name == DEMO_NAME:
@@ -171,11 +243,18 @@ class Discovery:
         registry: Registry,
         *,
         scan_interval: float = 1.0,
+        fd_budget: FdBudget | None = None,
+        after_adoption: Callable[[], None] | None = None,
         adopt: str = "off",
         adopt_only: tuple[str, ...] = ("*",),
     ) -> None:
         self.registry = registry
         self.scan_interval = scan_interval
+        self.fd_budget = fd_budget if fd_budget is not None else FdBudget(max_connections=1000)
+        self.after_adoption = after_adoption
+        # VMMs found but not (fully) served for lack of descriptors at the last scan.
+        self.waiting_for_fds = 0
+        self._fds_short = False  # a shortage was logged and has not ended yet
         self.adopt_mode = adopt
         self.adopt_only = adopt_only
         self._adopting: set[int] = set()
@@ -185,10 +264,16 @@ class Discovery:
         self.vmms: dict[int, BorrowedVm] = {}
         self.last_scan_finished = trio.current_time()
         self._lock = trio.Lock()
+        self._scan_done = trio.Event()
+        self._unfinished = False  # the last scan left VMMs to adopt for the next round
         self._reported: dict[int, str] = {}  # pid -> last problem logged for it
         # VMMs found but not readable, by kind of problem (for the metrics endpoint).
         self.failures: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
+        # Every served VMM's pidfd, in one epoll set waited on by one task (a task per VMM
+        # cost ~100 objects each, which every full garbage collection walked).
+        self._exits: select.epoll | None = None
+        self._by_pidfd: dict[int, BorrowedVm] = {}
         self._warned_multi: set[int] = set()
         # Processes holding copies of another live process's VM: pid -> (creator, signature).
         self._copies: dict[int, tuple[int, Any]] = {}
@@ -201,23 +286,59 @@ class Discovery:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.registry.add_scanner(self.scan_once)
+                self._exits = select.epoll()
+                nursery.start_soon(self._watch_exits, self._exits)
+                self.registry.add_scanner(self.scan_on_demand)
                 await self.scan_once()
+                while self._unfinished:  # the first scan found more than one round's work
+                    await self.scan_once()
                 task_status.started()
                 while True:
-                    await trio.sleep(self.scan_interval)
+                    if not self._unfinished:
+                        await trio.sleep(self.scan_interval)
                     await self.scan_once()
         finally:
             self._nursery = None
             for pid in list(self.vmms):
                 self._drop(pid, "daemon stopping")
+            if self._exits is not None:
+                self._exits.close()
+                self._exits = None
+
+    async def scan_on_demand(self) -> None:
+        """A scan for a client that asks (``query-vms``, an unknown ``vm``).
+
+        When a scan is under way (on a dense host it may be adopting thousands of VMMs), the
+        client waits for that one to end, not for a second one after it.
+        """
+        if self._lock.locked():
+            await self._scan_done.wait()
+            return
+        await self.scan_once()
 
     async def scan_once(self) -> None:
         async with self._lock:
-            started = trio.current_time()
+            done = self._scan_done
+            try:
+                await self._scan_and_apply()
+            finally:
+                self._scan_done = trio.Event()
+                done.set()
+
+    async def _scan_and_apply(self) -> None:
+        started = trio.current_time()
+        try:
             result = await self._scan(started)
+        except OSError as exc:
+            if not is_shortage(exc):
+                raise
+            # Not even /proc could be listed: serve what we have, try again next time.
+            self._note_fd_shortage(self.waiting_for_fds, exc)
+        else:
             await self._apply(result)
-            self.last_scan_finished = trio.current_time()
+        # A scan cut short by a shortage still counts: the scanner is not stuck, and a
+        # watchdog restart would only meet the same limit again.
+        self.last_scan_finished = trio.current_time()
 
     async def _scan(self, now: float) -> borrowed.ScanResult:
         """Walk /proc on the event loop, in slices of at most ``SCAN_SLICE`` seconds.
@@ -245,28 +366,81 @@ class Discovery:
         # A checkpoint after each VM added or dropped: a scan that finds 100 new VMMs must
         # not hold the event loop for the whole batch.
         for pid in list(self.vmms):
-            if pid not in result.vmms:
+            if pid not in result.vmms and pid not in result.unread:
                 self._drop(pid, "the process holds no KVM stats fds any more")
                 await trio.lowlevel.checkpoint()
-        for pid, found in result.vmms.items():
+        # Descriptors VMs may still take. Counted once per scan: clients that connect while
+        # this batch is adopted take theirs from the reserve, which is there for them.
+        room = self.fd_budget.room()
+        waiting = 0
+        shortage = result.shortage
+        todo: list[tuple[borrowed.ProcessStatsFds, BorrowedVm | None]] = []
+        for index, (pid, found) in enumerate(result.vmms.items()):
+            if index % APPLY_PER_STEP == APPLY_PER_STEP - 1:
+                await trio.lowlevel.checkpoint()  # 10,000 VMMs compared: ~20 ms in one piece
             known = self.vmms.get(pid)
             if known is not None and known.closed:
                 # The registry dropped it (a read failed): borrow afresh.
                 del self.vmms[pid]
+                if self._by_pidfd.get(known.pidfd) is known:
+                    del self._by_pidfd[known.pidfd]
                 known = None
             if known is None:
                 copy = self._copies.get(pid)
                 if copy is not None and copy[1] == found.signature() and self._alive(copy[0]):
                     continue  # still a holder of copies; its creator still serves the VM
-                await self._adopt(found)
+                cost = vm_cost(len(_targets(found)))
             elif known.signature != found.signature():
-                await self._refresh(known, found)
+                cost = sum(target not in known.fds for target in _targets(found))
             else:
                 continue
-            await trio.lowlevel.checkpoint()
+            if shortage is not None or cost > room:
+                waiting += 1  # kept as it is (or not served yet) until descriptors free up
+                continue
+            room -= cost
+            todo.append((found, known))
+        round_ends = trio.current_time() + ADOPT_ROUND
+        self._unfinished = False
+        adopted = False
+        for start in range(0, len(todo), CMDLINE_BATCH):
+            batch = todo[start : start + CMDLINE_BATCH]
+            if shortage is not None:
+                waiting += len(batch)
+                continue
+            if trio.current_time() > round_ends:
+                self._unfinished = True  # the next scan follows at once
+                break
+            names, error = await self._qemu_names([f.pid for f, known in batch if known is None])
+            shortage = shortage or error
+            for found, known in batch:
+                if shortage is not None:
+                    waiting += 1
+                    continue
+                try:
+                    if known is not None:
+                        await self._refresh(known, found)
+                    elif found.pid in names:
+                        await self._adopt(found, names[found.pid])
+                        adopted = True
+                    else:
+                        continue  # its command line was not read: the next scan adopts it
+                except OSError as exc:
+                    if not is_shortage(exc):
+                        raise
+                    shortage = exc
+                    waiting += 1
+                    continue
+                await trio.lowlevel.checkpoint()
+        self._note_fd_shortage(waiting, shortage)
+        if adopted and self.after_adoption is not None:
+            self.after_adoption()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
-                self._report(pid, reason, await self._qemu_name(pid))
+                try:
+                    name = await self._qemu_name(pid)
+                except OSError:
+                    name = None  # no descriptor to read it with: the pid names it
+                self._report(pid, reason, name)
         for pid in list(self._reported):
             if pid not in result.vmms and pid not in result.denied:
                 del self._reported[pid]
@@ -326,18 +500,77 @@ class Discovery:
         return report
 
     @staticmethod
-    async def _qemu_name(pid: int) -> str | None:
-        """The VM name in the process's QEMU-style command line, read in a worker thread.
+    async def _qemu_names(pids: list[int]) -> tuple[dict[int, str | None], OSError | None]:
+        """The VM names in these processes' QEMU-style command lines, read in a worker thread.
 
         Reading another process's cmdline takes its mmap lock, which a VMM busy mapping
-        memory (or preempted while holding it) keeps for milliseconds: not on the loop.
+        memory (or preempted while holding it) keeps for milliseconds: not on the loop. The
+        names read, and the EMFILE/ENFILE that stopped the reading (the pids after it are
+        left out: they are named at the next scan, not misnamed now).
         """
-        argv: list[str] = []
+        names: dict[int, str | None] = {}
+        if not pids:
+            return names, None
+        current = [0]
+        error: OSError | None = None
         # A VMM hung while holding that lock must not hang every scan after it: without its
-        # command line it is served as pid-PID.
+        # command line it is served as pid-PID; the ones after it wait for the next scan.
         with trio.move_on_after(CMDLINE_TIMEOUT):
-            argv = await trio.to_thread.run_sync(borrowed.read_cmdline, pid, abandon_on_cancel=True)
-        return borrowed.qemu_name(argv)
+            try:
+                await trio.to_thread.run_sync(
+                    _read_names, pids, names, current, abandon_on_cancel=True
+                )
+            except OSError as exc:
+                if not is_shortage(exc):
+                    raise
+                error = exc
+        if current[0] and current[0] not in names and error is None:
+            names[current[0]] = None
+        return dict(names), error
+
+    async def _qemu_name(self, pid: int) -> str | None:
+        names, error = await self._qemu_names([pid])
+        if error is not None:
+            raise error
+        return names.get(pid)
+
+    def _note_fd_shortage(self, waiting: int, error: OSError | None) -> None:
+        """Say once that adopting stopped (the real cause and the fix), and once that it resumed."""
+        self.waiting_for_fds = waiting
+        if waiting == 0 and error is None:
+            if self._fds_short:
+                self._fds_short = False
+                log.info(
+                    "file descriptors are free again; adopting VMs",
+                    vms=len(self.vmms),
+                    **self.fd_budget.describe(),
+                )
+            return
+        if self._fds_short:
+            return
+        self._fds_short = True
+        if error is not None and error.errno == errno.ENFILE:
+            cause = "the host's open-file table is full (ENFILE, sysctl fs.file-max)"
+            fix = "raise fs.file-max or close descriptors elsewhere on the host"
+        else:
+            cause = (
+                f"this process's open-file limit ({borrowed.describe_errno(error.errno or 0)})"
+                if error is not None
+                else "this process's open-file limit, less the reserve kept for clients"
+            )
+            fix = (
+                "raise the hard RLIMIT_NOFILE: LimitNOFILE= in the systemd unit (the shipped "
+                "unit sets 1048576), or ulimit -Hn / prlimit --nofile when started by hand; "
+                "each VM takes its vCPUs + 3 descriptors (stats fds, pidfd, socket)"
+            )
+        log.warning(
+            "file descriptors ran short; not adopting new VMs until some are free",
+            cause=cause,
+            fix=fix,
+            vms=len(self.vmms),
+            vmms_waiting=waiting,
+            **self.fd_budget.describe(),
+        )
 
     def _report(self, pid: int, problem: str, name: str | None) -> None:
         """Log a VM we cannot read, once per VM (not once per scan)."""
@@ -355,14 +588,15 @@ class Discovery:
             "can still refuse",
         )
 
-    async def _adopt(self, found: borrowed.ProcessStatsFds) -> None:
+    async def _adopt(self, found: borrowed.ProcessStatsFds, wanted: str | None) -> None:
         pid = found.pid
-        wanted = await self._qemu_name(pid)
         try:
             pidfd = borrowed.pidfd_open(pid)
         except ProcessLookupError:
             return  # gone already
         except OSError as exc:
+            if is_shortage(exc):
+                raise  # not the VMM's fault: the caller stops adopting
             self._report(pid, f"pidfd_open: {borrowed.describe_errno(exc.errno or 0)}", wanted)
             return
         owner_uid = borrowed.real_uid(pid, pidfd)
@@ -387,8 +621,11 @@ class Discovery:
         self.vmms[pid] = vmm
         self.registry.add(vm, vmm.close)
         _close_all(stale)
-        if self._nursery is not None:
-            self._nursery.start_soon(self._watch_exit, vmm)
+        if self._exits is not None:
+            # Readable once the process exits (at once if it already has).
+            self._exits.register(pidfd, select.EPOLLIN)
+            vmm.exits = self._exits
+            self._by_pidfd[pidfd] = vmm
 
     async def _refresh(self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds) -> None:
         built = await self._build(vmm, found)
@@ -407,14 +644,11 @@ class Discovery:
                 ours = borrowed.pidfd_getfd(vmm.pidfd, target_fd)
             except OSError as exc:
                 code = exc.errno or 0
-                if code == errno.EMFILE or code == errno.ENFILE:
-                    log.warning(
-                        "file descriptors ran short",
-                        vm=vmm.name,
-                        error=borrowed.describe_errno(code),
-                        hint="raise LimitNOFILE / RLIMIT_NOFILE",
-                    )
-                elif code == errno.EPERM:
+                if is_shortage(exc):
+                    # The whole build stops: a VM served without some of its vCPUs would be
+                    # recorded as complete and never looked at again.
+                    raise
+                if code == errno.EPERM:
                     self._report(
                         vmm.pid,
                         "pidfd_getfd: EPERM: needs CAP_SYS_PTRACE (or the same uid and a "
@@ -444,7 +678,9 @@ class Discovery:
 
         Parsing a file costs ~0.3 ms; a checkpoint after each keeps a 256-vCPU VMM from
         blocking the event loop for 80 ms. Until the caller swaps the view in, the served one
-        keeps all its fds open; a VMM dropped meanwhile (it exited) ends the build.
+        keeps all its fds open; a VMM dropped meanwhile (it exited) ends the build. Raises
+        OSError (EMFILE, ENFILE) when a copy finds no descriptor; the fds copied so far stay
+        with ``vmm`` (closed with it, or reused by the next build).
         """
         wanted: set[int] = set()
         vm_file: StatsFile | None = None
@@ -550,16 +786,18 @@ class Discovery:
         vmm = self.vmms.pop(pid, None)
         if vmm is None:
             return
+        self._by_pidfd.pop(vmm.pidfd, None)
         if self.registry.find_vm(vmm.name) is not None:
             self.registry.remove(vmm.name, reason=reason)  # runs vmm.close
         vmm.close()
         self._warned_multi.discard(pid)
 
-    async def _watch_exit(self, vmm: BorrowedVm) -> None:
-        with vmm.watch:
-            try:
-                await trio.lowlevel.wait_readable(vmm.pidfd)
-            except trio.ClosedResourceError:
-                return  # dropped for another reason while we waited
-            # Exited: close its fds now, not at the next scan (they pin the kernel's VM).
-            self._drop(vmm.pid, "the process exited")
+    async def _watch_exits(self, exits: select.epoll) -> None:
+        """Drop each VMM as it exits: its fds now, not at the next scan (they pin its VM)."""
+        while True:
+            await trio.lowlevel.wait_readable(exits.fileno())
+            for pidfd, _ in exits.poll(0, EXITS_PER_STEP):
+                vmm = self._by_pidfd.get(pidfd)
+                if vmm is not None:
+                    self._drop(vmm.pid, "the process exited")
+            await trio.lowlevel.checkpoint()

@@ -260,8 +260,16 @@ def bind_unix(
     what the path leads to. A path already taken by anything but a socket raises
     :class:`RunDirUnsafeError` saying so.
     """
+    sock = listen_unix(path, mode, gid, owner)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def listen_unix(
+    path: Path, mode: int = 0o660, gid: int | None = None, owner: int | None = None
+) -> socket.socket:
+    """:func:`bind_unix` as a plain non-blocking socket (for a caller that polls many)."""
     os.close(open_dir(path.parent, create=True))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         try:
             sock.bind(os.fspath(path))
@@ -279,4 +287,4 @@ def bind_unix(
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return sock

@@ -23,6 +23,7 @@ __all__ = [
     "FD_TABLE_SLOTS",
     "GIL_SWITCH_INTERVAL",
     "fd_table_size",
+    "freeze_long_lived",
     "presize_fd_table",
     "raise_fd_limit",
     "tune_allocator",
@@ -52,6 +53,19 @@ def tune_process() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     tune_allocator()
     gc.collect()
+    gc.freeze()
+
+
+def freeze_long_lived() -> None:
+    """Keep what exists now out of the cyclic collector's way (after VMs were adopted).
+
+    A served VM is ~45 collector-tracked objects (its stats files, headers, regions, batch
+    reads); at 10,000 VMs every full collection walked 450,000 of them, hundreds of ms with
+    every client waiting. They live as long as their VM and form no reference cycles, so when
+    the VM goes they are freed by their reference counts, frozen or not: measured, 500 VMs
+    adopted, frozen and gone left 0.7 objects per VM in the frozen set. (A VM used to keep
+    trio tasks, which do form cycles: freezing then kept every vanished VM's garbage.)
+    """
     gc.freeze()
 
 

@@ -23,6 +23,7 @@ import select
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..fdbudget import is_shortage
 from ..steps import Steps, finish
 
 VM_STATS_LINK = "anon_inode:kvm-vm-stats"
@@ -139,11 +140,17 @@ def qemu_name(argv: Iterable[str]) -> str | None:
 
 
 def read_cmdline(pid: int) -> list[str]:
-    """``/proc/PID/cmdline`` as a list (empty for kernel threads or a vanished process)."""
+    """``/proc/PID/cmdline`` as a list (empty for kernel threads or a vanished process).
+
+    Raises OSError (EMFILE, ENFILE) when no descriptor is left to open it: the caller must
+    not mistake that for a process without a command line (its VM would be misnamed for life).
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             raw = handle.read()
-    except OSError:
+    except OSError as exc:
+        if is_shortage(exc):
+            raise
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
@@ -200,10 +207,19 @@ def looks_like_vmm(pid: int) -> bool:
     if not _LOOKS_LIKE_VMM.search(read_comm(pid)):
         return has_kvm_worker(pid)
     # Kernel threads (kvm-pit/..., kvm-nx-lpage-recovery) match by name but have no cmdline.
-    return bool(read_cmdline(pid))
+    try:
+        return bool(read_cmdline(pid))
+    except OSError:
+        return True  # no descriptor to look with: it did match by name
 
 
 # --- the /proc scan ------------------------------------------------------------------------
+
+
+Signature = tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]
+
+# Processes looked at between two yields of a scan when nothing needs reading.
+_PROCESSES_PER_STEP = 256
 
 
 @dataclass
@@ -219,6 +235,7 @@ class ProcessStatsFds:
     vcpu_stats: dict[int, list[int]] = field(default_factory=dict)  # vcpu_id -> fds
     vm_fds: list[int] = field(default_factory=list)
     vcpu_fds: dict[int, int] = field(default_factory=dict)  # vcpu_id -> kvm-vcpu fd
+    _signature: Signature | None = field(default=None, repr=False, compare=False)
 
     @property
     def holds_stats(self) -> bool:
@@ -228,11 +245,15 @@ class ProcessStatsFds:
         """Its VM fds and vCPU ids: unchanged over two scans means it finished starting."""
         return tuple(sorted(self.vm_fds)), tuple(sorted(self.vcpu_fds))
 
-    def signature(self) -> tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]:
-        return (
-            tuple(sorted(self.vm_stats)),
-            tuple(sorted((k, tuple(sorted(v))) for k, v in self.vcpu_stats.items())),
-        )
+    def signature(self) -> Signature:
+        """What the process holds, comparable across scans (made once: a scan reports an
+        unchanged process with the same object, and 10,000 of them are compared each scan)."""
+        if self._signature is None:
+            self._signature = (
+                tuple(sorted(self.vm_stats)),
+                tuple(sorted((k, tuple(sorted(v))) for k, v in self.vcpu_stats.items())),
+            )
+        return self._signature
 
 
 @dataclass
@@ -248,6 +269,11 @@ class ScanResult:
     denied: dict[int, str]  # pid -> why its fds could not be listed (only likely VMMs)
     processes: int
     full_scans: int
+    # Processes whose fds could not be listed for lack of descriptors (EMFILE, ENFILE): what
+    # was known of them is in ``vmms`` still; nothing about them may be concluded from this
+    # scan (a served VM among them must not be dropped).
+    unread: set[int] = field(default_factory=set)
+    shortage: OSError | None = None  # the first such error
     # Processes holding a KVM VM fd and vCPU fds but no stats fd (adoption candidates).
     unadopted: dict[int, ProcessStatsFds] = field(default_factory=dict)
 
@@ -262,7 +288,7 @@ def list_stats_fds(pid: int) -> Steps[ProcessStatsFds]:
     A generator (``yield from`` it): it yields every ``_LINKS_PER_STEP`` links so that a
     scan can pause inside a VMM with hundreds of fds. Raises OSError when the directory
     cannot be listed (EACCES without the right to see another user's fds, ENOENT when the
-    process has gone).
+    process has gone, EMFILE/ENFILE when this process has no descriptor left to list it).
     """
     base = f"/proc/{pid}/fd"
     found = ProcessStatsFds(pid)
@@ -343,14 +369,22 @@ class ProcScanner:
 
         The caller may pause between steps (the daemon runs the scan on its event loop in
         slices of well under a millisecond); a process that exits meanwhile is skipped.
+        Raises OSError (EMFILE, ENFILE) when not even /proc can be listed; a process whose fds
+        cannot be listed for that reason is reported in ``unread`` with what was known of it.
         """
         vmms: dict[int, ProcessStatsFds] = {}
         unadopted: dict[int, ProcessStatsFds] = {}
         denied: dict[int, str] = {}
         seen: set[int] = set()
+        unread: set[int] = set()
+        shortage: OSError | None = None
         full_scans = 0
+        names: list[str] = []
         with os.scandir("/proc") as listing:
-            names = [entry.name for entry in listing]
+            for entry in listing:
+                names.append(entry.name)
+                if len(names) % _PROCESSES_PER_STEP == 0:
+                    yield
         for name in names:
             if not name.isdigit():
                 continue
@@ -388,6 +422,15 @@ class ProcScanner:
                 if reason:
                     denied[pid] = reason
                 continue
+            except OSError as exc:
+                if not is_shortage(exc):
+                    continue  # exiting meanwhile (ESRCH and the like): the next scan tells
+                # Not a fact about the process: keep what we knew, look again next scan.
+                unread.add(pid)
+                shortage = shortage or exc
+                if known is not None and known.found is not None:
+                    (vmms if known.found.holds_stats else unadopted)[pid] = known.found
+                continue
             holds_stats = found.holds_stats
             holds_vm = bool(found.vm_fds and found.vcpu_fds)
             self._known[pid] = _Known(
@@ -399,13 +442,23 @@ class ProcScanner:
                 vmms[pid] = found
             elif holds_vm:
                 unadopted[pid] = found
-        for pid in list(self._known):
+        for index, pid in enumerate(list(self._known)):
             if pid not in seen:
                 del self._known[pid]
+            if index % _PROCESSES_PER_STEP == 0:
+                yield
         for pid in list(self._denied):
             if pid not in seen:
                 del self._denied[pid]
-        return ScanResult(vmms, denied, len(seen), full_scans, unadopted)
+        return ScanResult(
+            vmms,
+            denied,
+            len(seen),
+            full_scans,
+            unread=unread,
+            shortage=shortage,
+            unadopted=unadopted,
+        )
 
 
 def describe_errno(code: int) -> str:
