@@ -177,26 +177,28 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _ours_to_remove(name: str, dir_fd: int) -> bool:
-    """True if ``name`` in ``dir_fd`` is a socket of the daemon's user: one it could have
-    made, so one it may remove."""
+def _ours_to_remove(name: str, dir_fd: int, *, any_owner: bool = False) -> bool:
+    """True if ``name`` in ``dir_fd`` is a socket the daemon could have made, so one it may
+    remove: a socket of the daemon's user, or with ``any_owner`` (``vm/``, where the daemon
+    gives each VM's socket to its VMM's user; see ``access``) a socket of any user. The
+    directory itself has passed :func:`open_dir`: no other user can create names in it."""
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    return stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid()
+    return stat.S_ISSOCK(info.st_mode) and (any_owner or info.st_uid == os.geteuid())
 
 
 def unlink_socket(path: Path) -> bool:
-    """Remove ``path`` if it is a socket the daemon could have made (a socket file of its
-    own user, in a directory that passes :func:`open_dir`); never anything else. True when
-    removed."""
+    """Remove ``path`` if it is a socket the daemon could have made (see
+    :func:`_ours_to_remove`), in a directory that passes :func:`open_dir`; never anything
+    else. True when removed."""
     try:
         fd = open_dir(path.parent)
     except (OSError, RunDirUnsafeError):
         return False
     try:
-        if not _ours_to_remove(path.name, fd):
+        if not _ours_to_remove(path.name, fd, any_owner=path.parent.name == "vm"):
             return False
         os.unlink(path.name, dir_fd=fd)
     except FileNotFoundError:
@@ -221,7 +223,7 @@ def remove_stale_sockets(run_dir: Path, *, keep_host: bool = False) -> list[Path
                 if entry.name.endswith(".sock")
             ]
         for directory, fd, name in found:
-            if _ours_to_remove(name, fd):
+            if _ours_to_remove(name, fd, any_owner=fd == vm_fd):
                 with suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=fd)
                     removed.append(directory / name)

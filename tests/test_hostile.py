@@ -625,15 +625,19 @@ async def test_only_sockets_the_daemon_could_have_made_are_removed(tmp_path: Pat
     (run_dir / "vm").mkdir(parents=True, mode=0o755)
     run_dir.chmod(0o755)
     dead_socket_file(run_dir / "vm" / "old.sock")  # ours (same uid): stale, removed
-    dead_socket_file(run_dir / "vm" / "theirs.sock")
+    # vm/ sockets are handed to their VMM's user (per-user access): another user's is ours too.
+    dead_socket_file(run_dir / "vm" / "given.sock")
+    dead_socket_file(run_dir / "theirs.sock")
     (run_dir / "vm" / "file.sock").write_text("keep")
-    (run_dir / "vm" / "link.sock").symlink_to(run_dir / "vm" / "theirs.sock")
+    (run_dir / "vm" / "link.sock").symlink_to(run_dir / "theirs.sock")
     if os.geteuid() == 0:
-        os.chown(run_dir / "vm" / "theirs.sock", 65534, 65534, follow_symlinks=False)
+        os.chown(run_dir / "vm" / "given.sock", 65534, 65534, follow_symlinks=False)
+        os.chown(run_dir / "theirs.sock", 65534, 65534, follow_symlinks=False)
     async with daemon(run_dir) as d:
         names = sorted(p.name for p in (run_dir / "vm").iterdir())
-        kept = ["file.sock", "link.sock", "theirs.sock"]
-        assert names == (kept if os.geteuid() == 0 else ["file.sock", "link.sock"])
+        assert names == ["file.sock", "link.sock"]
+        # Not a name the daemon ever uses in the run dir: left alone whoever owns it.
+        assert (run_dir / "theirs.sock").exists()
         assert await (await d.connect(d.host)).call("query-vms") == reply([])
 
 
