@@ -274,7 +274,9 @@ async def test_memory_comes_back_after_a_burst(tmp_path: Path) -> None:
                 async with trio.open_nursery() as bursts:
                     for number in range(4):
                         bursts.start_soon(burst, number)
-                assert peak > 100 << 20, peak  # the burst did cost memory
+                # The burst did cost memory, well over the 64 MiB RSS has to come back under
+                # (sampled after each reply: the true peak is higher, 100-110 MiB measured).
+                assert peak > 80 << 20, peak
                 idle_since = trio.current_time()
                 while rss_bytes(process.pid) >= 64 << 20:
                     assert trio.current_time() - idle_since < 10, rss_bytes(process.pid)
