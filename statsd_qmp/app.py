@@ -15,7 +15,7 @@ import os
 import platform
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -187,18 +187,21 @@ class Daemon:
         )
         log.info("configuration reloaded")
 
-    async def handle_signals(self, cancel_scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await self.reload()
-                    continue
-                log.info("stopping", signal=signal.Signals(signum).name)
-                sd_daemon.notify("STOPPING=1")
-                for callback in self.on_stop:
-                    callback()
-                cancel_scope.cancel()
-                return
+    async def handle_signals(
+        self, signals: AsyncIterator[int], cancel_scope: trio.CancelScope
+    ) -> None:
+        """SIGHUP reloads; SIGTERM or SIGINT stops. ``signals`` was opened before any socket
+        was bound, so a signal sent as soon as a socket appears is queued, not fatal."""
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+                continue
+            log.info("stopping", signal=signal.Signals(signum).name)
+            sd_daemon.notify("STOPPING=1")
+            for callback in self.on_stop:
+                callback()
+            cancel_scope.cancel()
+            return
 
 
 async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -212,7 +215,10 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
         instrument = LoopLagInstrument()
         trio.lowlevel.add_instrument(instrument)
     activated, activated_metrics = activated_sockets()
-    with lock_run_dir(settings.run_dir):
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+        lock_run_dir(settings.run_dir),
+    ):
         registry = Registry(
             run_dir=settings.run_dir,
             histogram_order=settings.histogram_order,
@@ -281,7 +287,7 @@ async def serve(settings: Settings, *, task_status: Any = trio.TASK_STATUS_IGNOR
                     )
                     commands.adopter = adopter(daemon.discovery)
                     await nursery.start(daemon.discovery.run)
-                nursery.start_soon(daemon.handle_signals, nursery.cancel_scope)
+                nursery.start_soon(daemon.handle_signals, signals, nursery.cancel_scope)
                 trimmer = MemoryTrimmer(lambda: render.release_buffers(registry.all_vms()))
                 nursery.start_soon(trimmer.run)
                 interval = sd_daemon.watchdog_interval()
