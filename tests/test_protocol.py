@@ -405,6 +405,31 @@ def test_long_keyword_message_is_cut_like_qemus_buffer() -> None:
     assert desc.endswith("aaa")
 
 
+# A number or keyword cut by the end of a chunk, then made stray by the next chunk: the reply
+# comes at once, as when the bytes arrive in one piece (the fast path's pre-scan once took any
+# of "-+.0-9a-zE" as more of the cut token and kept waiting).
+CUT_THEN_STRAY = [
+    (b'{"execute": que', b"-r", "JSON parse error, stray '-r'"),
+    (b'{"id": [a', b"-x", "JSON parse error, stray '-x'"),
+    (b'{"id": [1a1', b"-x", "JSON parse error, stray '-x'"),
+    (b'{"id": [1', b".-", "JSON parse error, stray '1.-'"),
+    (b'{"id": [1', b"ea", "JSON parse error, stray '1ea'"),
+    (b'{"id": [1.5e', b"e", "JSON parse error, stray '1.5ee'"),
+    (b'{"id": [0', b"1", "JSON parse error, stray '01'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("head", "tail", "desc"), CUT_THEN_STRAY)
+def test_token_cut_by_a_chunk_then_made_stray_is_reported_at_once(
+    head: bytes, tail: bytes, desc: str
+) -> None:
+    whole = negotiated().receive_data(head + tail)
+    assert whole == [SendBytes(error_line(desc))]
+    conn = negotiated()
+    assert conn.receive_data(head) == []
+    assert conn.receive_data(tail) == whole
+
+
 # --------------------------------------------------------------------------------------------
 # 5. The input dialect
 

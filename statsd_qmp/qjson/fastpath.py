@@ -98,9 +98,10 @@ def parse_plain(
 # Outside strings: whitespace, "," ":", keywords and numbers that QEMU's lexer takes without
 # error (conservatively: nothing that could continue a number may follow one), so that every
 # byte the exact lexer would call stray stops the pre-scan.
+# The group ``token`` gives the span of the last keyword or number matched.
 _SCAN_PLAIN_RE: Final = re.compile(
-    rb"(?:[ \t\r\n,:]+|[a-z]+|-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?"
-    rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)(?![0-9.eE]))*"
+    rb"(?:[ \t\r\n,:]+|(?P<token>[a-z]+|-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?"
+    rb"|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)(?![0-9.eE])))*"
 )
 _SCAN_STRING_RE: Final = re.compile(
     rb'[^"\\\x00-\x1f\x7f-\xff]*(?:\\[\x20-\x7e][^"\\\x00-\x1f\x7f-\xff]*)*'
@@ -110,8 +111,22 @@ _SCAN_TAIL_RE: Final = re.compile(
     rb"[a-z]+|-?(?:0(?:\.(?:[0-9]+(?:[eE][-+]?[0-9]*)?)?)?"
     rb"|[1-9][0-9]*(?:\.(?:[0-9]+(?:[eE][-+]?[0-9]*)?)?|[eE][-+]?[0-9]*)?)?"
 )
-_SCAN_TAIL_BYTES: Final = frozenset(b"-+.0123456789abcdefghijklmnopqrstuvwxyzE")
-_TAIL_RUN_RE: Final = re.compile(rb"[-+.0-9a-zE]*")
+# Bytes that extend a cut token without changing its lexer state: letters a keyword, digits a
+# number ending in a digit (not "0" or "-0": QEMU takes no digit after a leading zero).
+_KEYWORD_RUN_RE: Final = re.compile(rb"[a-z]*")
+_DIGIT_RUN_RE: Final = re.compile(rb"[0-9]*")
+
+
+def _same_state_run(buf: bytearray, start: int, end: int) -> re.Pattern[bytes] | None:
+    """The bytes that extend the token ``buf[start:end]`` cut by the end of the input (a
+    prefix QEMU's lexer accepts) in the same lexer state, or None when its next byte changes
+    the state (``1.``, ``1e``, ``-``, ``0``)."""
+    if 0x61 <= buf[start] <= 0x7A:
+        return _KEYWORD_RUN_RE
+    leading_zero_only = end - start <= 2 and bytes(buf[start:end]) in (b"0", b"-0")
+    if 0x30 <= buf[end - 1] <= 0x39 and not leading_zero_only:
+        return _DIGIT_RUN_RE
+    return None
 
 
 class Prescan:
@@ -121,12 +136,16 @@ class Prescan:
     index; the streamer moves both indexes (:meth:`shift`) when it drops consumed bytes.
 
     A number or keyword cut by the end of the input waits at its first byte (``pos``) for the
-    byte that ends it; ``tail_end`` remembers how far its bytes were seen, so that each new
-    chunk of a 400,000-digit number is looked at once, not the whole number again (which made
-    a long token in small chunks cost time quadratic in its length).
+    byte that ends it. While new bytes only extend it in the same lexer state (``tail_run``:
+    more digits of a number, more letters of a keyword), ``tail_end`` remembers how far they
+    were seen, so each chunk of a 400,000-digit number is looked at once, not the whole
+    number again (which made a long token in small chunks cost time quadratic in its length).
+    Any other byte may end the token or make it stray (``1.-``, ``a-x``: the exact lexer
+    reports ``stray '1.-'`` and ``stray '-x'`` at once), so the token is scanned again from
+    its first byte; that happens at most a few times per token (``-``, ``.``, ``e``, sign).
     """
 
-    __slots__ = ("brace", "bracket", "in_string", "pos", "tail_end")
+    __slots__ = ("brace", "bracket", "in_string", "pos", "tail_end", "tail_run")
 
     def __init__(self, pos: int) -> None:
         self.pos = pos
@@ -134,6 +153,7 @@ class Prescan:
         self.bracket = 0
         self.in_string = False
         self.tail_end = -1
+        self.tail_run: re.Pattern[bytes] | None = None
 
     def shift(self, dropped: int) -> None:
         """``dropped`` bytes left the front of the buffer."""
@@ -145,9 +165,9 @@ class Prescan:
         """Scan on; return the end of the message, :data:`INCOMPLETE` or :data:`NOT_PLAIN`
         (control, non-ASCII, single quote, odd escape, too deep or too many bytes)."""
         n = len(buf)
-        if self.tail_end >= 0:
-            # A cut token waits at pos: only the new bytes can end it.
-            more = _TAIL_RUN_RE.match(buf, self.tail_end).end()  # type: ignore[union-attr]
+        if self.tail_end >= 0 and self.tail_run is not None:
+            # A cut token waits at pos in a state that only the new bytes can change.
+            more = self.tail_run.match(buf, self.tail_end).end()  # type: ignore[union-attr]
             if more >= n:
                 self.tail_end = n
                 return NOT_PLAIN if n - start > max_bytes else INCOMPLETE
@@ -168,17 +188,16 @@ class Prescan:
                 if byte != 0x5C or j + 1 < n:
                     result = NOT_PLAIN
                 break  # a backslash at the end waits for the next byte
-            j = _SCAN_PLAIN_RE.match(buf, j).end()  # type: ignore[union-attr]
+            plain = _SCAN_PLAIN_RE.match(buf, j)
+            j = plain.end()  # type: ignore[union-attr]
             if j >= n:
                 # The last number or keyword may go on in the next chunk: back up to its first
                 # byte and wait (the exact lexer needs the next byte to end it, too).
-                while j > start and buf[j - 1] in _SCAN_TAIL_BYTES:
-                    j -= 1
-                if j < n:
-                    self.tail_end = n
+                if plain.end("token") == n:  # type: ignore[union-attr]
+                    j = self._wait_for_cut_token(buf, plain.start("token"), n)  # type: ignore[union-attr]
                 break
             if _SCAN_TAIL_RE.fullmatch(buf, j, n):
-                self.tail_end = n
+                self._wait_for_cut_token(buf, j, n)
                 break  # a token cut short, no error yet: wait at its first byte
             byte = buf[j]
             j += 1
@@ -206,3 +225,10 @@ class Prescan:
         self.pos = j
         self.brace, self.bracket, self.in_string = brace, bracket, in_string
         return result
+
+    def _wait_for_cut_token(self, buf: bytearray, token_start: int, n: int) -> int:
+        """``buf[token_start:n]`` is a token cut by the end of the input: remember which new
+        bytes leave its state alone; return where to wait (its first byte)."""
+        self.tail_run = _same_state_run(buf, token_start, n)
+        self.tail_end = n if self.tail_run is not None else -1
+        return token_start
