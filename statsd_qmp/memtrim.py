@@ -103,10 +103,18 @@ class MemoryTrimmer:
     async def run(self) -> None:
         if self._glibc is None:
             return
+        # Free bytes a trim could not give back (fragments between live blocks) stay free:
+        # judged from the level the last trim left, not from zero, or such a heap would be
+        # trimmed every interval for nothing.
+        floor = 0
         while True:
             await trio.sleep(self.check_interval)
-            if self._glibc.free_bytes() > self.free_above:
+            free = self._glibc.free_bytes()
+            if free > floor + self.free_above:
                 await self.trim_now()
+                floor = self._glibc.free_bytes()
+            else:
+                floor = min(floor, free)  # that memory was used again
 
     async def trim_now(self) -> None:
         before = rss_bytes()
