@@ -56,10 +56,21 @@ def daemon(run_dir: Path, log: Path, *, nofile: int | None = None) -> Iterator[I
     options = ["--run-dir", str(run_dir), "--log-format", "json", "--scan-interval", "0.2"]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount-proc", "--", *limit, *DAEMON, *options],
+            [
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "--",
+                *limit,
+                *DAEMON,
+                *options,
+            ],
             stdout=out,
             stderr=out,
         )
+    host_pid: int | None = None
     try:
         wait_until(lambda: (run_dir / "qmp.sock").exists() or process.poll() is not None, 20)
         assert process.poll() is None, log.read_text()
@@ -72,7 +83,12 @@ def daemon(run_dir: Path, log: Path, *, nofile: int | None = None) -> Iterator[I
         assert process.wait(20) == 0, log.read_text()[-3000:]
     finally:
         if process.poll() is None:
-            process.kill()  # unshare: its namespace dies with the daemon, pid 1 there
+            # The daemon first: it is pid 1 of the namespace, whose end takes every process
+            # in it along; killing unshare alone would leave the daemon running.
+            if host_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(host_pid, signal.SIGKILL)
+            process.kill()
             process.wait()
 
 

@@ -89,7 +89,7 @@ class IsolatedDaemon:
         self.run_dir = workdir / "run"
         self.host_socket = self.run_dir / "qmp.sock"
         self.log_path = workdir / "daemon.log"
-        isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+        isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
         serve = ["serve", "--run-dir", str(self.run_dir), "--log-format", "json", "--measure-loop"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
