@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 REQUIRE_REAL = os.environ.get("STATSD_QMP_REQUIRE_KVM") == "1"
 
@@ -113,3 +115,15 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
     for pipe in (process.stdin, process.stdout):
         if pipe is not None:
             pipe.close()
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's virtual clock, jumping only once every task has waited 10 ms of real time.
+
+    A worker thread (parsing a big request, trimming the heap, reading a command line) is not a
+    task: with a jump at once, the daemon's periodic sleepers (the heap check every second) ran
+    virtual time ahead by seconds while one thread ran for milliseconds. Jumps still land exactly
+    on the next deadline, so virtual timings stay exact.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.01)
