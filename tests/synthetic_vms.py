@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from statsd_qmp.commands import PlannedReply, RawJson, RawSteps
 from statsd_qmp.errors import StatsFileError
 from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.steps import finish
 from statsd_qmp.vm import VcpuStats, VmStats
 from tests.synthetic import SyntheticStat, build, memfd_with
 
@@ -61,3 +64,13 @@ def synthetic_vm(
         stats_file = parsed(f"kvm-{thread}/vcpu-{index * 2}", vcpu_stats)
         vcpu_list.append(VcpuStats(index * 2, thread, stats_file))
     return VmStats(name, pid, "borrowed", vm_file, tuple(vcpu_list), owner_uid=owner_uid)
+
+
+def made(value: Any) -> Any:
+    """A command's return value made as the server makes it, without its memory budget: checks
+    done in steps give the planned reply, whose steps give the C-rendered text (a RawJson)."""
+    if isinstance(value, RawSteps):
+        value = finish(value.steps)
+    if isinstance(value, PlannedReply):
+        value = RawJson(finish(value.steps))
+    return value

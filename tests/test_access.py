@@ -26,15 +26,14 @@ from statsd_qmp.access import (
     Peer,
     Viewer,
 )
-from statsd_qmp.commands import Commands, PlannedReply, RawJson, RawSteps, Scope
+from statsd_qmp.commands import Commands, RawJson, Scope
 from statsd_qmp.errors import QmpError
 from statsd_qmp.peers import peer_of
 from statsd_qmp.sources import borrowed
-from statsd_qmp.steps import finish
 from statsd_qmp.vm import VmStats
 
 from .synthetic import SyntheticStat, make_flags
-from .synthetic_vms import Context, synthetic_vm
+from .synthetic_vms import Context, made, synthetic_vm
 
 ALICE = 1501
 BOB = 1502
@@ -150,10 +149,7 @@ def host(viewer: Viewer) -> Scope:
 def run(commands: Commands, scope: Scope, command: str, arguments: dict[str, Any]) -> Any:
     """The command's return value as the client would decode it."""
     value = commands.execute(scope, command, arguments, oob=False)
-    if isinstance(value, RawSteps):  # checks done in steps give the planned reply
-        value = finish(value.steps)
-    if isinstance(value, PlannedReply):
-        value = RawJson(finish(value.steps))
+    value = made(value)
     if isinstance(value, RawJson):
         return json.loads(value.text)
     return json.loads(protocol.encode(value))

@@ -35,16 +35,13 @@ from statsd_qmp import protocol
 from statsd_qmp.access import EVERYTHING
 from statsd_qmp.commands import (
     Commands,
-    PlannedReply,
     RawJson,
-    RawSteps,
     Scope,
     parse_stats_filter,
 )
 from statsd_qmp.errors import QmpError, StatsdQmpError, StatsFormatError
 from statsd_qmp.schema import HistogramOrder
 from statsd_qmp.statsfile import StatsFile
-from statsd_qmp.steps import finish
 from statsd_qmp.vm import VcpuStats, VmStats
 from tests.synthetic import (
     BlockName,
@@ -54,7 +51,7 @@ from tests.synthetic import (
     make_flags,
     memfd_with,
 )
-from tests.synthetic_vms import Context, synthetic_vm
+from tests.synthetic_vms import Context, made, synthetic_vm
 
 VERSION: Final = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "statsd-qmp fuzz"}
 ERROR_CLASSES: Final = frozenset({"GenericError", "CommandNotFound"})
@@ -167,10 +164,7 @@ def _run(commands: Commands, scope: Scope, request: protocol.Request) -> bytes:
     """One request as the server runs it: its reply line."""
     try:
         value = commands.execute(scope, request.command, request.arguments, oob=request.oob)
-        if isinstance(value, RawSteps):  # checks done in steps give the planned reply
-            value = finish(value.steps)
-        if isinstance(value, PlannedReply):
-            value = RawJson(finish(value.steps))
+        value = made(value)
         if isinstance(value, RawJson):
             head, tail = protocol.reply_return_parts(request)
             return b"".join((head, *value.parts, tail))
