@@ -34,6 +34,10 @@ KVM_LINK_PREFIX = "anon_inode:kvm-"
 
 SYS_PIDFD_GETFD = 438  # same number on every architecture (unified syscall table, Linux 5.6)
 
+# The inode number of the initial PID namespace (include/linux/proc_ns.h, PROC_PID_INIT_INO):
+# fixed by the kernel, whatever the host.
+PROC_PID_INIT_INO = 0xEFFFFFFC
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -57,6 +61,19 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
         code = ctypes.get_errno()
         raise OSError(code, f"pidfd_getfd(fd {target_fd}): {os.strerror(code)}")
     return int(fd)
+
+
+def in_initial_pid_namespace() -> bool:
+    """Whether this process's pids are the kernel's own (the initial PID namespace).
+
+    The stats id strings carry the creator's pid as the initial namespace numbers it
+    (``kvm-PID``, written with task_pid_nr): in a container's PID namespace that number is not
+    a pid this process can see, and may be the pid of an unrelated process of its own.
+    """
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == PROC_PID_INIT_INO
+    except OSError:
+        return True  # no namespace files (very old kernel): namespaces are not in use
 
 
 def process_exited(pidfd: int) -> bool:
