@@ -560,6 +560,7 @@ class Connection:
             await registry.rescan()
         vm = scope.vm.name if scope.vm else arguments.get("vm")
         vm_gone = False
+        reply, reply_bytes = b"", None
         try:
             if scope.vm is not None:
                 # Look the VM up again: the registry may have swapped in a new view of it
@@ -586,16 +587,17 @@ class Connection:
                 # before the reservation ends, the outbox then holds its bytes to account.
                 async with self.server.reply_memory.reserve(value.bound):
                     if value.sliced:
+                        # Copies of their own: queued as they are, never joined whole.
                         parts = await run_in_slices(
                             value.steps, STEP_SLICE, trio.lowlevel.checkpoint
                         )
+                        reply_bytes = self._put_parts(request, parts)
                     else:
-                        parts = finish(value.steps)
-                    reply = _splice(request, parts)
-                    self.outbox.put(reply)
+                        # Views into the renderers' buffers: copied before the next render.
+                        reply = _splice(request, finish(value.steps))
+                        self.outbox.put(reply)
             elif isinstance(value, RawJson):
-                reply = _splice(request, value.parts)
-                self.outbox.put(reply)
+                reply_bytes = self._put_parts(request, value.parts)
             else:
                 reply = protocol.reply_return(request, value)
                 self.outbox.put(reply)
@@ -618,9 +620,15 @@ class Connection:
             target_vm=vm if isinstance(vm, str) else None,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             outcome=outcome,
-            reply_bytes=len(reply),
+            reply_bytes=len(reply) if reply_bytes is None else reply_bytes,
         )
         return vm_gone
+
+    def _put_parts(self, request: protocol.Request, parts: tuple[bytes | memoryview, ...]) -> int:
+        """Queue the reply to ``request`` around ``parts`` (text rendered in C, which stays
+        unchanged until sent); its size."""
+        head, tail = protocol.reply_return_parts(request)
+        return self.outbox.put_parts((head, *parts, tail))
 
 
 def _splice(request: protocol.Request, parts: tuple[bytes | memoryview, ...]) -> bytes:

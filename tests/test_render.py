@@ -19,6 +19,7 @@ from statsd_qmp.commands import (
     Commands,
     PlannedReply,
     RawJson,
+    RawSteps,
     Scope,
     parse_stats_filter,
 )
@@ -128,6 +129,14 @@ filters = st.fixed_dictionaries(
 )
 
 
+def planned_reply(value: object) -> PlannedReply:
+    """A query-stats value planned as the server plans it (in steps when host-wide)."""
+    if isinstance(value, RawSteps):
+        value = finish(value.steps)
+    assert isinstance(value, PlannedReply)
+    return value
+
+
 @settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     vm_stats=st.none() | stat_sets(),
@@ -161,8 +170,7 @@ def test_c_rendering_equals_the_python_path(
     c_text = commands.query_stats_json(scope, targets, stats_filter, host) + b"\r\n"
     assert c_text == python_text
     # The size bound known before rendering holds whatever the values (all at their widest).
-    planned = commands.execute(scope, "query-stats", arguments, oob=False)
-    assert isinstance(planned, PlannedReply)
+    planned = planned_reply(commands.execute(scope, "query-stats", arguments, oob=False))
     assert len(c_text) - 2 <= planned.bound
     widest = [dataclasses.replace(x, values=(2**64 - 1,) * len(x.values)) for x in other]
     wide = make_vm("w", widest, [widest, widest], opened)
@@ -328,8 +336,7 @@ def test_host_wide_query_stats_in_steps_equals_the_python_path(
     host = Scope(host=True, viewer=EVERYTHING)
     providers = [{"provider": "kvm", "names": ["b"]}, {"provider": "kvm"}]  # two passes
     for arguments in ({"target": "vcpu"}, {"target": "vm", "providers": providers}):
-        value = commands.execute(host, "query-stats", arguments, oob=False)
-        assert isinstance(value, PlannedReply)
+        value = planned_reply(commands.execute(host, "query-stats", arguments, oob=False))
         stepped = _drive(value, lambda n: pause)
         stats_filter = parse_stats_filter(arguments, host=True)
         python_text = protocol.encode(commands.query_stats(host, vms, stats_filter, True))
@@ -341,10 +348,11 @@ def test_a_vm_dropped_during_a_stepped_reply_is_left_out_unread(opened: list[int
     vms = [make_vm(f"vm{i}", None, [stats], opened) for i in range(3)]
     context = Context(list(vms))
     commands = Commands(context)
-    value = commands.execute(
-        Scope(host=True, viewer=EVERYTHING), "query-stats", {"target": "vcpu"}, oob=False
+    value = planned_reply(
+        commands.execute(
+            Scope(host=True, viewer=EVERYTHING), "query-stats", {"target": "vcpu"}, oob=False
+        )
     )
-    assert isinstance(value, PlannedReply)
 
     def drop_vm1_after_the_first(step: int) -> bool:
         if step == 1:
