@@ -28,7 +28,7 @@ import trio
 
 from . import __version__
 from .errors import StatsdQmpError
-from .exporter import Exporter, Format
+from .exporter import STEP_SLICE, Exporter, Format
 from .metricsmap import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, format_address
 from .steps import run_in_slices
 
@@ -277,10 +277,9 @@ class MetricsServer:
         fmt = negotiate(headers.get(b"accept", b""))
         use_gzip = accepts_gzip(headers.get(b"accept-encoding", b""))
         exposition = await self.exporter.exposition()
-        if use_gzip:
-            body = await run_in_slices(exposition.gzip_steps(fmt), 0.0005, trio.lowlevel.checkpoint)
-        else:
-            body = exposition.body(fmt)
+        # Either page is made in steps: 10,000 VMs' page is tens of MB.
+        steps = exposition.gzip_steps(fmt) if use_gzip else exposition.body_steps(fmt)
+        body = await run_in_slices(steps, STEP_SLICE, trio.lowlevel.checkpoint)
         extra = [
             (
                 b"content-type",

@@ -754,6 +754,39 @@ def test_the_page_written_in_many_steps_equals_one_step(monkeypatch: pytest.Monk
     assert count >= 10  # a pause after each family (the page has 11)
 
 
+def test_a_page_of_many_vms_is_set_up_in_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-VM work of a page (layout check, marks and buffers, one vm_info sample per
+    VM) pauses every few VMs, and the page made so equals the page made at once."""
+    from statsd_qmp import exporter as exporter_module
+    from statsd_qmp.steps import finish
+
+    vms = 200
+    with synthetic_vm(2) as vm:
+        views = [
+            VmStats(f"vm{index:03d}", 10 + index, "borrowed", vm.vm_file, vm.vcpus, owner_uid=0)
+            for index in range(vms)
+        ]
+        scrape = finish(Exporter(registry_with(*views)).scrape())
+        whole = bytes(scrape.body("openmetrics"))
+        assert whole.count(b"statsd_qmp_vm_info{") == vms
+        scrape._bodies.clear()
+        per_step = 8
+        monkeypatch.setattr(exporter_module, "VMS_PER_STEP", per_step)
+        monkeypatch.setattr(exporter_module, "SAMPLES_PER_STEP", per_step)
+        monkeypatch.setattr(exporter_module, "GATHER_STEP_BYTES", 1 << 30)  # no family pauses
+        count = 0
+
+        def counted() -> None:
+            nonlocal count
+            count += 1
+
+        steps = scrape.body_steps("openmetrics")
+        paged = trio.run(run_in_slices, steps, 0.0, _count_pause(counted))
+        assert bytes(paged) == whole
+    # Layout, marks and vm_info: each pauses every per_step VMs.
+    assert count >= 3 * (vms // per_step) - 3
+
+
 def _count_pause(counted: Any) -> Any:
     async def pause() -> None:
         counted()
