@@ -9,7 +9,9 @@ is measured by ``tests/bench/bench_dense.py``, never here.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from statsd_qmp.commands import (
     parse_stats_filter,
 )
 from statsd_qmp.outbox import WRITE_CHUNK, Outbox
+from statsd_qmp.registry import Registry
 from statsd_qmp.replymemory import ReplyMemory
 from statsd_qmp.steps import Steps
 from statsd_qmp.vm import VmStats
@@ -211,3 +214,21 @@ async def test_a_reply_queued_as_parts_is_sent_as_their_concatenation(big: bool)
         assert bytes(received) == expected
         assert memory.in_use == 0
         assert outbox.size == 0
+
+
+def test_the_registry_keeps_its_vms_sorted_as_they_come_and_go(
+    many_vms: list[VmStats], tmp_path: Path
+) -> None:
+    registry = Registry(run_dir=tmp_path, histogram_order="kernel", package="t")
+    arrivals = list(many_vms)
+    random.Random(16).shuffle(arrivals)
+    for index, vm in enumerate(arrivals):
+        registry.add(vm)
+        if index % 10 == 0:
+            registry.remove(arrivals[index // 2].name, reason="test")
+        if index % 7 == 0:  # asked for in between, as queries do
+            names = [each.name for each in registry.all_vms()]
+            assert names == sorted(registry.names_in_use())
+    names = [each.name for each in registry.all_vms()]
+    assert names == sorted(registry.names_in_use())
+    assert len(names) == registry.count() > VMS // 2
