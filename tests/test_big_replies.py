@@ -29,6 +29,7 @@ from statsd_qmp.commands import (
     parse_stats_filter,
 )
 from statsd_qmp.outbox import WRITE_CHUNK, Outbox
+from statsd_qmp.qjson.writer import dumps
 from statsd_qmp.registry import Registry
 from statsd_qmp.replymemory import ReplyMemory
 from statsd_qmp.steps import Steps
@@ -232,3 +233,52 @@ def test_the_registry_keeps_its_vms_sorted_as_they_come_and_go(
     names = [each.name for each in registry.all_vms()]
     assert names == sorted(registry.names_in_use())
     assert len(names) == registry.count() > VMS // 2
+
+
+@pytest.mark.parametrize("admin", [True, False])
+def test_host_wide_cpus_in_steps_are_the_writers_text(many_vms: list[VmStats], admin: bool) -> None:
+    """query-cpus-fast over every VM: one step per VM, the text the writer makes of the
+    whole list, only the VMs the client may see."""
+    viewer = AccessPolicy().viewer(Peer(pid=1, uid=0 if admin else 1001, gid=1001))
+    scope = Scope(host=True, viewer=viewer)
+    commands = Commands(Context(list(many_vms)))
+    value = commands.execute(scope, "query-cpus-fast", {}, oob=False)
+    assert isinstance(value, RawSteps)
+    steps = 0
+
+    def count(step: int) -> None:
+        nonlocal steps
+        steps = step
+
+    text = drive(value.steps, count).text
+    assert steps == VMS
+    expected = [
+        {
+            "thread-id": vcpu.thread_id,
+            "qom-path": f"/vm/{vm.name}/vcpu[{vcpu.vcpu_id}]",
+            "cpu-index": index,
+            "target": "x86_64",
+        }
+        for vm in many_vms
+        if admin or vm.owner_uid == 1001
+        for index, vcpu in enumerate(vm.vcpus)
+    ]
+    assert len(expected) == (2 * VMS if admin else VMS)
+    assert text == dumps(expected).encode()
+    # One VM, named (visible to both clients): plain data, with its own socket's paths.
+    vm = many_vms[1]
+    one = commands.execute(scope, "query-cpus-fast", {"vm": vm.name}, oob=False)
+    assert one == [
+        {"thread-id": vm.pid + 1, "qom-path": "/kvm/vcpu[0]", "cpu-index": 0, "target": "x86_64"},
+        {"thread-id": vm.pid + 2, "qom-path": "/kvm/vcpu[2]", "cpu-index": 1, "target": "x86_64"},
+    ]
+
+
+def test_host_wide_schemas_are_the_first_vms(many_vms: list[VmStats]) -> None:
+    commands = Commands(Context(list(many_vms)))
+    schemas = commands.execute(HOST, "query-stats-schemas", {}, oob=False)
+    assert schemas == Commands.stats_schemas(many_vms)
+    assert [(entry["target"], len(entry["stats"])) for entry in schemas] == [
+        ("vcpu", len(STATS)),
+        ("vm", 1),
+    ]

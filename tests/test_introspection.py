@@ -20,10 +20,11 @@ import pytest
 import structlog
 
 from statsd_qmp.access import EVERYTHING
-from statsd_qmp.commands import Commands, Scope
+from statsd_qmp.commands import Commands, RawSteps, Scope
 from statsd_qmp.errors import QmpError
 from statsd_qmp.registry import Registry
 from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.steps import finish
 from statsd_qmp.vm import VcpuStats, VmStats
 
 from .synthetic import SyntheticStat, build, make_flags, memfd_with
@@ -113,9 +114,12 @@ def scopes(registry: Registry) -> list[Scope]:
 
 
 def argument_error(commands: Commands, scope: Scope, name: str, arguments: Any) -> str | None:
-    """The error text of running ``name`` with ``arguments``, None when it succeeds."""
+    """The error text of running ``name`` with ``arguments``, None when it succeeds (checks
+    done in steps, as for a host-wide query-stats, run as the server runs them)."""
     try:
-        commands.execute(scope, name, arguments, oob=False)
+        value = commands.execute(scope, name, arguments, oob=False)
+        if isinstance(value, RawSteps):
+            finish(value.steps)
     except QmpError as exc:
         return exc.desc
     return None
