@@ -742,15 +742,8 @@ def test_the_page_written_in_many_steps_equals_one_step(monkeypatch: pytest.Monk
         whole = bytes(scrape.body("openmetrics"))
         scrape._bodies.clear()
         monkeypatch.setattr(exporter_module, "GATHER_STEP_BYTES", 100)
-        count = 0
-
-        def counted() -> None:
-            nonlocal count
-            count += 1
-
-        steps = scrape.body_steps("openmetrics")
-        paged = trio.run(run_in_slices, steps, 0.0, _count_pause(counted))
-        assert bytes(paged) == whole
+        paged, count = _paged(scrape)
+        assert paged == whole
     assert count >= 10  # a pause after each family (the page has 11)
 
 
@@ -774,17 +767,22 @@ def test_a_page_of_many_vms_is_set_up_in_steps(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setattr(exporter_module, "VMS_PER_STEP", per_step)
         monkeypatch.setattr(exporter_module, "SAMPLES_PER_STEP", per_step)
         monkeypatch.setattr(exporter_module, "GATHER_STEP_BYTES", 1 << 30)  # no family pauses
-        count = 0
-
-        def counted() -> None:
-            nonlocal count
-            count += 1
-
-        steps = scrape.body_steps("openmetrics")
-        paged = trio.run(run_in_slices, steps, 0.0, _count_pause(counted))
-        assert bytes(paged) == whole
+        paged, count = _paged(scrape)
+        assert paged == whole
     # Layout, marks and vm_info: each pauses every per_step VMs.
     assert count >= 3 * (vms // per_step) - 3
+
+
+def _paged(scrape: Any) -> tuple[bytes, int]:
+    """The OpenMetrics page made in steps, pausing after every step; the pauses counted."""
+    count = 0
+
+    def counted() -> None:
+        nonlocal count
+        count += 1
+
+    paged = trio.run(run_in_slices, scrape.body_steps("openmetrics"), 0.0, _count_pause(counted))
+    return bytes(paged), count
 
 
 def _count_pause(counted: Any) -> Any:
