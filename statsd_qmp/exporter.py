@@ -114,12 +114,13 @@ class Exposition:
             return cached
         body = memoryview((yield from self.body_steps(fmt)))
         compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: gzip header
-        out: list[bytes] = []
+        # Grown a chunk per step (a big buffer grows in place), never joined whole at the end.
+        out = bytearray()
         for start in range(0, len(body), GZIP_CHUNK):
-            out.append(compressor.compress(body[start : start + GZIP_CHUNK]))
+            out += compressor.compress(body[start : start + GZIP_CHUNK])
             yield None
-        out.append(compressor.flush())
-        compressed = self._bodies[(fmt, True)] = b"".join(out)
+        out += compressor.flush()
+        compressed = self._bodies[(fmt, True)] = memoryview(out)
         return compressed
 
 
