@@ -50,7 +50,8 @@ Args = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class RawJson:
-    """A return value already serialised in QEMU's format (``query-vms``' list).
+    """A return value already serialised in QEMU's format (the lists of ``query-vms`` and
+    host-wide ``query-cpus-fast``).
 
     Held as parts, which the server queues as they are (a big reply is never joined whole):
     they must not change until written.
