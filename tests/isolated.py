@@ -193,14 +193,3 @@ class IsolatedDaemon:
         exit status kept in :attr:`returncode`; the ``loop stats`` record, if it logged one."""
         self.returncode = self.namespace.stop(signum, timeout)
         return loop_stats(self.log_path)
-
-    def __enter__(self) -> IsolatedDaemon:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.namespace.kill()

@@ -43,9 +43,10 @@ def daemon(workdir: Path, *, nofile: int | None = None) -> Iterator[IsolatedDaem
     own. Run dir ``WORKDIR/run``, log ``WORKDIR/daemon.log``."""
     need(program_problem("unshare"))
     limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
-    with IsolatedDaemon(
+    isolated = IsolatedDaemon(
         workdir, "--scan-interval", "0.2", command=DAEMON, prefix=limit, within=20
-    ) as isolated:
+    )
+    with isolated.namespace:  # killed, by its pid, on a failure
         yield isolated
         assert isolated.namespace.alive(), "the daemon died:\n" + isolated.namespace.log_tail()
         isolated.stop(signal.SIGTERM, 20)

@@ -28,7 +28,6 @@ shared 2-core machine absolute numbers move with what else runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -42,13 +41,13 @@ from typing import Any
 from tests import isolated
 from tests.bench.bench_qmp import (
     REQUESTS,
-    RESULTS,
     QmpClient,
     _tmpfs_dir,
     cpu_sample,
     steal_pct,
     time_limit,
     time_one_socket,
+    write_results,
 )
 from tests.procstat import cpu_seconds, fd_count, rss_mib
 from tests.tiny_vmms import TinyVmms, build
@@ -329,10 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(opts)
     table = format_table(results)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{output}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{output}.txt").write_text(table + "\n")
+    path = write_results(results, output, table)
     print(f"\nwritten: {path}")
     return 0
 

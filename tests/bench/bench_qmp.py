@@ -1553,11 +1553,16 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, int, str]
     return opts, args.timeout, args.output
 
 
-def write_results(results: dict[str, Any], name: str = "bench_qmp") -> Path:
+def write_results(
+    results: dict[str, Any], name: str = "bench_qmp", table: str | None = None
+) -> Path:
+    """``RESULTS/NAME.json`` (the figures) and ``NAME.txt`` (``table``, by default this
+    benchmark's tables); the path of the first."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.txt").write_text(format_tables(results) + "\n")
+    text = format_tables(results) if table is None else table
+    (RESULTS / f"{name}.txt").write_text(text + "\n")
     return path
 
 

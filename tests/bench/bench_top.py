@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -37,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bench_qmp import (
-    RESULTS,
     Daemon,
     MiniVmms,
     cpu_sample,
     environment,
     steal_pct,
     time_limit,
+    write_results,
 )
 from tests.daemons import statsd_qmp_command
 from tests.isolated import rerun_in_namespace
@@ -260,11 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rerun_in_namespace("tests.bench.bench_top", arguments, env=environ, unshare=unshare)
     with time_limit(int(600 + 3 * opts.seconds)):
         results = run(opts)
-    print(format_table(results))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{output}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{output}.txt").write_text(format_table(results) + "\n")
+    table = format_table(results)
+    print(table)
+    path = write_results(results, output, table)
     print(f"\nwritten: {path}")
     return 0 if all(item["ok"] for item in results["checks"]) else 1
 
