@@ -63,6 +63,8 @@ MEMORY_BACK_WITHIN_S = 10.0
 
 QUERY_VMS = b'{"execute": "query-vms"}'
 
+BIG_REPLY_BYTES = 256 << 20
+
 
 @dataclass
 class Options:
@@ -76,10 +78,16 @@ class Options:
 
 
 class IsolatedDaemon(isolated.IsolatedDaemon):
-    """The measured daemon: ``--measure-loop``, so ``stop()`` returns its ``loop stats``."""
+    """The measured daemon: ``--measure-loop``, so ``stop()`` returns its ``loop stats``.
+
+    A host-wide query-stats of thousands of VMs is bigger than the default bound of a reply
+    (32 MiB, judged from the worst case, about twice the real size): the bounds are raised.
+    """
 
     def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, "--measure-loop")
+        bounds = ["--max-reply-bytes", str(BIG_REPLY_BYTES)]
+        bounds += ["--max-reply-memory", str(2 * BIG_REPLY_BYTES)]
+        super().__init__(workdir, "--measure-loop", *bounds)
 
 
 def loadavg() -> str:
