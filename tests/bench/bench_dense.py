@@ -28,11 +28,8 @@ shared 2-core machine absolute numbers move with what else runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,17 +38,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tests import isolated
 from tests.bench.bench_qmp import (
     REQUESTS,
-    RESULTS,
     QmpClient,
     _tmpfs_dir,
     cpu_sample,
-    statsd_qmp_command,
     steal_pct,
     time_limit,
     time_one_socket,
+    write_results,
 )
+from tests.procstat import cpu_seconds, fd_count, rss_mib
 from tests.tiny_vmms import TinyVmms, build
 
 # Targets of the issue.
@@ -79,90 +77,22 @@ class Options:
     list_timeout: float = 300.0
 
 
-class IsolatedDaemon:
-    """``statsd-qmp serve --measure-loop`` as pid 1 of a PID namespace of its own.
+class IsolatedDaemon(isolated.IsolatedDaemon):
+    """The measured daemon: ``--measure-loop``, so ``stop()`` returns its ``loop stats``.
 
-    It sees only the VMMs started into that namespace (``enter``), never the other VMs of a
-    shared host, which would otherwise take descriptors and time from the figures.
+    A host-wide query-stats of thousands of VMs is bigger than the default bound of a reply
+    (32 MiB, judged from the worst case, about twice the real size): the bounds are raised.
     """
 
     def __init__(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.run_dir = workdir / "run"
-        self.host_socket = self.run_dir / "qmp.sock"
-        self.log_path = workdir / "daemon.log"
-        isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
-        serve = ["serve", "--run-dir", str(self.run_dir), "--log-format", "json", "--measure-loop"]
-        # A host-wide query-stats of thousands of VMs is bigger than the default bound of a
-        # reply (32 MiB, judged from the worst case, about twice the real size).
-        serve += [
-            "--max-reply-bytes",
-            str(BIG_REPLY_BYTES),
-            "--max-reply-memory",
-            str(2 * BIG_REPLY_BYTES),
-        ]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [*isolated, *statsd_qmp_command(), *serve],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 30
-        while not self.host_socket.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start: {self.log_path.read_text()}")
-            time.sleep(0.05)
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        (self.pid,) = (int(child) for child in children.read_text().split())
-        self.enter = ["nsenter", f"--target={self.pid}", "--pid", "--mount", "--"]
-
-    def query_vms(self) -> list[dict[str, Any]]:
-        client = QmpClient(self.host_socket, timeout=60)
-        try:
-            vms: list[dict[str, Any]] = json.loads(client.call(QUERY_VMS))["return"]
-            return vms
-        finally:
-            client.close()
-
-    def stop(self) -> dict[str, Any] | None:
-        """SIGINT (the loop stats are logged on the way out); the ``loop stats`` record."""
-        if self.process.poll() is None:
-            os.kill(self.pid, signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()  # the namespace dies with its pid 1
-                self.process.wait()
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if '"loop stats"' in line:
-                record: dict[str, Any] = json.loads(line)
-                return record
-        return None
+        bounds = ["--max-reply-bytes", str(BIG_REPLY_BYTES)]
+        bounds += ["--max-reply-memory", str(2 * BIG_REPLY_BYTES)]
+        super().__init__(workdir, "--measure-loop", *bounds)
 
 
 def loadavg() -> str:
     with open("/proc/loadavg") as handle:
         return " ".join(handle.read().split()[:3])
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
-def fd_count(pid: int) -> int:
-    return os.stat(f"/proc/{pid}/fd").st_size or len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        text = handle.read()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_own_fd_limit(wanted: int) -> int:
@@ -406,10 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(opts)
     table = format_table(results)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{output}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{output}.txt").write_text(table + "\n")
+    path = write_results(results, output, table)
     print(f"\nwritten: {path}")
     return 0
 
