@@ -28,8 +28,11 @@ shared 2-core machine absolute numbers move with what else runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from statsd_qmp.fdbudget import FdBudget
 from tests import isolated
 from tests.bench.bench_qmp import (
     REQUESTS,
@@ -75,6 +79,7 @@ class Options:
     rest_seconds: float = 10.0
     big_queries: int = 3
     list_timeout: float = 300.0
+    other_processes: int = 0
 
 
 class IsolatedDaemon(isolated.IsolatedDaemon):
@@ -107,6 +112,37 @@ def raise_own_fd_limit(wanted: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return hard
     return target
+
+
+def vms_that_fit(limit: int, vcpus: int) -> int:
+    """VMs a daemon under ``limit`` descriptors serves: its reserve (for 1,000 clients and its
+    own work) kept, each VM taking its stats fds, a pidfd and its socket."""
+    return (limit - FdBudget(max_connections=1000).reserve(limit) - 64) // (vcpus + 3)
+
+
+def start_sleepers(enter: Sequence[str], count: int) -> subprocess.Popen[bytes]:
+    """``count`` sleeping processes in the daemon's namespace (a process group of their own):
+    the scan lists every process of the host, VMM or not, so a host with fewer VMs than a
+    dense one but as many processes costs the scan about as much (more, in fact: a process
+    that is not a served VMM is looked at every scan, a served one only in turn)."""
+    script = f"i=0; while [ $i -lt {count} ]; do sleep 1000000 & i=$((i+1)); done; echo up; wait"
+    sleepers = subprocess.Popen(
+        [*enter, "sh", "-c", script], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert sleepers.stdout is not None
+    if sleepers.stdout.readline() != b"up\n":
+        stop_sleepers(sleepers)
+        raise RuntimeError("the sleeping processes did not start")
+    return sleepers
+
+
+def stop_sleepers(sleepers: subprocess.Popen[bytes]) -> None:
+    """Kill the whole group (the shell, and every sleep it started), by its id."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sleepers.pid, signal.SIGKILL)
+    sleepers.wait()
+    if sleepers.stdout is not None:
+        sleepers.stdout.close()
 
 
 def ours(vms: list[dict[str, Any]], pids: set[int]) -> list[dict[str, Any]]:
@@ -143,14 +179,26 @@ def wait_listed(daemon: IsolatedDaemon, pids: set[int], want: int, timeout: floa
 def run(opts: Options) -> dict[str, Any]:
     results: dict[str, Any] = {"options": asdict(opts), "nproc": os.cpu_count()}
     needed = opts.vms * (opts.vcpus + 3) + 4096
-    results["fd_limit"] = raise_own_fd_limit(needed)
+    results["fd_limit"] = limit = raise_own_fd_limit(needed)
+    fits = vms_that_fit(limit, opts.vcpus)
+    if opts.vms > fits:
+        raise SystemExit(
+            f"bench_dense: {opts.vms} VMs x {opts.vcpus} vCPUs need about {needed} descriptors "
+            f"in the daemon; its RLIMIT_NOFILE can be at most {limit} here (raising the hard "
+            f"limit needs CAP_SYS_RESOURCE; fs.nr_open caps it): at most {fits} VMs fit. "
+            f"Run with --vms {fits}, and --other-processes to give the scan a bigger "
+            "host's process count."
+        )
     steal0 = cpu_sample()
     results["load_start"] = loadavg()
     with tempfile.TemporaryDirectory(prefix="bench-dense-", dir=_tmpfs_dir()) as tmp:
         workdir = Path(tmp)
         binary = build(workdir)
         daemon = IsolatedDaemon(workdir / "daemon")
+        others: subprocess.Popen[bytes] | None = None
         try:
+            if opts.other_processes:
+                others = start_sleepers(daemon.enter, opts.other_processes)
             time.sleep(1.0)
             daemon.query_vms()
             empty_rss = rss_mib(daemon.pid)
@@ -214,6 +262,8 @@ def run(opts: Options) -> dict[str, Any]:
             time.sleep(max(exited_at + MEMORY_BACK_WITHIN_S - time.monotonic(), 0))
             results["after"] = {"rss_mib": rss_mib(daemon.pid), "fds": fd_count(daemon.pid)}
         finally:
+            if others is not None:
+                stop_sleepers(others)
             loop = daemon.stop()
         results["loop"] = loop
     results["steal_pct"] = steal_pct(steal0, cpu_sample())
@@ -274,7 +324,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"fd limit {results['fd_limit']}, steal {results['steal_pct']} %",
         f"load: start {results['load_start']}, at rest {rest['load']}, "
         f"full {results['load_full']}, end {results['load_end']}",
-        f"VMMs ready: {results['started']['ready']} (failed {results['started']['failed']})",
+        f"VMMs ready: {results['started']['ready']} (failed {results['started']['failed']}), "
+        f"other processes: {opts['other_processes']}",
         "",
         "| VMs | listed after the last VMM was ready | daemon CPU at rest | RSS "
         "| same-VM vcpu query p50 | `query-vms` | host-wide `query-stats` vcpu "
@@ -318,6 +369,12 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, int, str]:
     parser.add_argument("--vcpus", type=int, default=2)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rest-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--other-processes",
+        type=int,
+        default=0,
+        help="sleeping processes started beside the VMMs (a bigger host's process count)",
+    )
     parser.add_argument("--output", default="bench_dense", help="results file name, no suffix")
     parser.add_argument("--timeout", type=int, default=1800, help="whole run, seconds")
     args = parser.parse_args(argv)
@@ -326,6 +383,7 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, int, str]:
         vcpus=args.vcpus,
         requests=args.requests,
         rest_seconds=args.rest_seconds,
+        other_processes=args.other_processes,
     )
     return opts, args.timeout, args.output
 
