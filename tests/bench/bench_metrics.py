@@ -255,8 +255,14 @@ def run_beside_qmp(workdir: Path, opts: Options) -> dict[str, Any]:
 
         result["qmp_alone_us"] = load()
         prometheus = Prometheus(workdir / "prometheus", f"127.0.0.1:{port}")
-        time.sleep(2)  # its first scrapes
         started = time.time()
+        # Its first scrapes: on a loaded machine Prometheus may take many seconds to start.
+        deadline = time.monotonic() + 60
+        while _scalar(prometheus, 'up{job="statsd-qmp"}') is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("Prometheus scraped nothing within 60 s")
+            time.sleep(0.2)
+        time.sleep(1)
         result["qmp_with_prometheus_us"] = load()
         time.sleep(1.5)  # the last scrape lands in the database
         # The load and the warm-up before it (whole seconds, as PromQL ranges are written).
