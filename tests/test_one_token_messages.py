@@ -17,11 +17,15 @@ import re
 from pathlib import Path
 
 import pytest
+import trio
 
 from statsd_qmp.protocol import QmpConnection, SendBytes
 from statsd_qmp.qjson.streamer import JsonStreamParser
 
 from .qemu_helpers import QemuVm
+from .test_hostile import start_canary
+from .test_server import SyntheticVms, daemon
+from .test_server import synthetic as synthetic  # the fixture: VMs on memfds
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "qemu-7.2" / "transcript.jsonl"
 
@@ -164,3 +168,28 @@ def test_live_qemu_answers_the_same(tmp_path: Path) -> None:
                 assert ours == expected_replies(data)
         finally:
             qmp.close()
+
+
+@pytest.mark.parametrize("chunk", [None, 1024])
+async def test_the_daemon_sends_every_reply_in_order(
+    tmp_path: Path, synthetic: SyntheticVms, chunk: int | None
+) -> None:
+    """The server joins runs of such replies into one write: the bytes stay the same."""
+    small = synthetic.make("small", (0,))
+    data = STREAMS["mixed-64K"] + b" a1"
+    expected = b"".join(expected_replies(data + b"\n"))
+    sentinel = b'{"execute": "query-version", "id": "end"}'
+    with trio.fail_after(120):
+        async with daemon(tmp_path, vms=[small]) as d, trio.open_nursery() as nursery:
+            canary = await start_canary(nursery, await d.connect(d.vm_socket("small")), 0.02)
+            conn = await d.connect(d.host)
+            step = chunk or len(data)
+            for start in range(0, len(data), step):
+                await conn.send(data[start : start + step])
+            await conn.send(b"\n" + sentinel)
+            got = bytearray()
+            while b'"id": "end"' not in (line := await conn.readline()):
+                got += line
+            nursery.cancel_scope.cancel()
+    canary.check()
+    assert bytes(got) == expected
