@@ -21,7 +21,9 @@ A VM is served once, from its creator: every stats fd names the process that cre
 Another statsd-qmp daemon holds copies of the same fds; a process whose VM was created by
 another live process that holds stats fds itself (or by this daemon) is only holding copies
 and is not served. When the creator is gone, copies still held a second later (another daemon
-closes its own at once) are served as before.
+closes its own at once) are served as before. A process holding the VM's own ``kvm-vm`` fd
+is its VMM and always served. In a child PID namespace (a container) the kernel's pids are
+not the daemon's, so copies are told by their id string instead (the same as a served VM's).
 
 One VM per VMM process is the supported case. A process holding several ``kvm-vm-stats`` fds
 of different VMs gets its lowest-numbered VM stats fd and all its vCPU stats fds served, and a
@@ -99,6 +101,7 @@ class BorrowedVm:
     fds: dict[int, int] = field(default_factory=dict)  # the VMM's fd number -> our copy
     files: dict[int, StatsFile] = field(default_factory=dict)  # our fd -> parsed file
     exits: select.epoll | None = None  # the exit watch this pidfd is registered with
+    stats_id: str = ""  # the id string of the VM's stats (its VM file's, else its first vCPU's)
     closed: bool = False
 
     def close(self) -> None:
@@ -262,6 +265,8 @@ class Discovery:
         self._settling: dict[int, Any] = {}  # pid -> its KVM fd set at the last scan
         self.scanner = borrowed.ProcScanner()
         self.vmms: dict[int, BorrowedVm] = {}
+        # Served VMMs report their exit through their pidfd: the scan need not look for it.
+        self.scanner.watched = self.vmms.keys()
         self.last_scan_finished = trio.current_time()
         self._lock = trio.Lock()
         self._scan_done = trio.Event()
@@ -280,6 +285,10 @@ class Discovery:
         self._holders: set[int] = set()  # pids holding stats fds in the latest scan
         # Holders of copies whose creator is gone: pid -> when first seen so.
         self._orphaned: dict[int, float] = {}
+        # Served VMs by their stats id string -> the pid they are served from.
+        self._served_ids: dict[str, int] = {}
+        # False in a child PID namespace: the pids in the kernel's id strings are not ours.
+        self._kernel_pids_are_ours = borrowed.in_initial_pid_namespace()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Scan now, report started, then rescan every ``scan_interval`` until cancelled."""
@@ -365,17 +374,22 @@ class Discovery:
                 del self._orphaned[pid]
         # A checkpoint after each VM added or dropped: a scan that finds 100 new VMMs must
         # not hold the event loop for the whole batch.
-        for pid in list(self.vmms):
-            if pid not in result.vmms and pid not in result.unread:
-                self._drop(pid, "the process holds no KVM stats fds any more")
-                await trio.lowlevel.checkpoint()
+        for pid in sorted(self.vmms.keys() - result.vmms.keys() - result.unread):
+            self._drop(pid, "the process holds no KVM stats fds any more")
+            await trio.lowlevel.checkpoint()
         # Descriptors VMs may still take. Counted once per scan: clients that connect while
         # this batch is adopted take theirs from the reserve, which is there for them.
         room = self.fd_budget.room()
         waiting = 0
         shortage = result.shortage
         todo: list[tuple[borrowed.ProcessStatsFds, BorrowedVm | None]] = []
-        for index, (pid, found) in enumerate(result.vmms.items()):
+        # Only what can have changed is compared (10,000 served VMMs compared each second
+        # cost ~1 % of a core): processes read afresh, VMMs not served yet (new, waiting for
+        # descriptors, holding copies) and served ones whose view the registry dropped.
+        dropped = {pid for pid, vmm in self.vmms.items() if vmm.closed}
+        candidates = result.fresh | (result.vmms.keys() - self.vmms.keys()) | dropped
+        for index, pid in enumerate(sorted(candidates & result.vmms.keys())):
+            found = result.vmms[pid]
             if index % APPLY_PER_STEP == APPLY_PER_STEP - 1:
                 await trio.lowlevel.checkpoint()  # 10,000 VMMs compared: ~20 ms in one piece
             known = self.vmms.get(pid)
@@ -619,6 +633,7 @@ class Discovery:
                 vm.name, pid, self.registry.names_in_use(), self.registry.run_dir
             )
         self.vmms[pid] = vmm
+        self._served_ids[vmm.stats_id] = pid
         self.registry.add(vm, vmm.close)
         _close_all(stale)
         if self._exits is not None:
@@ -690,7 +705,7 @@ class Discovery:
             if vm_file is not None:
                 wanted.add(first)
                 creator = parse_vm_id(vm_file.id)
-                if self._copies_of_another(vmm, found, creator):
+                if self._copies_of_another(vmm, found, creator, vm_file.id):
                     return None
             if len(found.vm_stats) > 1 and vmm.pid not in self._warned_multi:
                 self._warned_multi.add(vmm.pid)
@@ -721,7 +736,7 @@ class Discovery:
                 vm_file is None
                 and not vcpus
                 and thread_id
-                and self._copies_of_another(vmm, found, thread_id)
+                and self._copies_of_another(vmm, found, thread_id, stats_file.id)
             ):
                 return None
             vcpus.append(VcpuStats(vcpu_id, thread_id, stats_file))
@@ -735,6 +750,7 @@ class Discovery:
                 vmm.files.pop(ours, None)
                 stale.append(ours)
         vmm.signature = found.signature()
+        vmm.stats_id = vm_file.id if vm_file is not None else vcpus[0].file.id
         view = VmStats(
             vmm.name, vmm.pid, "borrowed", vm_file, tuple(vcpus), owner_uid=vmm.owner_uid
         )
@@ -745,20 +761,28 @@ class Discovery:
         return os.path.exists(f"/proc/{pid}")
 
     def _copies_of_another(
-        self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, creator_id: int | None
+        self,
+        vmm: BorrowedVm,
+        found: borrowed.ProcessStatsFds,
+        creator_id: int | None,
+        stats_id: str,
     ) -> bool:
         """True when ``vmm`` holds copies of a VM that another process serves, or whose
         creator went less than ``ORPHAN_GRACE`` seconds ago; the former is remembered.
 
-        ``creator_id`` is the id the kernel wrote (the creating thread). The creator serves
-        the VM when it is this daemon (its own VM) or a live process holding stats fds itself.
-        When the creator is gone, another daemon still holds its copies for the few
-        milliseconds until its own exit watch closes them: serving them then would make two
-        daemons keep each other's copies, and the dead VM, alive for ever. Copies still held
-        after the grace period belong to a real holder and are served.
+        ``creator_id`` is the id the kernel wrote (the creating thread), ``stats_id`` the
+        whole id string. A process holding the VM's own fd (``kvm-vm``) is its VMM, whatever
+        the id says. Otherwise the creator serves the VM when it is this daemon (its own VM)
+        or a live process holding stats fds itself. When the creator is gone, another daemon
+        still holds its copies for the few milliseconds until its own exit watch closes them:
+        serving them then would make two daemons keep each other's copies, and the dead VM,
+        alive for ever. Copies still held after the grace period belong to a real holder and
+        are served.
         """
-        if creator_id is None or creator_id == vmm.pid:
+        if creator_id is None or creator_id == vmm.pid or found.vm_fds:
             return False
+        if not self._kernel_pids_are_ours:
+            return self._copies_by_id(vmm, found, stats_id)
         creator: int | None = creator_id
         if creator_id not in self._holders and creator_id != self.scanner.self_pid:
             creator = borrowed.thread_group(creator_id)  # a thread id: its process, if any
@@ -777,6 +801,35 @@ class Discovery:
                 )
             self._copies[vmm.pid] = (creator, found.signature())
             return True
+        return self._orphan_waiting(vmm)
+
+    def _copies_by_id(
+        self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, stats_id: str
+    ) -> bool:
+        """:meth:`_copies_of_another` in a child PID namespace, where the id's pid is not ours.
+
+        The kernel writes the creator's pid as the initial namespace numbers it: here it names
+        nobody, or an unrelated process that happens to have that pid in this namespace (seen
+        with thousands of VMMs in a container: VMs taken for copies of their neighbours and
+        never served). Copies are recognised by their id string instead: the same string as a
+        VM this daemon serves from another process; any other VM waits the grace period.
+        """
+        server = self._served_ids.get(stats_id)
+        if server is not None and server != vmm.pid and self._alive(server):
+            if vmm.pid not in self._copies:
+                log.info(
+                    "not serving copies of another process's VM",
+                    pid=vmm.pid,
+                    creator=server,
+                    hint="another statsd-qmp daemon, or a process given the fds; the VM is "
+                    "served from the process that holds it",
+                )
+            self._copies[vmm.pid] = (server, found.signature())
+            return True
+        return self._orphan_waiting(vmm)
+
+    def _orphan_waiting(self, vmm: BorrowedVm) -> bool:
+        """Whether copies whose creator is gone are still inside ``ORPHAN_GRACE``."""
         now = trio.current_time()
         first_seen = self._orphaned.setdefault(vmm.pid, now)
         return now - first_seen < ORPHAN_GRACE
@@ -787,6 +840,8 @@ class Discovery:
         if vmm is None:
             return
         self._by_pidfd.pop(vmm.pidfd, None)
+        if self._served_ids.get(vmm.stats_id) == pid:
+            del self._served_ids[vmm.stats_id]
         if self.registry.find_vm(vmm.name) is not None:
             self.registry.remove(vmm.name, reason=reason)  # runs vmm.close
         vmm.close()

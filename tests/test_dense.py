@@ -49,11 +49,14 @@ class IsolatedDaemon:
 
 
 @contextlib.contextmanager
-def daemon(run_dir: Path, log: Path, *, nofile: int | None = None) -> Iterator[IsolatedDaemon]:
+def daemon(
+    run_dir: Path, log: Path, *, nofile: int | None = None, scan_interval: float = 0.2
+) -> Iterator[IsolatedDaemon]:
     """The daemon under ``nofile`` open files (soft and hard), once it listens."""
     need(program_problem("unshare"))
     limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
-    options = ["--run-dir", str(run_dir), "--log-format", "json", "--scan-interval", "0.2"]
+    options = ["--run-dir", str(run_dir), "--log-format", "json"]
+    options += ["--scan-interval", str(scan_interval)]
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [
@@ -222,6 +225,66 @@ def test_five_hundred_vms(tmp_path: Path, tiny_vmm: Path) -> None:
         )
         assert not list((run_dir / "vm").glob("dense-*.sock"))
     assert not events(log, "cannot read vm")
+
+
+def host_pid_of(ns_pid: int, namespace_of: int) -> int:
+    """The host pid of the process numbered ``ns_pid`` in the PID namespace of ``namespace_of``."""
+    namespace = os.stat(f"/proc/{namespace_of}/ns/pid").st_ino
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/pid").st_ino != namespace:
+                continue
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        for line in status.splitlines():
+            if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid:
+                return int(entry)
+    raise LookupError(f"no pid {ns_pid} in the namespace of {namespace_of}")
+
+
+@pytest.mark.kvm
+def test_kernel_pids_that_collide_in_a_pid_namespace(tmp_path: Path, tiny_vmm: Path) -> None:
+    """Both VMs served when one VMM's pid in the namespace is the other's pid on the host.
+
+    KVM writes the creator's host pid into the stats id (``kvm-PID``). A daemon in a PID
+    namespace that read it as one of its own pids took VMs for copies of an unrelated
+    neighbour's and never served them (thousands of VMMs in a namespace hit this at once).
+    The daemon scans only when asked here, so both VMMs are new to the same scan.
+    """
+    run_dir, log = tmp_path / "run", tmp_path / "daemon.log"
+    with (
+        daemon(run_dir, log, scan_interval=3600) as isolated,
+        TinyVmms(tiny_vmm, 1, prefix="first", wrapper=isolated.enter) as first,
+    ):
+        (first_pid,) = first.pids
+        first_host_pid = host_pid_of(first_pid, isolated.pid)
+        assert first_host_pid != first_pid, "the namespace did not renumber pids"
+        # The shell sets the namespace's last pid and becomes tiny_vmm, whose child (the
+        # VMM) then takes the number the first VM's id carries. The daemon's own threads
+        # may take a number meanwhile: try again.
+        for _attempt in range(5):
+            pick_pid = [
+                *isolated.enter,
+                "sh",
+                "-c",
+                f'echo {first_host_pid - 1} > /proc/sys/kernel/ns_last_pid && exec "$0" "$@"',
+            ]
+            second = TinyVmms(tiny_vmm, 1, prefix="second", wrapper=pick_pid)
+            if second.pids == [first_host_pid]:
+                break
+            second.close()
+        else:
+            pytest.fail(f"no VMM got pid {first_host_pid} in the namespace")
+        with second:
+            pids = [first_pid, first_host_pid]
+            vms = listed(run_dir, pids)
+            assert sorted(vms) == sorted(pids), (vms, log.read_text()[-3000:])
+            assert vms[first_pid]["name"] == "first-00000000"
+            assert vms[first_host_pid]["name"] == "second-00000000"
+    assert not events(log, "not serving copies of another process's VM")
 
 
 # --- query-vms in steps (no VMM needed) --------------------------------------------------

@@ -15,6 +15,7 @@ import trio
 from statsd_qmp.app import Settings, serve
 from statsd_qmp.discovery import UNIX_PATH_MAX, unique_name
 from statsd_qmp.server import Server
+from statsd_qmp.sources import borrowed
 from statsd_qmp.sources.borrowed import _LINKS_PER_STEP, ProcScanner, list_stats_fds, qemu_name
 
 from .fdcheck import pidfd_pids, served_fds, stray_kvm_fds
@@ -293,6 +294,39 @@ async def test_scan_skips_unchanged_processes(tmp_path: Path) -> None:
         assert fourth.full_scans >= first.full_scans - 5
     finally:
         await vmm.kill()
+
+
+@pytest.mark.kvm
+async def test_watched_vmms_are_looked_at_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past WATCHED_PER_SCAN served VMMs, each scan looks at that many in turn.
+
+    The others are reported as last read (the very object), a hot-plug is seen when the
+    VMM's turn comes, and a process that is not watched is looked at every scan.
+    """
+    monkeypatch.setattr(borrowed, "WATCHED_PER_SCAN", 1)
+    vmms = [await MiniVmm.start("--vcpus", "1") for _ in range(3)]
+    try:
+        pids = [vmm.pid for vmm in vmms]
+        scanner = ProcScanner()
+        first = await trio.to_thread.run_sync(scanner.scan, 0.0)
+        assert set(pids) <= first.fresh
+        scanner.watched = set(pids)
+        unwatched = await MiniVmm.start("--vcpus", "1")
+        try:
+            for vmm in [*vmms, unwatched]:
+                await vmm.send("add-vcpu")
+            for scan in range(1, 4):
+                result = await trio.to_thread.run_sync(scanner.scan, float(scan))
+                assert len(result.vmms[unwatched.pid].vcpu_stats) == 2  # every scan
+                hot = [pid for pid in pids if len(result.vmms[pid].vcpu_stats) == 2]
+                assert len(hot) == scan  # one more VMM looked at (and its vCPU seen) a scan
+                for pid in set(pids) - set(hot):
+                    assert result.vmms[pid] is first.vmms[pid]  # reported as last read
+        finally:
+            await unwatched.kill()
+    finally:
+        for vmm in vmms:
+            await vmm.kill()
 
 
 def test_a_big_fd_table_is_read_in_steps() -> None:

@@ -65,6 +65,8 @@ MEMORY_BACK_WITHIN_S = 10.0
 
 QUERY_VMS = b'{"execute": "query-vms"}'
 
+BIG_REPLY_BYTES = 256 << 20
+
 
 @dataclass
 class Options:
@@ -91,6 +93,14 @@ class IsolatedDaemon:
         self.log_path = workdir / "daemon.log"
         isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
         serve = ["serve", "--run-dir", str(self.run_dir), "--log-format", "json", "--measure-loop"]
+        # A host-wide query-stats of thousands of VMs is bigger than the default bound of a
+        # reply (32 MiB, judged from the worst case, about twice the real size).
+        serve += [
+            "--max-reply-bytes",
+            str(BIG_REPLY_BYTES),
+            "--max-reply-memory",
+            str(2 * BIG_REPLY_BYTES),
+        ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [*isolated, *statsd_qmp_command(), *serve],
