@@ -148,7 +148,7 @@ def test_planning_a_host_wide_reply_pauses_between_vms(
     """No step of the planning visits more than a step's share of VMs, counted by the calls
     of the per-VM work (visibility, stat names, size bounds) between two yields."""
     per_step = 8
-    monkeypatch.setattr(commands_module, "CHECKS_PER_STEP", per_step)
+    monkeypatch.setattr(commands_module, "VMS_PER_STEP", per_step)
     monkeypatch.setattr(commands_module, "BOUNDS_PER_STEP", per_step)
     visits: list[int] = [0]  # per step
 
