@@ -252,6 +252,7 @@ def parse_stats_filter(arguments: Args, *, host: bool) -> StatsFilter:
 CHECKS_PER_STEP = 256  # provider requests checked between two pauses (~0.4 ms)
 VMS_PER_STEP = 64  # VMs whose visibility or stat names are looked at between two pauses
 BOUNDS_PER_STEP = 16  # VMs whose reply size is bounded between two pauses (~0.3 ms)
+PART_BYTES = 256 << 10  # a reply made in steps is copied into parts of about this size
 
 
 def stats_filter_steps(arguments: Args, *, host: bool) -> Steps[StatsFilter]:
@@ -667,9 +668,11 @@ class Commands:
     ) -> Steps[tuple[bytes | memoryview, ...]]:
         """The reply's parts, in steps of one VM (see :class:`PlannedReply`).
 
-        ``sliced``: the caller may pause between steps: parts are copies, and VMs are read
-        again after a pause. Otherwise parts are views into the renderers' buffers, valid
-        until the next render. Either way a VM no longer served is never read.
+        ``sliced``: the caller may pause between steps: parts are copies (the texts copied
+        into blocks of about :data:`PART_BYTES`, one copy, each block a part the writer
+        sends as it is), and VMs are read again after a pause. Otherwise parts are views
+        into the renderers' buffers, valid until the next render. Either way a VM no longer
+        served is never read.
         """
         target = stats_filter.target
         # VmStats and Program hash by identity: a view replaced meanwhile is another key.
@@ -677,6 +680,8 @@ class Commands:
         read: set[VmStats] = set()
         failed: set[VmStats] = set()
         parts: list[bytes | memoryview] = [b"["]
+        block = bytearray(b"[")  # sliced: the part being filled
+        empty = True
         for names in requests:
             shape = self._shape(stats_filter, names, host_paths)
             for vm in vms:
@@ -707,15 +712,25 @@ class Commands:
                 # same snapshot: reuse it (a second render would overwrite the first).
                 text = rendered.get(program)
                 if text is None:
-                    # Copied once when sliced: repeats of it share the copy.
-                    text = program.render()
-                    text = rendered[program] = bytes(text) if sliced else text
-                if len(parts) > 1:
-                    parts.append(b", ")
-                parts.append(text)
+                    text = rendered[program] = program.render()
+                if sliced:
+                    if not empty:
+                        block += b", "
+                    block += text
+                    if len(block) >= PART_BYTES:
+                        parts.append(memoryview(block))
+                        block = bytearray()
+                else:
+                    if not empty:
+                        parts.append(b", ")
+                    parts.append(text)
+                empty = False
                 if (yield None):
                     read.clear()  # the caller let others run: buffers may hold newer data
                     rendered.clear()
+        if sliced:
+            block += b"]"
+            return (*parts[1:], memoryview(block))
         parts.append(b"]")
         return tuple(parts)
 

@@ -320,7 +320,8 @@ def _drive(raw: PlannedReply, pause_at: Callable[[int], bool]) -> bytes:
             break
         count += 1
         sent = pause_at(count)
-    assert all(isinstance(part, bytes) for part in parts)  # copies: they outlive renders
+    # Copies, they outlive renders: bytes, or blocks of the reply's own.
+    assert all(isinstance(part, bytes) or isinstance(part.obj, bytearray) for part in parts)
     text = b"".join(parts)
     assert len(text) <= raw.bound
     return text
