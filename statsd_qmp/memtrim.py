@@ -10,9 +10,14 @@ Why by hand: the allocator is tuned to keep freed memory (``M_TRIM_THRESHOLD`` a
 256-vCPU reply otherwise pays ~250 page faults per request to get its buffers back. The price was
 that a burst of big replies left RSS at 240 MiB for good. The free heap is the signal: steady
 polling reuses a few MiB of freed buffers (never trimmed, so the hot path keeps them), a burst
-leaves tens or hundreds of MiB free, which are given back within one or two check intervals after
-it ends. ``malloc_trim`` runs in a worker thread: it walks the whole heap (milliseconds for
-hundreds of MiB). Without glibc (no ``mallinfo2``) nothing is trimmed."""
+(big replies, or thousands of VMs exiting at once: the CLI's serve runs Python objects on this
+heap too, see ``tuning.exec_with_malloc``) leaves more free, which is given back within one or
+two check intervals after it ends. One more trim follows :data:`SETTLE_AFTER` later: a burst's
+tail (the last VMs of a mass exit dropped, cyclic garbage collected) empties pages the first trim
+found still in use, and the free-byte signal cannot see them (``mallinfo2`` counts free memory
+the kernel already took back the same as resident free memory). ``malloc_trim`` runs in a
+worker thread: it walks the whole heap (milliseconds for hundreds of MiB). Without glibc (no
+``mallinfo2``) nothing is trimmed."""
 
 from __future__ import annotations
 
@@ -26,7 +31,11 @@ import trio
 log = structlog.get_logger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between two looks at the heap
-FREE_ABOVE = 24 << 20  # free heap bytes worth giving back
+# Free heap bytes worth giving back: a quarter of an empty daemon's RSS (~32 MiB), so that what
+# a burst leaves behind stays within the 1.5x of it the dense-host goal allows; steady polling
+# moves the free heap by a few hundred KiB per reply (a 256-vCPU reply is ~0.5 MB).
+FREE_ABOVE = 8 << 20
+SETTLE_AFTER = 3.0  # seconds from a trim to the one that gives back the burst's tail
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -93,10 +102,12 @@ class MemoryTrimmer:
         *,
         check_interval: float = CHECK_INTERVAL,
         free_above: int = FREE_ABOVE,
+        settle_after: float = SETTLE_AFTER,
     ) -> None:
         self.release_caches = release_caches
         self.check_interval = check_interval
         self.free_above = free_above
+        self.settle_after = settle_after
         self.trims = 0
         self._glibc = _glibc()
 
@@ -107,10 +118,17 @@ class MemoryTrimmer:
         # judged from the level the last trim left, not from zero, or such a heap would be
         # trimmed every interval for nothing.
         floor = 0
+        settle_at: float | None = None  # when the burst's tail is given back
         while True:
             await trio.sleep(self.check_interval)
             free = self._glibc.free_bytes()
             if free > floor + self.free_above:
+                await self.trim_now()
+                floor = self._glibc.free_bytes()
+                settle_at = trio.current_time() + self.settle_after
+            elif settle_at is not None and trio.current_time() >= settle_at:
+                # Once per burst, whatever the free bytes say: not a trim every interval.
+                settle_at = None
                 await self.trim_now()
                 floor = self._glibc.free_bytes()
             else:

@@ -1,0 +1,201 @@
+"""Memory comes back after VMs leave: the allocator the daemon runs on, the heap trimmer, and
+the tables of the structures keyed by VM."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import structlog
+import trio
+
+from statsd_qmp import memtrim
+from statsd_qmp.memtrim import MemoryTrimmer, rss_bytes
+from statsd_qmp.registry import Registry
+from statsd_qmp.statsfile import StatsFile
+from statsd_qmp.vm import VcpuStats, VmStats
+
+from .daemons import start_serve, stop
+from .synthetic import SyntheticStat, build, make_flags, memfd_with
+from .test_server import daemon, quiet_logs  # noqa: F401 (a fixture)
+
+EMPTY_DICT = sys.getsizeof({})
+
+
+@pytest.fixture
+def stats_file() -> Iterator[StatsFile]:
+    fd = memfd_with(build("kvm-4001/vcpu-0", [SyntheticStat("exits", make_flags(0), (7,))]).data)
+    try:
+        yield StatsFile.parse(fd)
+    finally:
+        os.close(fd)
+
+
+def many_vms(stats_file: StatsFile, count: int) -> list[VmStats]:
+    """``count`` VMs of one vCPU, all reading one stats file (nothing here reads it)."""
+    return [
+        VmStats(
+            f"vm{i}", 10_000 + i, "borrowed", None, (VcpuStats(0, 4001, stats_file),), owner_uid=0
+        )
+        for i in range(count)
+    ]
+
+
+# --- structures keyed by VM -----------------------------------------------------------------
+
+
+def test_registry_frees_its_tables_when_the_last_vm_goes(
+    tmp_path: Path, stats_file: StatsFile
+) -> None:
+    registry = Registry(run_dir=tmp_path, histogram_order="kernel", package="t")
+    vms = many_vms(stats_file, 3000)
+    closed: list[str] = []
+    with structlog.testing.capture_logs():
+        for vm in vms:
+            registry.add(vm, lambda name=vm.name: closed.append(name))
+        names = registry.names_in_use()
+        for vm in vms[:-1]:
+            registry.remove(vm.name, reason="exited")
+        assert sys.getsizeof(registry._vms) > 50 * EMPTY_DICT  # one VM left: the table stays
+        registry.remove(vms[-1].name, reason="exited")
+    assert len(closed) == 3000
+    assert sys.getsizeof(registry._vms) == EMPTY_DICT
+    assert sys.getsizeof(registry._closers) == EMPTY_DICT
+    # Still the registry's own dict: a view taken before sees the VMs that come next.
+    registry.add(many_vms(stats_file, 1)[0])
+    assert "vm0" in names
+
+
+async def test_server_frees_its_socket_tables_when_the_last_vm_goes(
+    tmp_path: Path,
+    stats_file: StatsFile,
+    quiet_logs: None,  # noqa: F811 (the fixture imported above)
+) -> None:
+    with trio.fail_after(30):
+        async with daemon(tmp_path / "run") as handle:
+            server, registry = handle.server, handle.server.registry
+            vms = many_vms(stats_file, 300)
+            for vm in vms:
+                registry.add(vm)
+            assert len(server._vm_sockets) == len(server._vm_sockets_by_fd) == 300
+            for vm in vms:
+                registry.remove(vm.name, reason="exited")
+            assert sys.getsizeof(server._vm_sockets) == EMPTY_DICT
+            assert sys.getsizeof(server._vm_sockets_by_fd) == EMPTY_DICT
+            assert not list((tmp_path / "run" / "vm").iterdir())
+
+
+# --- the heap trimmer -----------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+BLOCK = 64 << 10  # under glibc's mmap threshold: on the heap, as the daemon's objects are
+
+
+@contextmanager
+def heap_burst(total: int) -> Iterator[int]:
+    """Allocate ``total`` bytes on the C heap in small blocks, touch them all, free them all:
+    what thousands of VMs leaving does to the heap the daemon's objects live on. A block made
+    after them stays meanwhile (as the daemon's objects do), so that the free space is not at
+    the top of the heap, which ``free`` itself would give back. Yields the RSS at the peak."""
+    blocks = [_libc.malloc(BLOCK) for _ in range(total // BLOCK)]
+    pin = _libc.malloc(BLOCK)
+    assert all(blocks)
+    assert pin
+    try:
+        for block in blocks:
+            ctypes.memset(block, 1, BLOCK)
+        peak = rss_bytes()
+        for block in blocks:
+            _libc.free(block)
+        yield peak
+    finally:
+        _libc.free(pin)
+
+
+@pytest.fixture
+def trimmer() -> MemoryTrimmer:
+    released: list[int] = []
+    trimmer = MemoryTrimmer(lambda: released.append(1))
+    if trimmer._glibc is None:
+        pytest.fail("not glibc: the daemon's heap is glibc's here")
+    return trimmer
+
+
+async def test_a_mass_exit_under_the_old_threshold_is_given_back(
+    trimmer: MemoryTrimmer, autojump_clock: trio.testing.MockClock
+) -> None:
+    # 2,000 VMs leaving free ~20 MiB: more than a third of an empty daemon's RSS, and it was
+    # kept when only more than 24 MiB free was worth a trim.
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trimmer.run)
+            await trio.sleep(2.5)
+            with heap_burst(16 << 20) as peak:
+                await trio.sleep(2.5)
+                after = rss_bytes()
+            nursery.cancel_scope.cancel()
+    assert trimmer.trims >= 1
+    assert [entry["event"] for entry in logs] == ["memory given back"] * trimmer.trims
+    assert after < peak - (12 << 20)
+
+
+async def test_one_more_trim_takes_a_bursts_tail_then_none(
+    trimmer: MemoryTrimmer, autojump_clock: trio.testing.MockClock
+) -> None:
+    with structlog.testing.capture_logs():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trimmer.run)
+            await trio.sleep(2.5)
+            with heap_burst(32 << 20):
+                await trio.sleep(1.5)
+                assert trimmer.trims == 1
+                await trio.sleep(memtrim.SETTLE_AFTER + 1.0)
+                assert trimmer.trims == 2  # the tail, whatever the free bytes say
+                await trio.sleep(60)
+                assert trimmer.trims == 2  # an idle heap is not trimmed over and over
+                nursery.cancel_scope.cancel()
+
+
+# --- the allocator ----------------------------------------------------------------------------
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        entries = handle.read().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
+
+
+def serve_and_read_allocator(tmp_path: Path, prefix: list[str]) -> str | None:
+    """Start ``serve``, wait until it listens, return PYTHONMALLOC of the same pid."""
+    run_dir = tmp_path / "run"
+    tmp_path.mkdir()
+    process = start_serve(run_dir, tmp_path / "log", "--no-discovery", prefix=prefix)
+    try:
+        deadline = time.monotonic() + 30
+        while not (run_dir / "qmp.sock").exists():
+            assert process.poll() is None, (tmp_path / "log").read_text()
+            assert time.monotonic() < deadline, "the daemon did not listen within 30 s"
+            time.sleep(0.05)
+        return environ_of(process.pid).get("PYTHONMALLOC")
+    finally:
+        stop(process)
+
+
+def test_serve_runs_its_objects_on_glibc_malloc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    # The pid started is the one serving (the program started itself again in place).
+    assert serve_and_read_allocator(tmp_path / "default", []) == "malloc"
+    # An allocator named in the environment is kept.
+    chosen = serve_and_read_allocator(tmp_path / "chosen", ["env", "PYTHONMALLOC=pymalloc"])
+    assert chosen == "pymalloc"
