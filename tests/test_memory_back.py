@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ def test_registry_frees_its_tables_when_the_last_vm_goes(
     closed: list[str] = []
     with structlog.testing.capture_logs():
         for vm in vms:
-            registry.add(vm, lambda name=vm.name: closed.append(name))
+            registry.add(vm, partial(closed.append, vm.name))
         names = registry.names_in_use()
         for vm in vms[:-1]:
             registry.remove(vm.name, reason="exited")
