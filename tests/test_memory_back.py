@@ -166,6 +166,24 @@ async def test_one_more_trim_takes_a_bursts_tail_then_none(
                 nursery.cancel_scope.cancel()
 
 
+async def test_the_tail_is_taken_a_few_times_at_most(
+    trimmer: MemoryTrimmer, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A client polling a 4 MiB reply every second makes each tail trim give back its buffer
+    # (under the burst threshold, so only the tail trims see it): they stop after a few.
+    with structlog.testing.capture_logs():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trimmer.run)
+            await trio.sleep(2.5)
+            with heap_burst(32 << 20):
+                for _ in range(40):
+                    with heap_burst(4 << 20):
+                        pass
+                    await trio.sleep(1)
+                nursery.cancel_scope.cancel()
+    assert trimmer.trims == 1 + memtrim.SETTLE_TRIMS
+
+
 # --- the allocator ----------------------------------------------------------------------------
 
 
