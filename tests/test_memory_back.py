@@ -7,10 +7,11 @@ import ctypes
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -131,20 +132,40 @@ def trimmer() -> MemoryTrimmer:
     return trimmer
 
 
+@asynccontextmanager
+async def running(trimmer: MemoryTrimmer) -> AsyncIterator[list[MutableMapping[str, Any]]]:
+    """The trimmer running, done with what the test process's heap had free before (its
+    ``trims`` reset); yields the log entries from then on."""
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trimmer.run)
+            settled = -1
+            while trimmer.trims != settled:
+                settled = trimmer.trims
+                await trio.sleep(trimmer.settle_after + 2 * trimmer.check_interval)
+            trimmer.trims = 0
+            logs.clear()
+            yield logs
+            nursery.cancel_scope.cancel()
+
+
+async def trimmed(trimmer: MemoryTrimmer, count: int) -> None:
+    """Wait until ``count`` trims are done (a trim runs in a worker thread, and the virtual
+    clock moves on while it does)."""
+    with trio.fail_after(30):
+        while trimmer.trims < count:
+            await trio.sleep(0.1)
+
+
 async def test_a_mass_exit_under_the_old_threshold_is_given_back(
     trimmer: MemoryTrimmer, autojump_clock: trio.testing.MockClock
 ) -> None:
     # 2,000 VMs leaving free ~20 MiB: more than a third of an empty daemon's RSS, and it was
     # kept when only more than 24 MiB free was worth a trim.
-    with structlog.testing.capture_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trimmer.run)
-            await trio.sleep(2.5)
-            with heap_burst(16 << 20) as peak:
-                await trio.sleep(2.5)
-                after = rss_bytes()
-            nursery.cancel_scope.cancel()
-    assert trimmer.trims >= 1
+    async with running(trimmer) as logs:
+        with heap_burst(16 << 20) as peak:
+            await trimmed(trimmer, 1)
+            after = rss_bytes()
     assert [entry["event"] for entry in logs] == ["memory given back"] * trimmer.trims
     assert after < peak - (12 << 20)
 
@@ -152,18 +173,14 @@ async def test_a_mass_exit_under_the_old_threshold_is_given_back(
 async def test_one_more_trim_takes_a_bursts_tail_then_none(
     trimmer: MemoryTrimmer, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with structlog.testing.capture_logs():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trimmer.run)
-            await trio.sleep(2.5)
-            with heap_burst(32 << 20):
-                await trio.sleep(1.5)
-                assert trimmer.trims == 1
-                await trio.sleep(memtrim.SETTLE_AFTER + 1.0)
-                assert trimmer.trims == 2  # the tail, whatever the free bytes say
-                await trio.sleep(60)
-                assert trimmer.trims == 2  # an idle heap is not trimmed over and over
-                nursery.cancel_scope.cancel()
+    async with running(trimmer):
+        with heap_burst(32 << 20):
+            await trimmed(trimmer, 1)
+            await trio.sleep(memtrim.SETTLE_AFTER / 2)
+            assert trimmer.trims == 1
+            await trimmed(trimmer, 2)  # the tail, whatever the free bytes say
+            await trio.sleep(60)
+            assert trimmer.trims == 2  # an idle heap is not trimmed over and over
 
 
 async def test_the_tail_is_taken_a_few_times_at_most(
@@ -171,16 +188,12 @@ async def test_the_tail_is_taken_a_few_times_at_most(
 ) -> None:
     # A client polling a 4 MiB reply every second makes each tail trim give back its buffer
     # (under the burst threshold, so only the tail trims see it): they stop after a few.
-    with structlog.testing.capture_logs():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trimmer.run)
-            await trio.sleep(2.5)
-            with heap_burst(32 << 20):
-                for _ in range(40):
-                    with heap_burst(4 << 20):
-                        pass
-                    await trio.sleep(1)
-                nursery.cancel_scope.cancel()
+    async with running(trimmer):
+        with heap_burst(32 << 20):
+            for _ in range(40):
+                with heap_burst(4 << 20):
+                    pass
+                await trio.sleep(1)
     assert trimmer.trims == 1 + memtrim.SETTLE_TRIMS
 
 
