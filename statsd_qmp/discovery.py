@@ -791,16 +791,7 @@ class Discovery:
         if creator is not None and (
             creator == self.scanner.self_pid or (creator in self._holders and self._alive(creator))
         ):
-            if vmm.pid not in self._copies:
-                log.info(
-                    "not serving copies of another process's VM",
-                    pid=vmm.pid,
-                    creator=creator,
-                    hint="another statsd-qmp daemon, or a process given the fds; the VM is "
-                    "served from its creator",
-                )
-            self._copies[vmm.pid] = (creator, found.signature())
-            return True
+            return self._holds_copies(vmm, found, creator)
         return self._orphan_waiting(vmm)
 
     def _copies_by_id(
@@ -816,17 +807,21 @@ class Discovery:
         """
         server = self._served_ids.get(stats_id)
         if server is not None and server != vmm.pid and self._alive(server):
-            if vmm.pid not in self._copies:
-                log.info(
-                    "not serving copies of another process's VM",
-                    pid=vmm.pid,
-                    creator=server,
-                    hint="another statsd-qmp daemon, or a process given the fds; the VM is "
-                    "served from the process that holds it",
-                )
-            self._copies[vmm.pid] = (server, found.signature())
-            return True
+            return self._holds_copies(vmm, found, server)
         return self._orphan_waiting(vmm)
+
+    def _holds_copies(self, vmm: BorrowedVm, found: borrowed.ProcessStatsFds, server: int) -> bool:
+        """Remember (and say once) that ``vmm`` holds copies of the VM ``server`` serves."""
+        if vmm.pid not in self._copies:
+            log.info(
+                "not serving copies of another process's VM",
+                pid=vmm.pid,
+                creator=server,
+                hint="another statsd-qmp daemon, or a process given the fds; the VM is "
+                "served from its creator",
+            )
+        self._copies[vmm.pid] = (server, found.signature())
+        return True
 
     def _orphan_waiting(self, vmm: BorrowedVm) -> bool:
         """Whether copies whose creator is gone are still inside ``ORPHAN_GRACE``."""

@@ -173,6 +173,12 @@ def _error_line(id_json: str | None, qmp_class: str, desc: str) -> bytes:
     return ("{" + error).encode("ascii")
 
 
+# QEMU answers any message that is not an object so, without an id (qmp_dispatch()).
+_NOT_AN_OBJECT: Final = SendBytes(_error_line(None, _GENERIC, "QMP input must be a JSON object"))
+# Parse error replies kept per connection, for the first so many distinct texts.
+_KNOWN_PARSE_ERRORS: Final = 64
+
+
 def _return_line(id_json: str | None, value: Any) -> bytes:
     if id_json is not None:
         text = '{"return": ' + dumps(value) + ', "id": ' + id_json + "}\r\n"
@@ -257,6 +263,7 @@ class QmpConnection:
         self._negotiated = False
         self._oob = False
         self._closed = False
+        self._parse_error_replies: dict[str, SendBytes] = {}
 
     @property
     def negotiated(self) -> bool:
@@ -292,11 +299,19 @@ class QmpConnection:
         if self._closed:
             return []
         events: list[Event] = []
+        parse_errors = self._parse_error_replies
         for item in self._parser.feed(data):
             if type(item) is JsonValue:
-                events.append(self._handle(item.value))
+                value = item.value
+                events.append(self._handle(value) if type(value) is dict else _NOT_AN_OBJECT)
             elif type(item) is JsonError:
-                events.append(SendBytes(_error_line(None, _GENERIC, item.desc)))
+                # A client may send a message per byte ("a1a1..."): each text is made once.
+                reply = parse_errors.get(item.desc)
+                if reply is None:
+                    reply = SendBytes(_error_line(None, _GENERIC, item.desc))
+                    if len(parse_errors) < _KNOWN_PARSE_ERRORS:
+                        parse_errors[item.desc] = reply
+                events.append(reply)
             else:
                 assert type(item) is JsonTooLong
                 desc = f"QMP input exceeds the limit of {item.limit} bytes per message"
@@ -304,9 +319,7 @@ class QmpConnection:
                 self._closed = True
         return events
 
-    def _handle(self, message: Any) -> Event:
-        if type(message) is not dict:
-            return SendBytes(_error_line(None, _GENERIC, "QMP input must be a JSON object"))
+    def _handle(self, message: dict[str, Any]) -> Event:
         has_id = "id" in message
         request_id = message.get("id")
         # Every reply to this message echoes the id: its text is made here, where the

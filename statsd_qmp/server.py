@@ -61,6 +61,7 @@ log = structlog.get_logger(__name__)
 # there): a few thousand tokens at most, well under a millisecond. Anything else is parsed in a
 # worker thread, which also makes the echo of a big structured id (270-380 ms for 1 MiB).
 INLINE_PARSE_BYTES = 4096
+REPLY_BATCH_BYTES = 64 * 1024  # replies the connection made itself, joined into one put
 STEP_SLICE = 0.0005  # how long a reply made in steps may hold the event loop at a time
 ACCEPTS_PER_STEP = 64  # VM clients accepted in one event-loop step
 # accept() errors that mean "not now" (descriptors or kernel memory short): retry later.
@@ -528,12 +529,26 @@ class Connection:
             elif started is None or events:
                 started = arrived  # a new message began in this chunk
             last = len(events) - 1
+            batch: list[bytes] = []  # replies the connection made itself, put as one
+            batch_bytes = 0
             for index, event in enumerate(events):
                 if isinstance(event, protocol.Close):
                     self.close(event.data, event.reason)
                     return
                 if isinstance(event, protocol.SendBytes):
-                    outbox.put(event.data)
+                    # A client may send a message per byte ("a1a1...": one error reply each);
+                    # a run of such replies is one write and one step, not one per reply.
+                    batch.append(event.data)
+                    batch_bytes += len(event.data)
+                    if (
+                        index != last
+                        and batch_bytes < REPLY_BATCH_BYTES
+                        and isinstance(events[index + 1], protocol.SendBytes)
+                    ):
+                        continue
+                    outbox.put(batch[0] if len(batch) == 1 else b"".join(batch))
+                    batch.clear()
+                    batch_bytes = 0
                 else:
                     vm_gone = await self._execute(event)
                     if vm_gone:

@@ -1,4 +1,5 @@
-"""Start a real qemu-system-x86_64 with a QMP socket and talk to it (tests and benchmarks)."""
+"""Start a real qemu-system-x86_64 with a QMP socket and talk to it (tests and benchmarks);
+the stats fds a QEMU holds, and a paused QEMU under ``statsd-qmp exec`` that a daemon serves."""
 
 from __future__ import annotations
 
@@ -6,10 +7,20 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from statsd_qmp.server import Server
+
+# QEMU started through the CLI's exec: the hold library keeps its stats fds open.
+EXEC_PREFIX = (sys.executable, "-m", "statsd_qmp.cli", "exec", "--")
 
 
 class RawQmp:
@@ -146,6 +157,50 @@ class QemuVm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def kvm_stats_fds(pid: int) -> list[str]:
+    """The KVM stats fds ``pid`` holds, as their ``/proc/PID/fd`` links, sorted."""
+    links = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("anon_inode:kvm-") and "-stats" in link:
+            links.append(link)
+    return sorted(links)
+
+
+def held_stats_fds(vcpus: int) -> list[str]:
+    """What :func:`kvm_stats_fds` says of a VMM holding every stats fd: the VM's and one a
+    vCPU."""
+    return sorted(
+        ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(vcpus)]
+    )
+
+
+@asynccontextmanager
+async def served_paused_qemu(
+    workdir: Path, server: Server, *, smp: int, name: str
+) -> AsyncIterator[QemuVm]:
+    """A paused QEMU under ``statsd-qmp exec``, once it holds its stats fds and ``server``
+    serves it with all its vCPUs; stopped (by its pid) on the way out, even on failure."""
+    qemu = await trio.to_thread.run_sync(
+        lambda: QemuVm(workdir, smp=smp, name=name, paused=True, prefix=EXEC_PREFIX)
+    )
+    try:
+        # Same pid (exec in place) and the hold library's fds. QEMU opens its monitor socket
+        # before it creates the machine: wait for the vCPUs.
+        with trio.fail_after(10):
+            while kvm_stats_fds(qemu.pid) != held_stats_fds(smp):
+                await trio.sleep(0.05)
+        with trio.fail_after(3):
+            while (vm := server.registry.find_vm(name)) is None or len(vm.vcpus) != smp:
+                await trio.sleep(0.05)
+        yield qemu
+    finally:
+        await trio.to_thread.run_sync(qemu.close)
 
 
 def vcpus_in_kvm_run(pid: int) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from statsd_qmp.commands import CommandContext, Commands, RawSteps, Scope
 from statsd_qmp.qjson.writer import dumps
 
 from .conftest import need, program_problem
+from .isolated import IsolatedDaemon
 from .qemu_helpers import RawQmp
 from .test_service import DAEMON, log_events
 from .tiny_vmms import TinyVmms, build
@@ -35,64 +35,24 @@ def tiny_vmm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("tiny_vmm"))
 
 
-@dataclass
-class IsolatedDaemon:
-    """The daemon as pid 1 of a PID namespace of its own (with its own /proc).
-
-    It sees only the VMMs started into that namespace (:attr:`enter`), never the other VMs
-    on this shared host, so counts of VMs and descriptors are exactly the test's own. Pids in
-    ``query-vms`` and from ``tiny_vmm`` are both the namespace's.
-    """
-
-    pid: int  # the daemon's pid on the host (for /proc/PID/fd and signals)
-    enter: list[str]  # prefix that runs a command inside the namespace
-
-
 @contextlib.contextmanager
 def daemon(
-    run_dir: Path, log: Path, *, nofile: int | None = None, scan_interval: float = 0.2
+    workdir: Path, *, nofile: int | None = None, scan_interval: float = 0.2
 ) -> Iterator[IsolatedDaemon]:
-    """The daemon under ``nofile`` open files (soft and hard), once it listens."""
+    """The daemon under ``nofile`` open files (soft and hard), once it listens, as pid 1 of a
+    PID namespace of its own: it sees only the VMMs started into it (``enter``), never the
+    other VMs on this shared host, so counts of VMs and descriptors are exactly the test's
+    own. Run dir ``WORKDIR/run``, log ``WORKDIR/daemon.log``."""
     need(program_problem("unshare"))
     limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
-    options = ["--run-dir", str(run_dir), "--log-format", "json"]
-    options += ["--scan-interval", str(scan_interval)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                "unshare",
-                "--pid",
-                "--fork",
-                "--mount-proc",
-                "--kill-child",
-                "--",
-                *limit,
-                *DAEMON,
-                *options,
-            ],
-            stdout=out,
-            stderr=out,
-        )
-    host_pid: int | None = None
-    try:
-        wait_until(lambda: (run_dir / "qmp.sock").exists() or process.poll() is not None, 20)
-        assert process.poll() is None, log.read_text()
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        (host_pid,) = (int(child) for child in children)
-        enter = ["nsenter", f"--target={host_pid}", "--pid", "--mount", "--"]
-        yield IsolatedDaemon(host_pid, enter)
-        assert process.poll() is None, "the daemon died:\n" + log.read_text()[-3000:]
-        os.kill(host_pid, signal.SIGTERM)
-        assert process.wait(20) == 0, log.read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            # The daemon first: it is pid 1 of the namespace, whose end takes every process
-            # in it along; killing unshare alone would leave the daemon running.
-            if host_pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(host_pid, signal.SIGKILL)
-            process.kill()
-            process.wait()
+    isolated = IsolatedDaemon(
+        workdir, "--scan-interval", str(scan_interval), command=DAEMON, prefix=limit, within=20
+    )
+    with isolated.namespace:  # killed, by its pid, on a failure
+        yield isolated
+        assert isolated.namespace.alive(), "the daemon died:\n" + isolated.namespace.log_tail()
+        isolated.stop(signal.SIGTERM, 20)
+        assert isolated.returncode == 0, isolated.namespace.log_tail()
 
 
 def wait_until(condition: Callable[[], Any], within: float) -> Any:
@@ -136,7 +96,7 @@ def test_fd_exhaustion_is_survived_and_ends(tmp_path: Path, tiny_vmm: Path) -> N
     """
     run_dir, log = tmp_path / "run", tmp_path / "daemon.log"
     with (
-        daemon(run_dir, log, nofile=600) as isolated,
+        daemon(tmp_path, nofile=600) as isolated,
         TinyVmms(tiny_vmm, 200, prefix="fds", wrapper=isolated.enter) as vmms,
     ):
         assert vmms.failed == 0, vmms.failures
@@ -187,7 +147,7 @@ def test_fd_exhaustion_is_survived_and_ends(tmp_path: Path, tiny_vmm: Path) -> N
 def test_five_hundred_vms(tmp_path: Path, tiny_vmm: Path) -> None:
     """500 VMMs x 2 vCPUs: all listed and served, and all let go when they exit."""
     run_dir, log = tmp_path / "run", tmp_path / "daemon.log"
-    with daemon(run_dir, log) as isolated:
+    with daemon(tmp_path) as isolated:
         pid = isolated.pid
         baseline = len(os.listdir(f"/proc/{pid}/fd"))
         before = set(os.listdir(f"/proc/{pid}/fd"))
@@ -256,7 +216,7 @@ def test_kernel_pids_that_collide_in_a_pid_namespace(tmp_path: Path, tiny_vmm: P
     """
     run_dir, log = tmp_path / "run", tmp_path / "daemon.log"
     with (
-        daemon(run_dir, log, scan_interval=3600) as isolated,
+        daemon(tmp_path, scan_interval=3600) as isolated,
         TinyVmms(tiny_vmm, 1, prefix="first", wrapper=isolated.enter) as first,
     ):
         (first_pid,) = first.pids

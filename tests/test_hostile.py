@@ -38,6 +38,7 @@ from statsd_qmp.protocol import QmpConnection, Request
 from statsd_qmp.qjson.writer import write_exact
 from statsd_qmp.server import Limits
 
+from .procstat import rss_bytes
 from .test_server import (
     Conn,
     SyntheticVms,
@@ -216,14 +217,6 @@ async def test_reading_client_gets_a_reply_far_over_the_output_limit(
 
 # --------------------------------------------------------------------------------------------
 # 9. Memory is given back after a burst (a subprocess: its own RSS)
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.kvm

@@ -16,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from statsd_qmp.app import Settings, serve
 from statsd_qmp.server import Server
 
-from .qemu_helpers import QemuVm
-from .test_parity import EXEC_PREFIX, kvm_stats_fds
+from .qemu_helpers import served_paused_qemu
 from .trio_qmp import TrioQmp
 
 
@@ -109,19 +108,7 @@ async def test_metrics_equal_query_stats(tmp_path: Path) -> None:
                 metrics_listen=(("127.0.0.1", port),),
             ),
         )
-        qemu = await trio.to_thread.run_sync(
-            lambda: QemuVm(tmp_path, smp=2, name="metrics", paused=True, prefix=EXEC_PREFIX)
-        )
-        try:
-            expected_fds = sorted(
-                ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(2)]
-            )
-            with trio.fail_after(10):
-                while kvm_stats_fds(qemu.pid) != expected_fds:
-                    await trio.sleep(0.05)
-            with trio.fail_after(3):
-                while (vm := server.registry.find_vm("metrics")) is None or len(vm.vcpus) != 2:
-                    await trio.sleep(0.05)
+        async with served_paused_qemu(tmp_path, server, smp=2, name="metrics"):
             ours = await TrioQmp.connect(server.host_socket)
             schemas = await ours.command("query-stats-schemas", {"vm": "metrics"})
             schema = {e["name"]: e for s in schemas for e in s["stats"]}
@@ -137,6 +124,4 @@ async def test_metrics_equal_query_stats(tmp_path: Path) -> None:
             assert list(parse_text(text))  # the whole page parses
 
             await ours.aclose()
-        finally:
-            await trio.to_thread.run_sync(qemu.close)
         nursery.cancel_scope.cancel()

@@ -4,8 +4,6 @@ through the daemon's per-VM socket, side by side on the same (paused) VM."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +14,8 @@ from statsd_qmp.app import Settings, serve
 from statsd_qmp.server import Server
 
 from .fdcheck import stray_kvm_fds
-from .qemu_helpers import QemuVm, RawQmp
+from .qemu_helpers import QemuVm, RawQmp, kvm_stats_fds, served_paused_qemu
 from .trio_qmp import TrioQmp
-
-EXEC_PREFIX = (sys.executable, "-m", "statsd_qmp.cli", "exec", "--")
-
-
-def kvm_stats_fds(pid: int) -> list[str]:
-    links = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("anon_inode:kvm-") and "-stats" in link:
-            links.append(link)
-    return sorted(links)
 
 
 async def qemu_call(qmp: RawQmp, command: str, arguments: dict[str, Any] | None = None) -> bytes:
@@ -52,21 +36,7 @@ async def test_qemu_parity(tmp_path: Path) -> None:
         server: Server = await nursery.start(
             serve, Settings(run_dir=tmp_path / "run", scan_interval=0.2)
         )
-        qemu = await trio.to_thread.run_sync(
-            lambda: QemuVm(tmp_path, smp=4, name="parity", paused=True, prefix=EXEC_PREFIX)
-        )
-        try:
-            # Same PID (exec in place) and the hold library's fds: one VM, one per vCPU. QEMU
-            # opens its monitor socket before it creates the machine: wait for the vCPUs.
-            expected = sorted(
-                ["anon_inode:kvm-vm-stats"] + [f"anon_inode:kvm-vcpu-stats:{i}" for i in range(4)]
-            )
-            with trio.fail_after(10):
-                while kvm_stats_fds(qemu.pid) != expected:
-                    await trio.sleep(0.05)
-            with trio.fail_after(3):
-                while server.registry.find_vm("parity") is None:
-                    await trio.sleep(0.05)
+        async with served_paused_qemu(tmp_path, server, smp=4, name="parity") as qemu:
             ours = await TrioQmp.connect(tmp_path / "run" / "vm" / "parity.sock")
             theirs = await trio.to_thread.run_sync(qemu.connect)
 
@@ -117,8 +87,6 @@ async def test_qemu_parity(tmp_path: Path) -> None:
             assert {c["cpu-index"] for c in our_cpus} == {0, 1, 2, 3}
             await ours.aclose()
             theirs.close()
-        finally:
-            await trio.to_thread.run_sync(qemu.close)
         # QEMU gone: the daemon drops the VM and every fd at once.
         with trio.fail_after(1):
             while server.registry.find_vm("parity") is not None:

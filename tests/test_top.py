@@ -10,7 +10,6 @@ scriptable modes, as a plain subprocess whose output is parsed with the csv modu
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import re
@@ -29,6 +28,7 @@ import pytest
 from statsd_qmp.client import QmpClient
 
 from .conftest import need, program_problem
+from .isolated import PidNamespace, child_pid, enter_command
 from .procnet import listening_sockets
 from .test_cli import heavy_in, imported_modules
 from .test_service import DAEMON, start_daemon, stop
@@ -40,10 +40,16 @@ TIMEOUT = 20.0
 SECOND_HZ = 50.0  # ticks per second of the second guest's only vCPU
 
 
+def served(socket: str) -> dict[str, int]:
+    """Served VM names -> VMM pids (as the daemon's PID namespace numbers them)."""
+    with QmpClient(socket) as client:
+        return {vm["name"]: vm["pid"] for vm in client.execute_raw("query-vms")["return"]}
+
+
 @dataclass
 class Host:
     run_dir: Path
-    namespace: subprocess.Popen[bytes]  # unshare; the daemon is PID 1 inside
+    namespace: PidNamespace  # the daemon is its pid 1
     log: Path
 
     @property
@@ -51,9 +57,7 @@ class Host:
         return os.fspath(self.run_dir / "qmp.sock")
 
     def vms(self) -> dict[str, int]:
-        """Served VM names -> VMM pids (as the daemon's PID namespace numbers them)."""
-        with QmpClient(self.socket) as client:
-            return {vm["name"]: vm["pid"] for vm in client.execute_raw("query-vms")["return"]}
+        return served(self.socket)
 
     def counters(self, vm: str, names: list[str]) -> tuple[float, dict[str, int]]:
         """(monotonic time, counters summed over the VM's vCPUs) read over QMP directly."""
@@ -104,71 +108,37 @@ def start_demo_daemon(base: Path) -> subprocess.Popen[bytes]:
 def start_isolated_host(base: Path) -> Host:
     """The daemon (``--demo``, discovery on) and the second guest in a PID namespace of their
     own: the daemon's /proc shows these two VMMs only, whatever else runs on the host. The
-    daemon is PID 1 there; when it ends the kernel ends the guest too. ``unshare`` ignores
-    SIGTERM while it waits, so :func:`stop_isolated_host` signals the daemon itself; if
-    ``unshare`` is killed, the daemon is too (``--kill-child``)."""
+    daemon is PID 1 there (``sh`` execs it); when it ends the kernel ends the guest too."""
     need(program_problem("unshare"))
     run_dir, log = base / "run", base / "daemon.log"
+    socket = os.fspath(run_dir / "qmp.sock")
     guest = [sys.executable, "-m", "tests.guest_vmm", "--tick-hz", str(SECOND_HZ)]
     daemon = [*DAEMON, "--run-dir", str(run_dir), "--log-format", "json", "--demo"]
     script = (
         f"{shlex.join(guest)} -name second >/dev/null 2>&1 & "
         f"exec {shlex.join(daemon)} --scan-interval 0.2"
     )
-    with open(log, "wb") as out:
-        namespace = subprocess.Popen(
-            [
-                "unshare",
-                "--pid",
-                "--fork",
-                "--mount-proc",
-                "--kill-child",
-                "sh",
-                "-c",
-                script,
-            ],
-            stdout=out,
-            stderr=out,
-            cwd=Path(__file__).resolve().parents[1],
-        )
-    host = Host(run_dir, namespace, log)
 
     def both_served() -> bool:
-        if namespace.poll() is not None:
-            raise AssertionError(f"the daemon ended: {log.read_text()}")
-        if host.socket not in listening_sockets():
-            return False
-        return {"demo", "second"} <= set(host.vms())
+        return socket in listening_sockets() and {"demo", "second"} <= set(served(socket))
 
-    try:
-        wait_until(both_served, "both guests in query-vms")
-    except BaseException:
-        stop_isolated_host(host)
-        raise
-    return host
-
-
-def stop_isolated_host(host: Host) -> int | None:
-    """SIGTERM to the daemon (unshare's child); SIGKILL to unshare if it does not end."""
-    namespace = host.namespace
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        children = Path(f"/proc/{namespace.pid}/task/{namespace.pid}/children").read_text()
-        os.kill(int(children.split()[0]), signal.SIGTERM)
-    try:
-        return namespace.wait(10)
-    except subprocess.TimeoutExpired:
-        namespace.kill()
-        namespace.wait(10)
-        return None
+    namespace = PidNamespace(
+        ["sh", "-c", script],
+        log,
+        both_served,
+        what="both guests in query-vms",
+        within=TIMEOUT,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return Host(run_dir, namespace, log)
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     running = start_isolated_host(tmp_path_factory.mktemp("top"))
-    try:
+    with running.namespace:  # killed, by its pid, if the stop below does not end it
         yield running
-    finally:
-        assert stop_isolated_host(running) == 0
+        assert running.namespace.stop(signal.SIGTERM, 10) == 0
 
 
 # --- the terminal -----------------------------------------------------------------------------
@@ -506,11 +476,6 @@ def test_csv_log_rates_match_counter_deltas(host: Host) -> None:
     assert 0.75 * SECOND_HZ <= wakeups <= 1.05 * SECOND_HZ
 
 
-def daemon_pid(host: Host) -> int:
-    namespace = host.namespace.pid
-    return int(Path(f"/proc/{namespace}/task/{namespace}/children").read_text().split()[0])
-
-
 def test_vms_that_come_and_go_leave_no_glitch(host: Host) -> None:
     """A third guest started and stopped while top logs the sum over all guests: every
     interval's change stays between zero and what the guests' timers can produce."""
@@ -518,16 +483,15 @@ def test_vms_that_come_and_go_leave_no_glitch(host: Host) -> None:
     interval = 0.5
     top = start_top(host, "--log", "--csv", "-f", "^halt_wakeup$", "-s", str(interval))
     root = Path(__file__).resolve().parents[1]
-    enter = ["nsenter", "--target", str(daemon_pid(host)), "--pid", "--mount", f"--wd={root}"]
+    enter = enter_command(host.namespace.pid, f"--wd={root}")
     guest = [sys.executable, "-m", "tests.guest_vmm", "--tick-hz", str(SECOND_HZ)]
-    third = subprocess.Popen([*enter, "--", *guest, "-name", "third"], stdout=subprocess.DEVNULL)
+    third = subprocess.Popen([*enter, *guest, "-name", "third"], stdout=subprocess.DEVNULL)
     try:
         output = read_log(top, 3)
         wait_until(lambda: "third" in host.vms(), "the third guest served")
         output += read_log(top, 3)
         # nsenter forked the guest into the namespace: stop the guest itself.
-        child = Path(f"/proc/{third.pid}/task/{third.pid}/children").read_text().split()[0]
-        os.kill(int(child), signal.SIGTERM)
+        os.kill(child_pid(third.pid), signal.SIGTERM)
         assert third.wait(10) == 0
         wait_until(lambda: "third" not in host.vms(), "the third guest gone")
         output += read_log(top, 3)

@@ -1,9 +1,10 @@
 """The streamer's shortcut: a complete, plain message parsed by the stdlib ``json`` scanner (C).
 
 Owns: deciding when the stdlib scanner's result cannot differ from QEMU's parser
-(:func:`parse_plain`) and the cheap bracket pre-scan that waits for such a message to arrive
-whole without lexing it (:class:`Prescan`). The streamer (:mod:`.streamer`) decides when to try
-them. Pure (stdlib only); imports :mod:`.parser` (QEMU's integer conversion).
+(:func:`parse_plain`), the cheap bracket pre-scan that waits for such a message to arrive
+whole without lexing it (:class:`Prescan`), and finding a run of one-token messages at top
+level in one regex match (:func:`single_token_run`). The streamer (:mod:`.streamer`) decides
+when to try them. Pure (stdlib only); imports :mod:`.parser` (QEMU's integer conversion).
 
 The scanner's result is used only for pure ASCII without a ``\\u`` escape (Python accepts lone
 surrogates and noncharacters, and its UTF-8 is not QEMU's modified UTF-8), without a ``0e``
@@ -21,7 +22,7 @@ from typing import Any, Final
 
 from .parser import parse_float, parse_integer
 
-__all__ = ["INCOMPLETE", "NOT_PLAIN", "Prescan", "parse_plain"]
+__all__ = ["INCOMPLETE", "NOT_PLAIN", "Prescan", "parse_plain", "single_token_run"]
 
 INCOMPLETE: Final = -1
 """:meth:`Prescan.run`: the message has not ended yet."""
@@ -232,3 +233,59 @@ class Prescan:
         self.tail_run = _same_state_run(buf, token_start, n)
         self.tail_end = n if self.tail_run is not None else -1
         return token_start
+
+
+# At top level every scalar token is a message of its own, and so is each of "," ":" "]" "}"
+# (QEMU's streamer hands a message to the parser whenever its bracket counts are not both
+# positive). Each one gets its own reply, so input like "a1a1..." (keyword "a", integer "1",
+# ...) is one message per byte. A token is taken here only if the byte that ends it is
+# already in the buffer and QEMU's lexer surely ends it there (a keyword: anything but a
+# letter; a number: anything that cannot continue it -- "0" takes no exponent, so "0e5" is
+# "0" "e" "5"; "1e5." and "01" are left to the exact lexer), so results and their timing
+# match the exact path.
+# Strings: as the exact lexer takes them (the parser judges escapes and UTF-8, as there).
+# Linear: a token matches one way only (every shorter prefix of a keyword or number is
+# followed by a byte its lookahead refuses), so a failed match backs up over one token at
+# most. (No atomic groups or possessive quantifiers: Python 3.11.2's re mishandles a
+# possessive repeat of a group.)
+_ONE_TOKEN: Final = (
+    rb"[a-z]+(?=[^a-z])"
+    rb"|-?(?:0|[1-9][0-9]*)\.[0-9]+(?:[eE][-+]?[0-9]+)?(?=[^0-9.eE])"
+    rb"|-?[1-9][0-9]*(?:[eE][-+]?[0-9]+)?(?=[^0-9.eE])"
+    rb"|-?0(?=[^0-9.])"
+    rb'|"[^"\\\x00-\x1f\xfe\xff]*(?:\\[\x20-\xfd][^"\\\x00-\x1f\xfe\xff]*)*"'
+    rb"|'[^'\\\x00-\x1f\xfe\xff]*(?:\\[\x20-\xfd][^'\\\x00-\x1f\xfe\xff]*)*'"
+    rb"|[\],:}]"
+)
+# A token with the whitespace before it, or else (only ever last) the rest of the window.
+_ONE_TOKEN_OR_REST_RE: Final = re.compile(rb"[ \t\r\n]*(?:" + _ONE_TOKEN + rb")|(?s:.+)")
+_ONE_TOKEN_AFTER_SPACE_RE: Final = re.compile(rb"[ \t\r\n]*(?:" + _ONE_TOKEN + rb")")
+_SPACE: Final = b" \t\r\n"
+# Bytes looked at per call: each call copies what follows the run (up to this much), and a
+# token longer than this is left to the exact lexer.
+ONE_TOKEN_WINDOW: Final = 4096
+
+
+def single_token_run(buf: bytearray, start: int, max_bytes: int) -> tuple[list[bytes], int]:
+    """The one-token messages from ``buf[start]`` on, and where they end (``start`` if none).
+
+    A returned token may keep the whitespace that preceded it. The run stops at anything
+    else, at a token longer than ``max_bytes`` (it may reach a limit) or at the end of the
+    window: the exact path goes on from there.
+    """
+    window_end = min(len(buf), start + ONE_TOKEN_WINDOW)
+    tokens: list[bytes] = _ONE_TOKEN_OR_REST_RE.findall(buf, start, window_end)
+    # Matches are back to back; the last one may be the rest that holds no token at its
+    # start. It is judged with the same bytes after it (the window's), so it cannot match.
+    if tokens and _ONE_TOKEN_AFTER_SPACE_RE.fullmatch(tokens[-1]) is None:
+        tokens.pop()
+    if not tokens:
+        return tokens, start
+    if max(map(len, tokens)) <= max_bytes:
+        return tokens, start + sum(map(len, tokens))
+    end = start
+    for index, token in enumerate(tokens):
+        if len(token.lstrip(_SPACE)) > max_bytes:
+            return tokens[:index], end
+        end += len(token)
+    raise AssertionError("a token over the limit was seen before")

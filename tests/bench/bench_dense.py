@@ -28,7 +28,7 @@ shared 2-core machine absolute numbers move with what else runs.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import resource
 import signal
@@ -41,17 +41,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from statsd_qmp.fdbudget import FdBudget
+from tests import isolated
 from tests.bench.bench_qmp import (
     REQUESTS,
-    RESULTS,
     QmpClient,
     _tmpfs_dir,
     cpu_sample,
-    statsd_qmp_command,
     steal_pct,
     time_limit,
     time_one_socket,
+    write_results,
 )
+from tests.procstat import cpu_seconds, fd_count, rss_mib
 from tests.tiny_vmms import TinyVmms, build
 
 # Targets of the issue.
@@ -77,92 +79,25 @@ class Options:
     rest_seconds: float = 10.0
     big_queries: int = 3
     list_timeout: float = 300.0
+    other_processes: int = 0
 
 
-class IsolatedDaemon:
-    """``statsd-qmp serve --measure-loop`` as pid 1 of a PID namespace of its own.
+class IsolatedDaemon(isolated.IsolatedDaemon):
+    """The measured daemon: ``--measure-loop``, so ``stop()`` returns its ``loop stats``.
 
-    It sees only the VMMs started into that namespace (``enter``), never the other VMs of a
-    shared host, which would otherwise take descriptors and time from the figures.
+    A host-wide query-stats of thousands of VMs is bigger than the default bound of a reply
+    (32 MiB, judged from the worst case, about twice the real size): the bounds are raised.
     """
 
     def __init__(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.run_dir = workdir / "run"
-        self.host_socket = self.run_dir / "qmp.sock"
-        self.log_path = workdir / "daemon.log"
-        isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
-        serve = ["serve", "--run-dir", str(self.run_dir), "--log-format", "json", "--measure-loop"]
-        # A host-wide query-stats of thousands of VMs is bigger than the default bound of a
-        # reply (32 MiB, judged from the worst case, about twice the real size).
-        serve += [
-            "--max-reply-bytes",
-            str(BIG_REPLY_BYTES),
-            "--max-reply-memory",
-            str(2 * BIG_REPLY_BYTES),
-        ]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [*isolated, *statsd_qmp_command(), *serve],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 30
-        while not self.host_socket.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start: {self.log_path.read_text()}")
-            time.sleep(0.05)
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        (self.pid,) = (int(child) for child in children.read_text().split())
-        self.enter = ["nsenter", f"--target={self.pid}", "--pid", "--mount", "--"]
-
-    def query_vms(self) -> list[dict[str, Any]]:
-        client = QmpClient(self.host_socket, timeout=60)
-        try:
-            vms: list[dict[str, Any]] = json.loads(client.call(QUERY_VMS))["return"]
-            return vms
-        finally:
-            client.close()
-
-    def stop(self) -> dict[str, Any] | None:
-        """SIGINT (the loop stats are logged on the way out); the ``loop stats`` record."""
-        if self.process.poll() is None:
-            os.kill(self.pid, signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()  # the namespace dies with its pid 1
-                self.process.wait()
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if '"loop stats"' in line:
-                record: dict[str, Any] = json.loads(line)
-                return record
-        return None
+        bounds = ["--max-reply-bytes", str(BIG_REPLY_BYTES)]
+        bounds += ["--max-reply-memory", str(2 * BIG_REPLY_BYTES)]
+        super().__init__(workdir, "--measure-loop", *bounds)
 
 
 def loadavg() -> str:
     with open("/proc/loadavg") as handle:
         return " ".join(handle.read().split()[:3])
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
-def fd_count(pid: int) -> int:
-    return os.stat(f"/proc/{pid}/fd").st_size or len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        text = handle.read()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_own_fd_limit(wanted: int) -> int:
@@ -177,6 +112,37 @@ def raise_own_fd_limit(wanted: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return hard
     return target
+
+
+def vms_that_fit(limit: int, vcpus: int) -> int:
+    """VMs a daemon under ``limit`` descriptors serves: its reserve (for 1,000 clients and its
+    own work) kept, each VM taking its stats fds, a pidfd and its socket."""
+    return (limit - FdBudget(max_connections=1000).reserve(limit) - 64) // (vcpus + 3)
+
+
+def start_sleepers(enter: Sequence[str], count: int) -> subprocess.Popen[bytes]:
+    """``count`` sleeping processes in the daemon's namespace (a process group of their own):
+    the scan lists every process of the host, VMM or not, so a host with fewer VMs than a
+    dense one but as many processes costs the scan about as much (more, in fact: a process
+    that is not a served VMM is looked at every scan, a served one only in turn)."""
+    script = f"i=0; while [ $i -lt {count} ]; do sleep 1000000 & i=$((i+1)); done; echo up; wait"
+    sleepers = subprocess.Popen(
+        [*enter, "sh", "-c", script], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert sleepers.stdout is not None
+    if sleepers.stdout.readline() != b"up\n":
+        stop_sleepers(sleepers)
+        raise RuntimeError("the sleeping processes did not start")
+    return sleepers
+
+
+def stop_sleepers(sleepers: subprocess.Popen[bytes]) -> None:
+    """Kill the whole group (the shell, and every sleep it started), by its id."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sleepers.pid, signal.SIGKILL)
+    sleepers.wait()
+    if sleepers.stdout is not None:
+        sleepers.stdout.close()
 
 
 def ours(vms: list[dict[str, Any]], pids: set[int]) -> list[dict[str, Any]]:
@@ -213,14 +179,26 @@ def wait_listed(daemon: IsolatedDaemon, pids: set[int], want: int, timeout: floa
 def run(opts: Options) -> dict[str, Any]:
     results: dict[str, Any] = {"options": asdict(opts), "nproc": os.cpu_count()}
     needed = opts.vms * (opts.vcpus + 3) + 4096
-    results["fd_limit"] = raise_own_fd_limit(needed)
+    results["fd_limit"] = limit = raise_own_fd_limit(needed)
+    fits = vms_that_fit(limit, opts.vcpus)
+    if opts.vms > fits:
+        raise SystemExit(
+            f"bench_dense: {opts.vms} VMs x {opts.vcpus} vCPUs need about {needed} descriptors "
+            f"in the daemon; its RLIMIT_NOFILE can be at most {limit} here (raising the hard "
+            f"limit needs CAP_SYS_RESOURCE; fs.nr_open caps it): at most {fits} VMs fit. "
+            f"Run with --vms {fits}, and --other-processes to give the scan a bigger "
+            "host's process count."
+        )
     steal0 = cpu_sample()
     results["load_start"] = loadavg()
     with tempfile.TemporaryDirectory(prefix="bench-dense-", dir=_tmpfs_dir()) as tmp:
         workdir = Path(tmp)
         binary = build(workdir)
         daemon = IsolatedDaemon(workdir / "daemon")
+        others: subprocess.Popen[bytes] | None = None
         try:
+            if opts.other_processes:
+                others = start_sleepers(daemon.enter, opts.other_processes)
             time.sleep(1.0)
             daemon.query_vms()
             empty_rss = rss_mib(daemon.pid)
@@ -284,6 +262,8 @@ def run(opts: Options) -> dict[str, Any]:
             time.sleep(max(exited_at + MEMORY_BACK_WITHIN_S - time.monotonic(), 0))
             results["after"] = {"rss_mib": rss_mib(daemon.pid), "fds": fd_count(daemon.pid)}
         finally:
+            if others is not None:
+                stop_sleepers(others)
             loop = daemon.stop()
         results["loop"] = loop
     results["steal_pct"] = steal_pct(steal0, cpu_sample())
@@ -344,7 +324,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"fd limit {results['fd_limit']}, steal {results['steal_pct']} %",
         f"load: start {results['load_start']}, at rest {rest['load']}, "
         f"full {results['load_full']}, end {results['load_end']}",
-        f"VMMs ready: {results['started']['ready']} (failed {results['started']['failed']})",
+        f"VMMs ready: {results['started']['ready']} (failed {results['started']['failed']}), "
+        f"other processes: {opts['other_processes']}",
         "",
         "| VMs | listed after the last VMM was ready | daemon CPU at rest | RSS "
         "| same-VM vcpu query p50 | `query-vms` | host-wide `query-stats` vcpu "
@@ -388,6 +369,12 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, int, str]:
     parser.add_argument("--vcpus", type=int, default=2)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rest-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--other-processes",
+        type=int,
+        default=0,
+        help="sleeping processes started beside the VMMs (a bigger host's process count)",
+    )
     parser.add_argument("--output", default="bench_dense", help="results file name, no suffix")
     parser.add_argument("--timeout", type=int, default=1800, help="whole run, seconds")
     args = parser.parse_args(argv)
@@ -396,6 +383,7 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, int, str]:
         vcpus=args.vcpus,
         requests=args.requests,
         rest_seconds=args.rest_seconds,
+        other_processes=args.other_processes,
     )
     return opts, args.timeout, args.output
 
@@ -406,10 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(opts)
     table = format_table(results)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{output}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{output}.txt").write_text(table + "\n")
+    path = write_results(results, output, table)
     print(f"\nwritten: {path}")
     return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import statistics
@@ -33,6 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.procstat import rss_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RSS = 64 << 20
@@ -67,11 +68,6 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def hot_path(client: Client, rounds: int) -> dict[str, float]:
@@ -148,7 +144,7 @@ def run(args: argparse.Namespace, daemon: subprocess.Popen[bytes], run_dir: Path
     if not wait_for(path, daemon, log):
         return 1
     poller = Client(path)
-    start_rss = rss(daemon.pid)
+    start_rss = rss_bytes(daemon.pid)
     trims_at_start = len(trims(log))
     before = hot_path(poller, args.rounds)
     trims_during_hot = len(trims(log)) - trims_at_start
@@ -177,7 +173,7 @@ def run(args: argparse.Namespace, daemon: subprocess.Popen[bytes], run_dir: Path
     for thread in threads:
         thread.start()
     while any(thread.is_alive() for thread in threads):
-        peak = max(peak, rss(daemon.pid))
+        peak = max(peak, rss_bytes(daemon.pid))
         time.sleep(0.02)
     for thread in threads:
         thread.join()
@@ -185,7 +181,7 @@ def run(args: argparse.Namespace, daemon: subprocess.Popen[bytes], run_dir: Path
     timeline = []
     back_after = None
     while time.monotonic() - idle_since < 20:
-        now = rss(daemon.pid)
+        now = rss_bytes(daemon.pid)
         timeline.append((round(time.monotonic() - idle_since, 2), round(now / (1 << 20), 1)))
         if now < TARGET_RSS:
             back_after = time.monotonic() - idle_since

@@ -44,10 +44,10 @@ from tests.bench.bench_qmp import (
     _scale_load,
     cpu_sample,
     percentiles,
-    proc_cpu_ns,
     steal_pct,
 )
 from tests.conftest import stop_process
+from tests.procstat import cpu_ns
 from tests.test_metrics_qemu import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_metrics.json"
@@ -97,13 +97,13 @@ def timed_scrapes(
     conn: http.client.HTTPConnection, daemon: Daemon, count: int, *, gzip_ok: bool
 ) -> tuple[list[float], bytes, float]:
     """Round trips (us), the last body, and the daemon's CPU ms per scrape."""
-    cpu0 = proc_cpu_ns(daemon.pid)
+    cpu0 = cpu_ns(daemon.pid)
     latencies: list[float] = []
     body = b""
     for _ in range(count):
         elapsed, body = scrape_once(conn, gzip_ok=gzip_ok)
         latencies.append(elapsed)
-    return latencies, body, (proc_cpu_ns(daemon.pid) - cpu0) / count / 1e6
+    return latencies, body, (cpu_ns(daemon.pid) - cpu0) / count / 1e6
 
 
 def measure_scrapes(daemon: Daemon, port: int, opts: Options) -> dict[str, Any]:
@@ -255,8 +255,14 @@ def run_beside_qmp(workdir: Path, opts: Options) -> dict[str, Any]:
 
         result["qmp_alone_us"] = load()
         prometheus = Prometheus(workdir / "prometheus", f"127.0.0.1:{port}")
-        time.sleep(2)  # its first scrapes
         started = time.time()
+        # Its first scrapes: on a loaded machine Prometheus may take many seconds to start.
+        deadline = time.monotonic() + 60
+        while _scalar(prometheus, 'up{job="statsd-qmp"}') is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("Prometheus scraped nothing within 60 s")
+            time.sleep(0.2)
+        time.sleep(1)
         result["qmp_with_prometheus_us"] = load()
         time.sleep(1.5)  # the last scrape lands in the database
         # The load and the warm-up before it (whole seconds, as PromQL ranges are written).

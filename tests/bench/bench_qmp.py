@@ -77,11 +77,15 @@ from statsd_qmp.sources.owned import OwnedVM
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.steps import finish
 from statsd_qmp.vm import VcpuStats, VmStats, parse_vcpu_id
+from tests.daemons import loop_stats, statsd_qmp_command
+from tests.procstat import cpu_ns as proc_cpu_ns
+from tests.procstat import cpu_seconds as proc_stat_cpu_s
+from tests.procstat import memory_kib as proc_memory_kib
+from tests.procstat import minor_faults as proc_minflt
 from tests.qemu_helpers import QemuVm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MINI_VMM = Path(__file__).resolve().parents[1] / "mini_vmm.py"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
 # Requests as a QMP client sends them (no id: QEMU's reply then carries none either).
@@ -147,50 +151,6 @@ def steal_pct(before: CpuSample, after: CpuSample) -> float:
     return round(100.0 * (after.steal - before.steal) / total, 1) if total > 0 else 0.0
 
 
-def proc_cpu_ns(pid: int) -> int:
-    """On-CPU time of every thread of ``pid`` (schedstat, ns resolution)."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
-                total += int(handle.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue
-    return total
-
-
-def proc_stat_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` from /proc/PID/stat (clock ticks), in seconds."""
-    with open(f"/proc/{pid}/stat") as handle:
-        text = handle.read()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_minflt(pid: int) -> int:
-    """Minor page faults of the whole process (/proc/PID/stat field 10)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        return 0
-    return int(text[text.rindex(")") + 2 :].split()[7])
-
-
-def proc_memory_kib(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0])
-    return out
-
-
 def percentiles(samples: Sequence[float]) -> dict[str, float]:
     if not samples:
         return {"p50": math.nan, "p99": math.nan, "max": math.nan, "n": 0}
@@ -217,16 +177,6 @@ def environment() -> dict[str, Any]:
         "qemu": qemu[0] if qemu else "?",
         "kvm_pvm": pvm,
     }
-
-
-def statsd_qmp_command() -> list[str]:
-    beside = Path(sys.executable).with_name("statsd-qmp")
-    if beside.exists():
-        return [os.fspath(beside)]
-    found = shutil.which("statsd-qmp")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from statsd_qmp.cli import main; sys.exit(main())"]
 
 
 def _kill(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -348,13 +298,8 @@ class Daemon:
                     _kill(self.process)
         if not self._log.closed:
             self._log.close()
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        self.log_tail = lines[-20:]
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict) and record.get("event") == "loop stats":
-                    self.loop_stats = record
+        self.log_tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
+        self.loop_stats = loop_stats(self.log_path)
         return self.loop_stats
 
 
@@ -1608,11 +1553,16 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Options, int, str]
     return opts, args.timeout, args.output
 
 
-def write_results(results: dict[str, Any], name: str = "bench_qmp") -> Path:
+def write_results(
+    results: dict[str, Any], name: str = "bench_qmp", table: str | None = None
+) -> Path:
+    """``RESULTS/NAME.json`` (the figures) and ``NAME.txt`` (``table``, by default this
+    benchmark's tables); the path of the first."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.txt").write_text(format_tables(results) + "\n")
+    text = format_tables(results) if table is None else table
+    (RESULTS / f"{name}.txt").write_text(text + "\n")
     return path
 
 

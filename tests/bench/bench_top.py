@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -37,17 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bench_qmp import (
-    RESULTS,
     Daemon,
     MiniVmms,
     cpu_sample,
     environment,
-    proc_cpu_ns,
-    proc_memory_kib,
-    statsd_qmp_command,
     steal_pct,
     time_limit,
+    write_results,
 )
+from tests.daemons import statsd_qmp_command
+from tests.isolated import rerun_in_namespace
+from tests.procstat import cpu_ns, memory_kib
 
 CLIENT_TARGET_PCT = 5.0
 DAEMON_TARGET_PCT = 2.0
@@ -83,7 +82,7 @@ def window(daemon: Daemon, client: int | None, seconds: float) -> dict[str, Any]
     """CPU of the daemon (and the client) over ``seconds``, in % of one core."""
     cpu_before = cpu_sample()
     daemon_before = daemon.cpu_ns()
-    client_before = proc_cpu_ns(client) if client is not None else 0
+    client_before = cpu_ns(client) if client is not None else 0
     started = time.monotonic()
     time.sleep(seconds)
     elapsed_ns = (time.monotonic() - started) * 1e9
@@ -94,8 +93,8 @@ def window(daemon: Daemon, client: int | None, seconds: float) -> dict[str, Any]
         "loadavg": loadavg(),
     }
     if client is not None:
-        out["client_cpu_pct"] = round(100 * (proc_cpu_ns(client) - client_before) / elapsed_ns, 2)
-        out["client_rss_kib"] = proc_memory_kib(client).get("VmRSS", 0)
+        out["client_cpu_pct"] = round(100 * (cpu_ns(client) - client_before) / elapsed_ns, 2)
+        out["client_rss_kib"] = memory_kib(client).get("VmRSS", 0)
     return out
 
 
@@ -256,16 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unshare is None:
             print("bench_top: unshare is missing (util-linux); use --no-namespace", file=sys.stderr)
             return 2
-        command = [unshare, "--pid", "--fork", "--mount-proc", "--kill-child"]
-        command += [sys.executable, "-m", "tests.bench.bench_top", *arguments]
-        return subprocess.run(command, env={**os.environ, ISOLATED: "1"}, check=False).returncode
+        environ = {**os.environ, ISOLATED: "1"}
+        return rerun_in_namespace("tests.bench.bench_top", arguments, env=environ, unshare=unshare)
     with time_limit(int(600 + 3 * opts.seconds)):
         results = run(opts)
-    print(format_table(results))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{output}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{output}.txt").write_text(format_table(results) + "\n")
+    table = format_table(results)
+    print(table)
+    path = write_results(results, output, table)
     print(f"\nwritten: {path}")
     return 0 if all(item["ok"] for item in results["checks"]) else 1
 

@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.isolated import rerun_in_namespace
+from tests.procstat import fd_count, rss_kib
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MINI_VMM = Path(__file__).resolve().parents[1] / "mini_vmm.py"
 DAEMON = "from statsd_qmp.cli import main; raise SystemExit(main())"
@@ -41,18 +44,6 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.005)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def qmp(path: Path, command: str, arguments: dict[str, object] | None = None) -> dict[str, object]:
@@ -103,9 +94,9 @@ def main() -> None:
     parser.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.no_isolate and not args.in_namespace and os.geteuid() == 0:
-        command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m"]
-        command += ["tests.bench.bench_vm_churn", *sys.argv[1:], "--in-namespace"]
-        raise SystemExit(subprocess.run(command, check=False).returncode)
+        arguments = [*sys.argv[1:], "--in-namespace"]
+        module = "tests.bench.bench_vm_churn"
+        raise SystemExit(rerun_in_namespace(module, arguments, kill_child=False))
     # SIGTERM ends the run through the finally blocks: the daemon and VMMs are stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="churn-") as tmp:
@@ -155,7 +146,7 @@ def main() -> None:
                     sample = {
                         "cycle": cycle,
                         "rss_mib": rss_kib(daemon.pid) / 1024,
-                        "fds": open_fds(daemon.pid),
+                        "fds": fd_count(daemon.pid),
                         "seconds": time.monotonic() - started,
                         "other_vms": other_vms(run_dir),
                     }

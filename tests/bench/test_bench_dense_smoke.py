@@ -15,7 +15,9 @@ from . import bench_dense, bench_qmp
 
 @pytest.mark.kvm
 def test_bench_dense_smoke() -> None:
-    opts = bench_dense.Options(vms=200, requests=20, warmups=5, rest_seconds=1.0, big_queries=1)
+    opts = bench_dense.Options(
+        vms=200, requests=20, warmups=5, rest_seconds=1.0, big_queries=1, other_processes=100
+    )
     with bench_qmp.time_limit(180):
         results = bench_dense.run(opts)
     assert results["started"] == {"ready": 200, "failed": 0, "failures": []}
@@ -31,6 +33,15 @@ def test_bench_dense_smoke() -> None:
     assert results["loop"]["steps"] > 0
     assert results["targets"][0]["check"].startswith("200 VMs listed")
     assert "| 200 |" in bench_dense.format_table(results)
+    assert "other processes: 100" in bench_dense.format_table(results)
+    assert bench_dense.vms_that_fit(20000, 2) < 4000  # 5 descriptors a VM, a reserve kept
+
+
+@pytest.mark.kvm
+def test_bench_dense_says_when_the_vms_cannot_fit() -> None:
+    """More VMs than the descriptor limit allows: one clear message, nothing started."""
+    with pytest.raises(SystemExit, match=r"at most \d+ VMs fit"):
+        bench_dense.run(bench_dense.Options(vms=10_000_000))
 
 
 @pytest.mark.bench
