@@ -433,10 +433,6 @@ def _metrics_listen(
     "same rules; an option given here wins over the file.",
 )
 def _serve(args: argparse.Namespace) -> int:
-    from .tuning import exec_with_malloc
-
-    exec_with_malloc()  # returns only once Python's objects live on glibc's heap (or as asked)
-
     from dataclasses import replace
 
     import trio

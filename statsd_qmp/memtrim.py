@@ -10,8 +10,8 @@ Why by hand: the allocator is tuned to keep freed memory (``M_TRIM_THRESHOLD`` a
 256-vCPU reply otherwise pays ~250 page faults per request to get its buffers back. The price was
 that a burst of big replies left RSS at 240 MiB for good. The free heap is the signal: steady
 polling reuses a few MiB of freed buffers (never trimmed, so the hot path keeps them), a burst
-(big replies, or thousands of VMs exiting at once: the CLI's serve runs Python objects on this
-heap too, see ``tuning.exec_with_malloc``) leaves more free, which is given back within one or
+(big replies, or thousands of VMs exiting at once, when Python's objects live on this heap
+too: ``PYTHONMALLOC=malloc``) leaves more free, which is given back within one or
 two check intervals after it ends. Another trim follows :data:`SETTLE_AFTER` later, and again
 while each gives back a MiB (at most :data:`SETTLE_TRIMS`): a burst's tail (the last small
 objects of thousands of exited VMs, dropped a scan later) frees few bytes but empties whole

@@ -2,8 +2,7 @@
 
 Owns: settings that belong to the whole process rather than to the daemon's parts: the GIL
 switch interval, glibc's malloc trim and mmap thresholds, the soft open-file limit, the fd
-table reserved at start, freezing the start-up objects out of the cyclic collector's way, and
-which allocator Python's objects use (:func:`exec_with_malloc`).
+table reserved at start, and freezing the start-up objects out of the cyclic collector's way.
 The library (``app.serve``) never changes them, so tests and other programs that run the
 daemon in-process keep their own settings (``app.serve`` only raises the open-file limit,
 which serving needs). Imports only the stdlib and structlog; nothing of the package.
@@ -23,7 +22,6 @@ import structlog
 __all__ = [
     "FD_TABLE_SLOTS",
     "GIL_SWITCH_INTERVAL",
-    "exec_with_malloc",
     "fd_table_size",
     "freeze_long_lived",
     "presize_fd_table",
@@ -40,27 +38,6 @@ GIL_SWITCH_INTERVAL = 0.0005
 
 # fd table slots reserved at start: 100 VMs of 4 vCPUs plus 1000 connections fit twice over.
 FD_TABLE_SLOTS = 16384
-
-
-def exec_with_malloc() -> None:
-    """Start this program again in place (same pid, arguments and descriptors) with
-    ``PYTHONMALLOC=malloc``, unless the environment already names an allocator.
-
-    Python's own small-object allocator (pymalloc) gets memory in 1 MiB arenas and gives an
-    arena back only once every object in it is gone. Thousands of VMs fill dozens of arenas;
-    when they exit, the few objects made meanwhile that live on (caches, the event loop's
-    own) are spread over those arenas and pin them all: measured with 2,000 VMs of 2 vCPUs,
-    888 empty 16 KiB pools (14.5 MiB) stayed resident in 28 arenas, none given back, the
-    daemon at 1.4x its empty RSS after every VM had exited (1.8x with 3,000). On glibc's
-    malloc the same objects leave free pages that ``malloc_trim`` returns (see ``memtrim``):
-    1.06x. Measured cost: ~5 % more RSS with VMs served, no measurable change in CPU per
-    request. The allocator cannot change once the interpreter runs, hence the exec; it is
-    called first thing in the CLI's ``serve``, before anything else is opened or started.
-    ``PYTHONMALLOC=pymalloc`` (or any value) in the environment keeps the choice made there.
-    """
-    if "PYTHONMALLOC" in os.environ or sys.flags.ignore_environment or not sys.executable:
-        return  # chosen already; or the variable would be ignored (-E, -I): no exec loop
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, "PYTHONMALLOC": "malloc"})
 
 
 def tune_process() -> None:

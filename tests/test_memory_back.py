@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -23,7 +22,6 @@ from statsd_qmp.registry import Registry
 from statsd_qmp.statsfile import StatsFile
 from statsd_qmp.vm import VcpuStats, VmStats
 
-from .daemons import start_serve, stop
 from .synthetic import SyntheticStat, build, make_flags, memfd_with
 from .test_server import daemon, quiet_logs  # noqa: F401 (a fixture)
 
@@ -223,39 +221,3 @@ async def test_the_tail_is_taken_a_few_times_at_most(
     # The burst's trim, then tail trims while they give back (a polled buffer's pages may
     # come from elsewhere than what the last trim took): never one every few seconds.
     assert 2 <= trimmer.trims <= 1 + memtrim.SETTLE_TRIMS
-
-
-# --- the allocator ----------------------------------------------------------------------------
-
-
-def environ_of(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as handle:
-        entries = handle.read().split(b"\0")
-    return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
-
-
-def serve_and_read_allocator(tmp_path: Path, prefix: list[str]) -> str | None:
-    """Start ``serve``, wait until it listens, return PYTHONMALLOC of the same pid."""
-    run_dir = tmp_path / "run"
-    tmp_path.mkdir()
-    process = start_serve(run_dir, tmp_path / "log", "--no-discovery", prefix=prefix)
-    try:
-        deadline = time.monotonic() + 30
-        while not (run_dir / "qmp.sock").exists():
-            assert process.poll() is None, (tmp_path / "log").read_text()
-            assert time.monotonic() < deadline, "the daemon did not listen within 30 s"
-            time.sleep(0.05)
-        return environ_of(process.pid).get("PYTHONMALLOC")
-    finally:
-        stop(process)
-
-
-def test_serve_runs_its_objects_on_glibc_malloc(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("PYTHONMALLOC", raising=False)
-    # The pid started is the one serving (the program started itself again in place).
-    assert serve_and_read_allocator(tmp_path / "default", []) == "malloc"
-    # An allocator named in the environment is kept.
-    chosen = serve_and_read_allocator(tmp_path / "chosen", ["env", "PYTHONMALLOC=pymalloc"])
-    assert chosen == "pymalloc"
