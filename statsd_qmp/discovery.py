@@ -53,7 +53,7 @@ import trio
 from . import adoption
 from .errors import AdoptionError, StatsFileError
 from .fdbudget import FdBudget, is_shortage, vm_cost
-from .registry import DEMO_NAME, Registry, sanitize_name
+from .registry import DEMO_NAME, Registry, release_table, sanitize_name
 from .sources import borrowed
 from .statsfile import StatsFile
 from .steps import run_in_slices
@@ -841,6 +841,8 @@ class Discovery:
             self.registry.remove(vmm.name, reason=reason)  # runs vmm.close
         vmm.close()
         self._warned_multi.discard(pid)
+        for table in (self.vmms, self._by_pidfd, self._served_ids):
+            release_table(table)  # every VMM gone: give back the tables of the fullest day
 
     async def _watch_exits(self, exits: select.epoll) -> None:
         """Drop each VMM as it exits: its fds now, not at the next scan (they pin its VM)."""

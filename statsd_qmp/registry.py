@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence, Set
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -38,6 +39,14 @@ Scanner = Callable[[], Awaitable[None]]
 def sanitize_name(raw: str) -> str:
     """Characters outside ``[A-Za-z0-9._-]`` become ``_`` (the name is a file name)."""
     return _UNSAFE.sub("_", raw)
+
+
+def release_table(emptied: dict[Any, Any]) -> None:
+    """Free the table of a dict that is empty now: deleting keys never shrinks a dict, which
+    would keep the size of its fullest day (~0.3 MB for 10,000 VMs) after the VMs went.
+    ``clear()`` of an empty dict frees it, the dict itself (and any view of it) stays."""
+    if not emptied:
+        emptied.clear()
 
 
 class Registry:
@@ -151,6 +160,9 @@ class Registry:
         for listener in self._on_removed:
             listener(vm)
         closer = self._closers.pop(name, None)
+        if not self._vms:
+            release_table(self._vms)
+            release_table(self._closers)
         if closer is not None:
             closer()
         log.info("vm removed", vm=name, pid=vm.pid, reason=reason)

@@ -39,7 +39,7 @@ from .commands import Commands, Pending, PlannedReply, RawJson, RawSteps, Scope
 from .errors import QmpError, StatsdQmpError
 from .outbox import Outbox
 from .peers import peer_of
-from .registry import Registry
+from .registry import Registry, release_table
 from .replymemory import ReplyMemory
 from .socketfiles import (
     HOST_SOCKET,
@@ -241,6 +241,7 @@ class Server:
     def _vm_removed(self, vm: VmStats) -> None:
         unlink_socket(Path(vm.socket_path))
         entry = self._vm_sockets.pop(vm.name, None)
+        release_table(self._vm_sockets)
         if entry is None:
             return
         self._close_vm_socket(entry)  # no new clients; the socket file is gone already
@@ -259,6 +260,7 @@ class Server:
         if fd < 0:
             return  # closed already
         self._vm_sockets_by_fd.pop(fd, None)
+        release_table(self._vm_sockets_by_fd)
         if self._vm_accepts is not None:
             with suppress(OSError, ValueError):
                 self._vm_accepts.unregister(fd)

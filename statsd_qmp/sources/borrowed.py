@@ -514,8 +514,11 @@ class ProcScanner:
                 vmms[pid] = found
             elif holds_vm:
                 unadopted[pid] = found
-        for pid in self._known.keys() - seen:
+        gone = self._known.keys() - seen
+        for pid in gone:
             del self._known[pid]
+        if len(gone) > len(self._known):  # a dict never shrinks as keys go: copy it smaller
+            self._known = dict(self._known)
         for pid in self._denied.keys() - seen:
             del self._denied[pid]
         return ScanResult(
