@@ -11,7 +11,7 @@
 
 /* cdef-begin */
 /* Bumped when the C interface changes; the Python wrapper checks it. */
-#define STATSREAD_ABI_VERSION 3
+#define STATSREAD_ABI_VERSION 4
 
 /*
  * Read `count` regions, region i being `lengths[i]` bytes at file offset `offsets[i]` of
@@ -27,6 +27,14 @@ int statsread_bulk(int count, const int *fds, const uint64_t *offsets,
                    uint8_t *buf, uint64_t buf_len, int64_t *results);
 
 int statsread_abi_version(void);
+
+/*
+ * For each of `count` pids, the size `stat("/proc/PID/fd")` reports (its number of open fds
+ * since Linux 6.2, 0 before) into counts[i], or -errno (ENOENT: gone; EACCES: not ours to
+ * look at).  One call for a whole slice of a /proc scan: the same stat from Python costs
+ * ~4 us a process, most of it the interpreter's.  Never allocates; returns `count`.
+ */
+int statsread_fd_counts(int count, const int32_t *pids, int64_t *counts);
 /* cdef-end */
 
 #endif

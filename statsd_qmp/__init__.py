@@ -51,6 +51,9 @@ module needs its entry here. ::
     4 vm
         one served VM: its stats files, cached schemas, prepared batch reads
         imports: engine, schema, statsfile
+    3 adoption
+        ptrace injection of KVM_GET_STATS_FD into a running VMM (policy; C mechanics in _adopt)
+        imports: errors, sources.borrowed, steps
     3 engine
         many stats files read in one native call
         imports: _native, errors, statsfile
@@ -63,9 +66,6 @@ module needs its entry here. ::
     3 topterm
         top's terminal: curses, keys, prompts, the refresh loop
         imports: topmodel, topscreen
-    2 adoption
-        ptrace injection of KVM_GET_STATS_FD into a running VMM (policy; C mechanics in _adopt)
-        imports: errors, sources.borrowed, steps
     2 config
         the TOML configuration file: keys, types, ranges, one error per bad file
         imports: errors, logconfig, metricsmap, schema
@@ -78,6 +78,9 @@ module needs its entry here. ::
     2 qjson.writer (pure)
         values -> QEMU's compact JSON text
         imports: hash_order, qjson.parser, qjson.unicode
+    2 sources.borrowed
+        /proc scan for VMMs' stats fds, pidfd_getfd, QEMU's -name
+        imports: _native, fdbudget, steps
     2 sources.guest
         the owned VMs' guest: machine code, memory layout, initial registers
         imports: sources.kvm_abi
@@ -114,9 +117,6 @@ module needs its entry here. ::
     1 socketfiles
         run dir lock, stale sockets, binding unix sockets, their mode and group
         imports: errors
-    1 sources.borrowed
-        /proc scan for VMMs' stats fds, pidfd_getfd, QEMU's -name
-        imports: fdbudget, steps
     1 sources.kvm_abi
         KVM ioctl numbers, uapi structs, /dev/kvm checks
         imports: errors

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import NativeUnavailableError, StatsReadError
 
-EXPECTED_ABI_VERSION = 3
+EXPECTED_ABI_VERSION = 4
 
 _BUILD_HINT = (
     "the native reader statsd_qmp._statsread is not built; install the project with "
@@ -58,6 +58,15 @@ def statsfmt_ops(*names: str) -> tuple[int, ...]:
     (cffi exports its #defines): the renderers never restate an op code."""
     _, lib = native()
     return tuple(int(getattr(lib, f"STATSFMT_{name}")) for name in names)
+
+
+def fd_counts(pids: Sequence[int]) -> list[int]:
+    """``stat("/proc/PID/fd").st_size`` of each pid (its open fd count since Linux 6.2), or
+    ``-errno``: one C call for the lot (see ``statsread_fd_counts``)."""
+    ffi, lib = native()
+    counts = ffi.new("int64_t[]", len(pids) or 1)
+    lib.statsread_fd_counts(len(pids), ffi.new("int32_t[]", list(pids) or [0]), counts)
+    return list(counts[0 : len(pids)])
 
 
 def abi_version() -> int:

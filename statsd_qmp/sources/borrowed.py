@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 
+from .. import _native
 from ..fdbudget import is_shortage
 from ..steps import Steps, finish
 
@@ -460,17 +461,22 @@ class ProcScanner:
                 due.add(pid)  # not read yet: look now
             if index % _PROCESSES_PER_STEP == _PROCESSES_PER_STEP - 1:
                 yield
-        for pid in sorted(seen - watched | due):
+        looked_at = sorted(seen - watched | due)
+        counts: list[int] = []
+        for index, pid in enumerate(looked_at):
+            if index % _PROCESSES_PER_STEP == 0:
+                # Counted a slice at a time in C (~1.5 us a process; 4 us in Python). A
+                # count a pause makes stale is only looked at again one scan later.
+                counts = _native.fd_counts(looked_at[index : index + _PROCESSES_PER_STEP])
             yield
-            try:
-                fd_count = os.stat(f"/proc/{pid}/fd").st_size
-            except FileNotFoundError:
-                continue
-            except PermissionError as exc:
-                reason = self._denial(pid, f"cannot list /proc/{pid}/fd: {exc.strerror}", now)
-                if reason:
-                    denied[pid] = reason
-                continue
+            fd_count = counts[index % _PROCESSES_PER_STEP]
+            if fd_count < 0:
+                if -fd_count in (errno_mod.EACCES, errno_mod.EPERM):
+                    problem = f"cannot list /proc/{pid}/fd: {os.strerror(-fd_count)}"
+                    reason = self._denial(pid, problem, now)
+                    if reason:
+                        denied[pid] = reason
+                continue  # gone (ENOENT), or not to be looked at now
             known = self._known.get(pid)
             if (
                 known is not None
