@@ -415,7 +415,6 @@ class Discovery:
             todo.append((found, known))
         round_ends = trio.current_time() + ADOPT_ROUND
         self._unfinished = False
-        adopted = False
         for start in range(0, len(todo), CMDLINE_BATCH):
             batch = todo[start : start + CMDLINE_BATCH]
             if shortage is not None:
@@ -426,6 +425,7 @@ class Discovery:
                 break
             names, error = await self._qemu_names([f.pid for f, known in batch if known is None])
             shortage = shortage or error
+            adopted = False
             for found, known in batch:
                 if shortage is not None:
                     waiting += 1
@@ -445,9 +445,11 @@ class Discovery:
                     waiting += 1
                     continue
                 await trio.lowlevel.checkpoint()
+            if adopted and self.after_adoption is not None:
+                # After each batch, not each scan: a full collection walks every object not
+                # set aside yet, and a round of 3,700 adoptions made one of 30 ms.
+                self.after_adoption()
         self._note_fd_shortage(waiting, shortage)
-        if adopted and self.after_adoption is not None:
-            self.after_adoption()
         for pid, reason in result.denied.items():
             if self._reported.get(pid) != reason:
                 try:
