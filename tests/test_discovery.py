@@ -298,12 +298,12 @@ async def test_scan_skips_unchanged_processes(tmp_path: Path) -> None:
 
 @pytest.mark.kvm
 async def test_watched_vmms_are_looked_at_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past WATCHED_PER_SCAN served VMMs, each scan looks at that many in turn.
+    """Past QUIET_PER_SCAN served VMMs, each scan looks at that many in turn.
 
     The others are reported as last read (the very object), a hot-plug is seen when the
     VMM's turn comes, and a process that is not watched is looked at every scan.
     """
-    monkeypatch.setattr(borrowed, "WATCHED_PER_SCAN", 1)
+    monkeypatch.setattr(borrowed, "QUIET_PER_SCAN", 1)
     vmms = [await MiniVmm.start("--vcpus", "1") for _ in range(3)]
     try:
         pids = [vmm.pid for vmm in vmms]
@@ -327,6 +327,27 @@ async def test_watched_vmms_are_looked_at_in_turn(monkeypatch: pytest.MonkeyPatc
     finally:
         for vmm in vmms:
             await vmm.kill()
+
+
+@pytest.mark.kvm
+async def test_settled_processes_are_looked_at_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes without a KVM fd for SETTLED_AFTER seconds are looked at in turn; a new
+    process (a VMM starting) is looked at in the first scan that sees it."""
+    monkeypatch.setattr(borrowed, "QUIET_PER_SCAN", 1)
+    scanner = ProcScanner()
+    first = await trio.to_thread.run_sync(scanner.scan, 0.0)
+    assert first.looked_at >= 10  # pid 1, this test, the kernel's threads at least
+    young = await trio.to_thread.run_sync(scanner.scan, 1.0)
+    assert young.looked_at >= first.looked_at - 5  # none settled yet: all looked at
+    settled = await trio.to_thread.run_sync(scanner.scan, borrowed.SETTLED_AFTER + 1)
+    # One settled process a scan, and whatever process is new since the first scan.
+    assert settled.looked_at <= 1 + abs(settled.processes - first.processes) + 5
+    vmm = await MiniVmm.start("--vcpus", "1")
+    try:
+        fresh = await trio.to_thread.run_sync(scanner.scan, borrowed.SETTLED_AFTER + 2)
+        assert vmm.pid in fresh.vmms
+    finally:
+        await vmm.kill()
 
 
 def test_a_big_fd_table_is_read_in_steps() -> None:

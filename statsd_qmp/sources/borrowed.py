@@ -239,15 +239,19 @@ Signature = tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]
 # Processes looked at between two yields of a scan when nothing needs reading.
 _PROCESSES_PER_STEP = 256
 
-# Watched processes (VMMs whose exit a pidfd reports) whose fd count one scan looks at: all of
-# them up to this many, else this many in turn. Each look is a stat of /proc/PID/fd (~4 us in
-# Python): 10,000 VMMs looked at every second cost 4 % of a core for nothing but hot-plug,
-# which is then seen within (VMMs / this) scans instead of one.
-WATCHED_PER_SCAN = 1000
-# A watched process is read whole (every fd link) at most this often, as a safety net for an
-# fd replaced in place, and at most this many such reads happen in one scan.
+# Quiet processes whose fd count one scan looks at: all of them up to this many, else this
+# many in turn. Quiet are the served VMMs (a pidfd reports their exit) and the processes seen
+# for SETTLED_AFTER seconds without a KVM fd. Each look is a stat of /proc/PID/fd, which costs
+# the kernel 1.5-5 us: 10,000 processes looked at every second cost 4-9 % of a core for
+# nothing but a vCPU hot-plug, or an old process starting a VM, which are then seen within
+# (quiet processes / this) scans instead of one. New processes are looked at every scan.
+QUIET_PER_SCAN = 1000
+SETTLED_AFTER = 30.0
+# A served VMM is read whole (every fd link) at most this often, as a safety net for an fd
+# replaced in place (other processes: ``full_rescan_interval``), and at most this many such
+# reads happen in one scan.
 WATCHED_FULL_RESCAN = 60.0
-WATCHED_FULL_READS_PER_SCAN = 64
+FULL_READS_PER_SCAN = 256
 
 
 @dataclass
@@ -289,6 +293,7 @@ class _Known:
     fd_count: int
     next_full_scan: float
     found: ProcessStatsFds | None  # its KVM fds when last read (None: it holds none)
+    first_seen: float
 
 
 @dataclass
@@ -307,6 +312,7 @@ class ScanResult:
     # Processes whose fds were read by this scan (the others in ``vmms`` carry the very
     # object an earlier scan reported: nothing about them can have changed).
     fresh: set[int] = field(default_factory=set)
+    looked_at: int = 0  # processes whose fd count this scan looked at
 
 
 # fd links read between two yields of a scan: ~0.2 ms (a 256-vCPU QEMU has ~800 fds).
@@ -364,12 +370,13 @@ class ProcScanner:
     exits is dropped through its pidfd, not by the scan. 100 VMMs of 4 vCPUs: 8.7 ms of CPU
     per scan when every VMM was re-read, 0.7 ms now.
 
-    The caller names the processes whose exit it watches (:attr:`watched`, its served VMMs):
-    past :data:`WATCHED_PER_SCAN` of them, each scan looks at that many in turn and reports
-    the others as last read, and their safety-net reads are rarer and spread out
-    (:data:`WATCHED_FULL_RESCAN`, :data:`WATCHED_FULL_READS_PER_SCAN`). A dense host's scan
-    then costs about the same whatever its number of VMMs: what every scan must still do per
-    process is list it in /proc.
+    The caller names the processes whose exit it watches (:attr:`watched`, its served VMMs).
+    With the processes that have held no KVM fd for :data:`SETTLED_AFTER` seconds they are
+    the quiet ones: past :data:`QUIET_PER_SCAN` of them, each scan looks at that many in turn
+    (served VMMs not looked at are reported as last read), and safety-net reads are limited
+    to :data:`FULL_READS_PER_SCAN` a scan (a served VMM's every :data:`WATCHED_FULL_RESCAN`).
+    A dense host's scan then costs about the same whatever its number of processes: what
+    every scan must still do per process is list it in /proc.
     """
 
     def __init__(self, *, self_pid: int | None = None, full_rescan_interval: float = 10.0) -> None:
@@ -385,19 +392,19 @@ class ProcScanner:
         self._rotation: deque[int] = deque()  # watched pids, the next to look at first
         self._in_rotation: set[int] = set()
 
-    def _watched_due(self, watched: set[int]) -> set[int]:
-        """The watched processes this scan looks at: all, or the next ``WATCHED_PER_SCAN``."""
-        if len(watched) <= WATCHED_PER_SCAN:
+    def _quiet_due(self, quiet: set[int]) -> set[int]:
+        """The quiet processes this scan looks at: all, or the next ``QUIET_PER_SCAN``."""
+        if len(quiet) <= QUIET_PER_SCAN:
             self._rotation.clear()
             self._in_rotation.clear()
-            return watched
-        for pid in watched - self._in_rotation:
+            return quiet
+        for pid in quiet - self._in_rotation:
             self._rotation.append(pid)
             self._in_rotation.add(pid)
         due: set[int] = set()
-        while self._rotation and len(due) < WATCHED_PER_SCAN:
+        while self._rotation and len(due) < QUIET_PER_SCAN:
             pid = self._rotation.popleft()
-            if pid in watched:
+            if pid in quiet:
                 due.add(pid)
                 self._rotation.append(pid)
             else:
@@ -449,8 +456,14 @@ class ProcScanner:
         seen = {int(name) for name in names if name.isdigit()}
         seen.discard(self.self_pid)  # the daemon's own VMs are served directly
         watched = seen.intersection(self.watched)
-        due = self._watched_due(watched)
-        full_reads_left = WATCHED_FULL_READS_PER_SCAN
+        settled_before = now - SETTLED_AFTER
+        quiet = watched | {
+            pid
+            for pid, known in self._known.items()
+            if known.found is None and known.first_seen <= settled_before and pid in seen
+        }
+        due = self._quiet_due(quiet)
+        full_reads_left = FULL_READS_PER_SCAN
         # Watched processes not looked at this time: as they were (their exit would have
         # been reported; a hot-plug is seen when their turn comes).
         for index, pid in enumerate(watched - due):
@@ -461,7 +474,7 @@ class ProcScanner:
                 due.add(pid)  # not read yet: look now
             if index % _PROCESSES_PER_STEP == _PROCESSES_PER_STEP - 1:
                 yield
-        looked_at = sorted(seen - watched | due)
+        looked_at = sorted(seen - quiet | due)
         counts: list[int] = []
         for index, pid in enumerate(looked_at):
             if index % _PROCESSES_PER_STEP == 0:
@@ -482,13 +495,13 @@ class ProcScanner:
                 known is not None
                 and self.fd_counts_supported
                 and fd_count == known.fd_count
-                and (now < known.next_full_scan or (pid in watched and full_reads_left <= 0))
+                and (now < known.next_full_scan or full_reads_left <= 0)
             ):
                 if known.found is not None:
                     (vmms if known.found.holds_stats else unadopted)[pid] = known.found
                 continue
-            if pid in watched and known is not None and fd_count == known.fd_count:
-                full_reads_left -= 1  # a safety-net read of a watched process
+            if known is not None and fd_count == known.fd_count:
+                full_reads_left -= 1  # a safety-net read
             full_scans += 1
             try:
                 found = yield from list_stats_fds(pid)
@@ -515,6 +528,7 @@ class ProcScanner:
                 fd_count,
                 now + (WATCHED_FULL_RESCAN if pid in watched else self.full_rescan_interval),
                 found if holds_stats or holds_vm else None,
+                now if known is None else known.first_seen,
             )
             if holds_stats:
                 vmms[pid] = found
@@ -536,6 +550,7 @@ class ProcScanner:
             shortage=shortage,
             unadopted=unadopted,
             fresh=fresh,
+            looked_at=len(looked_at),
         )
 
 
