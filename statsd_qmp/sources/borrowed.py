@@ -247,10 +247,10 @@ _PROCESSES_PER_STEP = 256
 # (quiet processes / this) scans instead of one. New processes are looked at every scan.
 QUIET_PER_SCAN = 1000
 SETTLED_AFTER = 30.0
-# A served VMM is read whole (every fd link) at most this often, as a safety net for an fd
+# A quiet process is read whole (every fd link) at most this often, as a safety net for an fd
 # replaced in place (other processes: ``full_rescan_interval``), and at most this many such
 # reads happen in one scan.
-WATCHED_FULL_RESCAN = 60.0
+QUIET_FULL_RESCAN = 60.0
 FULL_READS_PER_SCAN = 256
 
 
@@ -374,7 +374,7 @@ class ProcScanner:
     With the processes that have held no KVM fd for :data:`SETTLED_AFTER` seconds they are
     the quiet ones: past :data:`QUIET_PER_SCAN` of them, each scan looks at that many in turn
     (served VMMs not looked at are reported as last read), and safety-net reads are limited
-    to :data:`FULL_READS_PER_SCAN` a scan (a served VMM's every :data:`WATCHED_FULL_RESCAN`).
+    to :data:`FULL_READS_PER_SCAN` a scan (a quiet process's every :data:`QUIET_FULL_RESCAN`).
     A dense host's scan then costs about the same whatever its number of processes: what
     every scan must still do per process is list it in /proc.
     """
@@ -526,7 +526,7 @@ class ProcScanner:
             fresh.add(pid)
             self._known[pid] = _Known(
                 fd_count,
-                now + (WATCHED_FULL_RESCAN if pid in watched else self.full_rescan_interval),
+                now + (QUIET_FULL_RESCAN if pid in quiet else self.full_rescan_interval),
                 found if holds_stats or holds_vm else None,
                 now if known is None else known.first_seen,
             )
