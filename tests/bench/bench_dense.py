@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from statsd_qmp.fdbudget import FdBudget
+from statsd_qmp.sources.borrowed import SETTLED_AFTER
 from tests import isolated
 from tests.bench.bench_qmp import (
     REQUESTS,
@@ -199,6 +200,7 @@ def run(opts: Options) -> dict[str, Any]:
         try:
             if opts.other_processes:
                 others = start_sleepers(daemon.enter, opts.other_processes)
+                others_since = time.monotonic()
             time.sleep(1.0)
             daemon.query_vms()
             empty_rss = rss_mib(daemon.pid)
@@ -227,6 +229,8 @@ def run(opts: Options) -> dict[str, Any]:
                 listed_at = wait_listed(daemon, pids, len(pids), opts.list_timeout)
                 results["listed_after_ready_s"] = round(listed_at - vmms.ready_at, 2)
                 time.sleep(2.0)  # the last adoptions' aftermath
+                if others is not None:  # at rest means settled: the scan takes them in turn
+                    time.sleep(max(others_since + SETTLED_AFTER + 1 - time.monotonic(), 0))
                 cpu0, wall0 = cpu_seconds(daemon.pid), time.monotonic()
                 load_rest = loadavg()
                 time.sleep(opts.rest_seconds)
