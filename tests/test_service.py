@@ -174,12 +174,14 @@ async def test_watchdog_stops_when_the_scanner_is_wedged(
     release = threading.Event()
     real_scan_steps = borrowed.ProcScanner.scan_steps
 
-    def scan_steps(self: borrowed.ProcScanner, now: float) -> Steps[borrowed.ScanResult]:
+    def scan_steps(
+        self: borrowed.ProcScanner, now: float, *prepared: Any
+    ) -> Steps[borrowed.ScanResult]:
         # A scan that never ends but lets the event loop run between its steps.
         while wedge.is_set() and not release.is_set():
             time.sleep(0.0002)
             yield
-        return (yield from real_scan_steps(self, now))
+        return (yield from real_scan_steps(self, now, *prepared))
 
     monkeypatch.setattr(borrowed.ProcScanner, "scan_steps", scan_steps)
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))

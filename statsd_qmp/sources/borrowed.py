@@ -297,6 +297,29 @@ class _Known:
 
 
 @dataclass
+class ScanPlan:
+    """What one scan looks at (:meth:`ProcScanner.plan`)."""
+
+    seen: set[int]
+    quiet: set[int]
+    looked_at: list[int]  # processes whose fd count the scan needs, in this order
+    as_last_read: dict[int, ProcessStatsFds]  # watched processes not looked at this time
+
+
+def list_processes() -> list[str]:
+    """The entries of /proc (a worker thread may call this; see ``ProcScanner.scan_steps``).
+
+    Raises OSError (EMFILE, ENFILE) when no descriptor is left to list it.
+    """
+    return os.listdir("/proc")
+
+
+def fd_counts(pids: list[int]) -> list[int]:
+    """``stat("/proc/PID/fd").st_size`` of each pid, or ``-errno`` (one C call, no GIL held)."""
+    return _native.fd_counts(pids)
+
+
+@dataclass
 class ScanResult:
     vmms: dict[int, ProcessStatsFds]
     denied: dict[int, str]  # pid -> why its fds could not be listed (only likely VMMs)
@@ -432,27 +455,8 @@ class ProcScanner:
         """The whole scan at once."""
         return finish(self.scan_steps(now))
 
-    def scan_steps(self, now: float) -> Steps[ScanResult]:
-        """The scan in small steps: yields before each process it looks at; returns the result.
-
-        The caller may pause between steps (the daemon runs the scan on its event loop in
-        slices of well under a millisecond); a process that exits meanwhile is skipped.
-        Raises OSError (EMFILE, ENFILE) when not even /proc can be listed; a process whose fds
-        cannot be listed for that reason is reported in ``unread`` with what was known of it.
-        """
-        vmms: dict[int, ProcessStatsFds] = {}
-        unadopted: dict[int, ProcessStatsFds] = {}
-        denied: dict[int, str] = {}
-        unread: set[int] = set()
-        fresh: set[int] = set()
-        shortage: OSError | None = None
-        full_scans = 0
-        names: list[str] = []
-        with os.scandir("/proc") as listing:
-            for entry in listing:
-                names.append(entry.name)
-                if len(names) % _PROCESSES_PER_STEP == 0:
-                    yield
+    def plan(self, names: list[str], now: float) -> ScanPlan:
+        """What the scan of these /proc entries looks at (quiet processes in turn)."""
         seen = {int(name) for name in names if name.isdigit()}
         seen.discard(self.self_pid)  # the daemon's own VMs are served directly
         watched = seen.intersection(self.watched)
@@ -463,26 +467,59 @@ class ProcScanner:
             if known.found is None and known.first_seen <= settled_before and pid in seen
         }
         due = self._quiet_due(quiet)
-        full_reads_left = FULL_READS_PER_SCAN
         # Watched processes not looked at this time: as they were (their exit would have
         # been reported; a hot-plug is seen when their turn comes).
-        for index, pid in enumerate(watched - due):
+        as_last_read: dict[int, ProcessStatsFds] = {}
+        for pid in watched - due:
             known = self._known.get(pid)
             if known is not None and known.found is not None:
-                (vmms if known.found.holds_stats else unadopted)[pid] = known.found
+                as_last_read[pid] = known.found
             else:
                 due.add(pid)  # not read yet: look now
-            if index % _PROCESSES_PER_STEP == _PROCESSES_PER_STEP - 1:
-                yield
-        looked_at = sorted(seen - quiet | due)
-        counts: list[int] = []
+        return ScanPlan(seen, quiet, sorted(seen - quiet | due), as_last_read)
+
+    def scan_steps(
+        self, now: float, plan: ScanPlan | None = None, counts: list[int] | None = None
+    ) -> Steps[ScanResult]:
+        """The scan in small steps: yields before each process it looks at; returns the result.
+
+        The caller may pause between steps (the daemon runs the scan on its event loop in
+        slices of well under a millisecond); a process that exits meanwhile is skipped.
+        Raises OSError (EMFILE, ENFILE) when not even /proc can be listed; a process whose fds
+        cannot be listed for that reason is reported in ``unread`` with what was known of it.
+
+        ``plan`` (from :meth:`plan`) and ``counts`` (:func:`fd_counts` of its ``looked_at``)
+        may be made beforehand, in a worker thread: listing /proc and stat-ing a process's fd
+        directory sleep in the kernel while processes are created or exec in numbers (one
+        stat took 34 ms with 3,000 processes starting), which must not hold the event loop.
+        """
+        vmms: dict[int, ProcessStatsFds] = {}
+        unadopted: dict[int, ProcessStatsFds] = {}
+        denied: dict[int, str] = {}
+        unread: set[int] = set()
+        fresh: set[int] = set()
+        shortage: OSError | None = None
+        full_scans = 0
+        if plan is None:
+            names: list[str] = []
+            with os.scandir("/proc") as listing:
+                for entry in listing:
+                    names.append(entry.name)
+                    if len(names) % _PROCESSES_PER_STEP == 0:
+                        yield
+            plan = self.plan(names, now)
+        seen, quiet, looked_at = plan.seen, plan.quiet, plan.looked_at
+        for pid, found in plan.as_last_read.items():
+            (vmms if found.holds_stats else unadopted)[pid] = found
+        full_reads_left = FULL_READS_PER_SCAN
+        chunk: list[int] = []
         for index, pid in enumerate(looked_at):
-            if index % _PROCESSES_PER_STEP == 0:
+            if counts is None and index % _PROCESSES_PER_STEP == 0:
                 # Counted a slice at a time in C (~1.5 us a process; 4 us in Python). A
                 # count a pause makes stale is only looked at again one scan later.
-                counts = _native.fd_counts(looked_at[index : index + _PROCESSES_PER_STEP])
+                chunk = _native.fd_counts(looked_at[index : index + _PROCESSES_PER_STEP])
             yield
-            fd_count = counts[index % _PROCESSES_PER_STEP]
+            fd_count = chunk[index % _PROCESSES_PER_STEP] if counts is None else counts[index]
             if fd_count < 0:
                 if -fd_count in (errno_mod.EACCES, errno_mod.EPERM):
                     problem = f"cannot list /proc/{pid}/fd: {os.strerror(-fd_count)}"
