@@ -412,7 +412,9 @@ def test_a_libvirt_domain_under_the_readme_wrapper(libvirt: Libvirt, daemon: Dae
         def listed() -> list[dict[str, Any]]:
             return [vm for vm in daemon.vms() if vm["pid"] == qemu_pid]
 
-        wait_for(lambda: listed() != [], "the domain was not served", 5.0)
+        # QEMU holds its VM's stats fd a moment before its vCPUs': a scan in between serves
+        # the VM first, and the next one its vCPUs.
+        wait_for(lambda: [vm["vcpus"] for vm in listed()] == [2], "the domain was not served", 5.0)
         (entry,) = listed()
         assert entry["name"] == name
         assert entry["vcpus"] == 2
