@@ -412,7 +412,7 @@ class ProcScanner:
         self.fd_counts_supported = os.stat(f"/proc/{os.getpid()}/fd").st_size > 0
         # Processes whose exit the caller learns otherwise (a pidfd): see the class docstring.
         self.watched: Set[int] = frozenset()
-        self._rotation: deque[int] = deque()  # watched pids, the next to look at first
+        self._rotation: deque[int] = deque()  # quiet pids, the next to look at first
         self._in_rotation: set[int] = set()
 
     def _quiet_due(self, quiet: set[int]) -> set[int]:
@@ -517,7 +517,7 @@ class ProcScanner:
             if counts is None and index % _PROCESSES_PER_STEP == 0:
                 # Counted a slice at a time in C (~1.5 us a process; 4 us in Python). A
                 # count a pause makes stale is only looked at again one scan later.
-                chunk = _native.fd_counts(looked_at[index : index + _PROCESSES_PER_STEP])
+                chunk = fd_counts(looked_at[index : index + _PROCESSES_PER_STEP])
             yield
             fd_count = chunk[index % _PROCESSES_PER_STEP] if counts is None else counts[index]
             if fd_count < 0:
